@@ -1,0 +1,521 @@
+//! User-facing configuration: the serde types that the config file and the HTTP API accept, and
+//! their validation.
+//!
+//! Shapes and field names follow Firecracker's API so that existing scripts and orchestrators work
+//! unchanged. This module does no I/O: checks that need the host (files exist, KVM limits) happen
+//! in the VMM builder. It may be used from any thread and imports nothing else from the crate.
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// Largest number of vCPUs a guest may have.
+pub const MAX_VCPUS: u8 = 32;
+/// Default guest memory when `machine-config` is absent.
+pub const DEFAULT_MEM_SIZE_MIB: usize = 128;
+/// Largest number of block devices per VM.
+pub const MAX_DRIVES: usize = 16;
+/// Kernel command line used when `boot_args` is absent (Firecracker's default).
+pub const DEFAULT_BOOT_ARGS: &str = "reboot=k panic=1 nomodule 8250.nr_uarts=0 i8042.noaux \
+                                     i8042.nomux i8042.dumbkbd swiotlb=noforce pci=off";
+
+/// A configuration value that cannot be accepted.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("invalid vcpu_count {0}: must be between 1 and {MAX_VCPUS}")]
+    VcpuCount(u8),
+    #[error("invalid vcpu_count {0}: must be 1 or even when smt is enabled")]
+    VcpuCountSmt(u8),
+    #[error("invalid mem_size_mib 0: guest memory must not be empty")]
+    MemSizeZero,
+    #[error("invalid mem_size_mib {0}: must be a multiple of 2 when huge_pages is 2M")]
+    MemSizeHugePages(usize),
+    #[error("invalid id {0:?}: must be non-empty and contain only alphanumerics and '_'")]
+    Id(String),
+    #[error("invalid kernel_image_path: must not be empty")]
+    KernelPath,
+    #[error("too many drives: at most {MAX_DRIVES} are supported")]
+    TooManyDrives,
+    #[error("only one drive can be the root device")]
+    TwoRootDrives,
+    #[error("invalid path_on_host for drive {0:?}: must not be empty")]
+    DrivePath(String),
+    #[error("invalid guest_mac {0:?}: expected six hex octets like 06:00:ac:10:00:02")]
+    Mac(String),
+    #[error("invalid host_dev_name {0:?}: must be 1 to 15 bytes without '/' or whitespace")]
+    TapName(String),
+    #[error("invalid cpu_template {0:?}: only \"None\" is supported (see cpu_profile)")]
+    CpuTemplate(String),
+    #[error("invalid {0}: the config file does not support it yet")]
+    Unsupported(&'static str),
+}
+
+/// Checks a Firecracker-style resource id: non-empty, alphanumerics and `_` only.
+pub fn validate_id(id: &str) -> Result<(), ConfigError> {
+    if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(ConfigError::Id(id.to_string()));
+    }
+    Ok(())
+}
+
+/// Huge page backing for guest memory.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HugePages {
+    #[default]
+    None,
+    #[serde(rename = "2M")]
+    Size2M,
+}
+
+/// Which CPU features the guest is offered.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CpuProfile {
+    /// `conservative` on a host whose KVM emulates guest kernel code (PVM), `host` elsewhere.
+    #[default]
+    Auto,
+    /// What KVM supports on this host, normalised for the guest's topology.
+    Host,
+    /// `host` minus features that KVM's instruction emulator cannot run (XSAVE family, CX16,
+    /// SMAP/SMEP, POPCNT, AVX, ...).
+    Conservative,
+}
+
+/// `machine-config`: vCPUs, memory and CPU model.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MachineConfig {
+    pub vcpu_count: u8,
+    pub mem_size_mib: usize,
+    #[serde(default)]
+    pub smt: bool,
+    #[serde(default)]
+    pub track_dirty_pages: bool,
+    #[serde(default)]
+    pub huge_pages: HugePages,
+    /// Accepted for Firecracker compatibility; only `"None"` is meaningful.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_template: Option<String>,
+    #[serde(default)]
+    pub cpu_profile: CpuProfile,
+}
+
+impl Default for MachineConfig {
+    fn default() -> Self {
+        MachineConfig {
+            vcpu_count: 1,
+            mem_size_mib: DEFAULT_MEM_SIZE_MIB,
+            smt: false,
+            track_dirty_pages: false,
+            huge_pages: HugePages::None,
+            cpu_template: None,
+            cpu_profile: CpuProfile::Auto,
+        }
+    }
+}
+
+impl MachineConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.vcpu_count == 0 || self.vcpu_count > MAX_VCPUS {
+            return Err(ConfigError::VcpuCount(self.vcpu_count));
+        }
+        if self.smt && self.vcpu_count > 1 && !self.vcpu_count.is_multiple_of(2) {
+            return Err(ConfigError::VcpuCountSmt(self.vcpu_count));
+        }
+        if self.mem_size_mib == 0 {
+            return Err(ConfigError::MemSizeZero);
+        }
+        if self.huge_pages == HugePages::Size2M && !self.mem_size_mib.is_multiple_of(2) {
+            return Err(ConfigError::MemSizeHugePages(self.mem_size_mib));
+        }
+        match self.cpu_template.as_deref() {
+            None | Some("None") => Ok(()),
+            Some(other) => Err(ConfigError::CpuTemplate(other.to_string())),
+        }
+    }
+}
+
+/// `machine-config` PATCH body: every field optional.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MachineConfigUpdate {
+    pub vcpu_count: Option<u8>,
+    pub mem_size_mib: Option<usize>,
+    pub smt: Option<bool>,
+    pub track_dirty_pages: Option<bool>,
+    pub huge_pages: Option<HugePages>,
+    pub cpu_template: Option<String>,
+    pub cpu_profile: Option<CpuProfile>,
+}
+
+impl MachineConfigUpdate {
+    /// Applies the present fields on top of `base`.
+    pub fn apply(&self, base: &MachineConfig) -> MachineConfig {
+        MachineConfig {
+            vcpu_count: self.vcpu_count.unwrap_or(base.vcpu_count),
+            mem_size_mib: self.mem_size_mib.unwrap_or(base.mem_size_mib),
+            smt: self.smt.unwrap_or(base.smt),
+            track_dirty_pages: self.track_dirty_pages.unwrap_or(base.track_dirty_pages),
+            huge_pages: self.huge_pages.unwrap_or(base.huge_pages),
+            cpu_template: self.cpu_template.clone().or(base.cpu_template.clone()),
+            cpu_profile: self.cpu_profile.unwrap_or(base.cpu_profile),
+        }
+    }
+}
+
+/// `boot-source`: the guest kernel, its command line and an optional initrd.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootSourceConfig {
+    pub kernel_image_path: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_args: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd_path: Option<String>,
+}
+
+impl BootSourceConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.kernel_image_path.is_empty() {
+            return Err(ConfigError::KernelPath);
+        }
+        Ok(())
+    }
+}
+
+/// A token bucket of a rate limiter: `size` tokens, refilled every `refill_time` ms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenBucketConfig {
+    pub size: u64,
+    pub refill_time: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub one_time_burst: Option<u64>,
+}
+
+/// Rate limiter of a drive or network interface.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimiterConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth: Option<TokenBucketConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ops: Option<TokenBucketConfig>,
+}
+
+/// Host page cache behaviour of a drive.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CacheType {
+    #[default]
+    Unsafe,
+    Writeback,
+}
+
+/// How a drive performs I/O on the host.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum IoEngine {
+    #[default]
+    Sync,
+    Async,
+}
+
+/// `drives/{drive_id}`: a virtio-blk device backed by a host file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriveConfig {
+    pub drive_id: String,
+    pub path_on_host: String,
+    pub is_root_device: bool,
+    pub is_read_only: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partuuid: Option<String>,
+    #[serde(default)]
+    pub cache_type: CacheType,
+    #[serde(default)]
+    pub io_engine: IoEngine,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<RateLimiterConfig>,
+}
+
+impl DriveConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        validate_id(&self.drive_id)?;
+        if self.path_on_host.is_empty() {
+            return Err(ConfigError::DrivePath(self.drive_id.clone()));
+        }
+        Ok(())
+    }
+}
+
+/// `network-interfaces/{iface_id}`: a virtio-net device backed by a host TAP.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    pub iface_id: String,
+    pub host_dev_name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_mac: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
+}
+
+impl NetConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        validate_id(&self.iface_id)?;
+        let name = &self.host_dev_name;
+        if name.is_empty()
+            || name.len() > 15
+            || name.contains('/')
+            || name.chars().any(char::is_whitespace)
+        {
+            return Err(ConfigError::TapName(name.clone()));
+        }
+        if let Some(mac) = &self.guest_mac {
+            parse_mac(mac)?;
+        }
+        Ok(())
+    }
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(text: &str) -> Result<[u8; 6], ConfigError> {
+    let bad = || ConfigError::Mac(text.to_string());
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in mac.iter_mut() {
+        let part = parts.next().ok_or_else(bad)?;
+        if part.len() != 2 {
+            return Err(bad());
+        }
+        *byte = u8::from_str_radix(part, 16).map_err(|_| bad())?;
+    }
+    if parts.next().is_some() {
+        return Err(bad());
+    }
+    Ok(mac)
+}
+
+/// Log verbosity, Firecracker's names.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum LogLevel {
+    Off,
+    Error,
+    #[serde(alias = "Warn")]
+    Warning,
+    #[default]
+    Info,
+    Debug,
+    Trace,
+}
+
+impl std::str::FromStr for LogLevel {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "off" => Ok(LogLevel::Off),
+            "error" => Ok(LogLevel::Error),
+            "warn" | "warning" => Ok(LogLevel::Warning),
+            "info" => Ok(LogLevel::Info),
+            "debug" => Ok(LogLevel::Debug),
+            "trace" => Ok(LogLevel::Trace),
+            _ => Err(format!(
+                "invalid log level {s:?}: expected Off, Error, Warning, Info, Debug or Trace"
+            )),
+        }
+    }
+}
+
+/// `logger`: where and how much to log.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoggerConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub level: Option<LogLevel>,
+    #[serde(default)]
+    pub show_level: bool,
+    #[serde(default)]
+    pub show_log_origin: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module: Option<String>,
+}
+
+/// `metrics`: where to write JSON-lines metrics.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    pub metrics_path: String,
+}
+
+/// `vsock`: accepted in the file shape, not supported yet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock_id: Option<String>,
+    pub guest_cid: u32,
+    pub uds_path: String,
+}
+
+/// The whole VM configuration: the config file's shape and `GET /vm/config`'s answer.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct VmConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_source: Option<BootSourceConfig>,
+    #[serde(default)]
+    pub machine_config: MachineConfig,
+    #[serde(default)]
+    pub drives: Vec<DriveConfig>,
+    #[serde(default)]
+    pub network_interfaces: Vec<NetConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logger: Option<LoggerConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<MetricsConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<VsockConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entropy: Option<serde_json::Value>,
+}
+
+/// A config file that cannot be parsed.
+#[derive(Debug, Error)]
+#[error("{0}")]
+pub struct ParseError(String);
+
+impl VmConfig {
+    /// Parses a config file's JSON text. Unknown keys and fields are rejected by name.
+    pub fn from_json(text: &str) -> Result<VmConfig, ParseError> {
+        serde_json::from_str(text).map_err(|e| ParseError(describe_json_error(&e)))
+    }
+}
+
+/// Renders a serde_json error as one line: what is wrong and where.
+pub fn describe_json_error(err: &serde_json::Error) -> String {
+    let msg = err.to_string();
+    // serde_json appends " at line L column C"; keep it, it points at the offending spot.
+    msg.replace('\n', " ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_file_with_firecracker_shape_parses() {
+        let text = r#"{
+            "boot-source": {"kernel_image_path": "/k", "boot_args": "console=ttyS0"},
+            "drives": [{"drive_id": "rootfs", "path_on_host": "/r", "is_root_device": true,
+                        "is_read_only": false}],
+            "machine-config": {"vcpu_count": 2, "mem_size_mib": 256, "smt": false},
+            "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0",
+                                    "guest_mac": "06:00:ac:10:00:02"}],
+            "logger": {"level": "Info", "log_path": "/tmp/log"}
+        }"#;
+        let cfg = VmConfig::from_json(text).unwrap();
+        assert_eq!(cfg.machine_config.vcpu_count, 2);
+        assert_eq!(cfg.drives[0].drive_id, "rootfs");
+        assert_eq!(cfg.network_interfaces[0].host_dev_name, "tap0");
+    }
+
+    #[test]
+    fn unknown_top_level_key_is_rejected_by_name() {
+        let err = VmConfig::from_json(r#"{"boot-sauce": {}}"#).unwrap_err();
+        assert!(err.to_string().contains("boot-sauce"), "{err}");
+    }
+
+    #[test]
+    fn unknown_nested_field_is_rejected_by_name() {
+        let err = VmConfig::from_json(
+            r#"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 64, "turbo": true}}"#,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("turbo"), "{err}");
+    }
+
+    #[test]
+    fn missing_machine_config_uses_defaults() {
+        let cfg = VmConfig::from_json(r#"{"boot-source": {"kernel_image_path": "/k"}}"#).unwrap();
+        assert_eq!(cfg.machine_config, MachineConfig::default());
+    }
+
+    #[test]
+    fn vcpu_count_zero_and_33_are_rejected() {
+        for n in [0, 33] {
+            let cfg = MachineConfig {
+                vcpu_count: n,
+                ..Default::default()
+            };
+            assert_eq!(cfg.validate(), Err(ConfigError::VcpuCount(n)));
+        }
+    }
+
+    #[test]
+    fn vcpu_count_32_is_accepted() {
+        let cfg = MachineConfig {
+            vcpu_count: 32,
+            ..Default::default()
+        };
+        assert_eq!(cfg.validate(), Ok(()));
+    }
+
+    #[test]
+    fn memory_zero_is_rejected() {
+        let cfg = MachineConfig {
+            mem_size_mib: 0,
+            ..Default::default()
+        };
+        assert_eq!(cfg.validate(), Err(ConfigError::MemSizeZero));
+    }
+
+    #[test]
+    fn ids_allow_only_alphanumerics_and_underscore() {
+        assert!(validate_id("root_fs1").is_ok());
+        assert!(validate_id("").is_err());
+        assert!(validate_id("a-b").is_err());
+        assert!(validate_id("a b").is_err());
+    }
+
+    #[test]
+    fn mac_parsing_accepts_six_octets_only() {
+        assert_eq!(
+            parse_mac("06:00:AC:10:00:02").unwrap(),
+            [6, 0, 0xac, 0x10, 0, 2]
+        );
+        assert!(parse_mac("06:00:ac:10:00").is_err());
+        assert!(parse_mac("06:00:ac:10:00:02:03").is_err());
+        assert!(parse_mac("06:00:ac:10:00:zz").is_err());
+        assert!(parse_mac("6:00:ac:10:00:02").is_err());
+    }
+
+    #[test]
+    fn machine_config_patch_keeps_absent_fields() {
+        let base = MachineConfig {
+            vcpu_count: 2,
+            mem_size_mib: 512,
+            ..Default::default()
+        };
+        let patch = MachineConfigUpdate {
+            mem_size_mib: Some(64),
+            ..Default::default()
+        };
+        let merged = patch.apply(&base);
+        assert_eq!((merged.vcpu_count, merged.mem_size_mib), (2, 64));
+    }
+
+    #[test]
+    fn unsupported_cpu_template_is_rejected() {
+        let cfg = MachineConfig {
+            cpu_template: Some("T2".into()),
+            ..Default::default()
+        };
+        assert!(matches!(cfg.validate(), Err(ConfigError::CpuTemplate(_))));
+    }
+}

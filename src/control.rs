@@ -1,0 +1,185 @@
+//! The one contract between the outside world (HTTP API, config file, CLI) and the VMM thread.
+//!
+//! Every request becomes an [`Action`]; the VMM answers each with a [`Reply`]. The API thread sends
+//! them over a [`ControlHandle`] (an mpsc channel plus an eventfd that wakes the VMM's event loop)
+//! and waits on a per-request reply channel. The config file uses the same actions, applied
+//! directly on the VMM thread. Imports only `config`.
+
+use std::sync::mpsc;
+
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::config::{
+    BootSourceConfig, DriveConfig, LoggerConfig, MachineConfig, MachineConfigUpdate, MetricsConfig,
+    NetConfig, RateLimiterConfig, VmConfig, VsockConfig,
+};
+
+/// `PATCH /drives/{id}` body.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriveUpdate {
+    pub drive_id: String,
+    #[serde(default)]
+    pub path_on_host: Option<String>,
+    #[serde(default)]
+    pub rate_limiter: Option<RateLimiterConfig>,
+}
+
+/// `PATCH /network-interfaces/{id}` body.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetUpdate {
+    pub iface_id: String,
+    #[serde(default)]
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
+    #[serde(default)]
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
+}
+
+/// Something asked of the VMM.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    GetInstanceInfo,
+    GetVersion,
+    GetVmConfig,
+    GetMachineConfig,
+    GetMetrics,
+    PutMachineConfig(MachineConfig),
+    PatchMachineConfig(MachineConfigUpdate),
+    PutBootSource(BootSourceConfig),
+    PutDrive(DriveConfig),
+    PatchDrive(DriveUpdate),
+    PutNetworkInterface(NetConfig),
+    PatchNetworkInterface(NetUpdate),
+    PutLogger(LoggerConfig),
+    PutMetrics(MetricsConfig),
+    PutVsock(VsockConfig),
+    InstanceStart,
+    SendCtrlAltDel,
+    FlushMetrics,
+    Pause,
+    Resume,
+}
+
+impl Action {
+    /// The actions that configure a VM as described by a config file, in a valid order.
+    pub fn from_config(config: &VmConfig) -> Vec<Action> {
+        let mut actions = Vec::new();
+        if let Some(logger) = &config.logger {
+            actions.push(Action::PutLogger(logger.clone()));
+        }
+        if let Some(metrics) = &config.metrics {
+            actions.push(Action::PutMetrics(metrics.clone()));
+        }
+        actions.push(Action::PutMachineConfig(config.machine_config.clone()));
+        if let Some(boot) = &config.boot_source {
+            actions.push(Action::PutBootSource(boot.clone()));
+        }
+        actions.extend(config.drives.iter().cloned().map(Action::PutDrive));
+        actions.extend(
+            config
+                .network_interfaces
+                .iter()
+                .cloned()
+                .map(Action::PutNetworkInterface),
+        );
+        if let Some(vsock) = &config.vsock {
+            actions.push(Action::PutVsock(vsock.clone()));
+        }
+        actions
+    }
+}
+
+/// What the VMM answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// Done, nothing to say (HTTP 204).
+    Empty,
+    /// Done, with a JSON body (HTTP 200).
+    Json(String),
+    /// Done, with a plain-text body (HTTP 200), e.g. Prometheus metrics.
+    Text(String),
+    /// Refused or failed; the message becomes `fault_message` (HTTP 400).
+    Error(String),
+}
+
+/// One request in flight from the API thread.
+#[derive(Debug)]
+pub struct Request {
+    pub action: Action,
+    pub reply: mpsc::SyncSender<Reply>,
+}
+
+/// The API thread's end of the channel to the VMM thread.
+#[derive(Debug)]
+pub struct ControlHandle {
+    sender: mpsc::Sender<Request>,
+    wake: EventFd,
+}
+
+/// The VMM thread's end: the eventfd it polls and the queue it drains.
+#[derive(Debug)]
+pub struct ControlReceiver {
+    pub receiver: mpsc::Receiver<Request>,
+    pub wake: EventFd,
+}
+
+/// Creates a connected handle/receiver pair.
+pub fn channel() -> std::io::Result<(ControlHandle, ControlReceiver)> {
+    let (sender, receiver) = mpsc::channel();
+    let wake = EventFd::new(EFD_NONBLOCK)?;
+    let handle = ControlHandle {
+        sender,
+        wake: wake.try_clone()?,
+    };
+    Ok((handle, ControlReceiver { receiver, wake }))
+}
+
+impl ControlHandle {
+    /// Sends `action` and waits for the VMM's reply.
+    pub fn call(&self, action: Action) -> Reply {
+        let (tx, rx) = mpsc::sync_channel(1);
+        if self.sender.send(Request { action, reply: tx }).is_err() {
+            return Reply::Error("the VMM is shutting down".into());
+        }
+        if self.wake.write(1).is_err() {
+            return Reply::Error("cannot wake the VMM thread".into());
+        }
+        rx.recv()
+            .unwrap_or_else(|_| Reply::Error("the VMM is shutting down".into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_actions_put_machine_config_before_devices() {
+        let cfg = VmConfig::from_json(
+            r#"{"boot-source": {"kernel_image_path": "/k"},
+                "drives": [{"drive_id": "a", "path_on_host": "/a", "is_root_device": true,
+                            "is_read_only": true}]}"#,
+        )
+        .unwrap();
+        let actions = Action::from_config(&cfg);
+        assert!(matches!(actions[0], Action::PutMachineConfig(_)));
+        assert!(matches!(actions[1], Action::PutBootSource(_)));
+        assert!(matches!(actions[2], Action::PutDrive(_)));
+    }
+
+    #[test]
+    fn call_returns_the_reply_sent_by_the_vmm_side() {
+        let (handle, rx) = channel().unwrap();
+        let vmm = std::thread::spawn(move || {
+            let req = rx.receiver.recv().unwrap();
+            assert_eq!(rx.wake.read().unwrap(), 1);
+            req.reply
+                .send(Reply::Json(format!("{:?}", req.action)))
+                .unwrap();
+        });
+        let reply = handle.call(Action::GetVersion);
+        vmm.join().unwrap();
+        assert_eq!(reply, Reply::Json("GetVersion".into()));
+    }
+}

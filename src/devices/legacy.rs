@@ -1,0 +1,192 @@
+//! Legacy PC devices: the 16550 UART (vm-superio) and the i8042 controller, whose reset command
+//! ends the VM.
+
+use std::io::Write;
+
+use vm_superio::{I8042Device, Serial, Trigger};
+
+use super::bus::BusDevice;
+use super::EventFdTrigger;
+
+/// Where guest serial output goes.
+pub type SerialOut = Box<dyn Write + Send>;
+
+/// Signals the VMM when the guest has drained the receive FIFO, so more input can be queued.
+#[derive(Debug)]
+pub struct InputDrained(pub EventFdTrigger);
+
+impl vm_superio::serial::SerialEvents for InputDrained {
+    fn buffer_read(&self) {}
+    fn out_byte(&self) {}
+    fn tx_lost_byte(&self) {}
+    fn in_buffer_empty(&self) {
+        let _ = self.0.trigger();
+    }
+}
+
+/// COM1, wired to an interrupt line and an output stream.
+pub struct SerialDevice {
+    inner: Serial<EventFdTrigger, InputDrained, SerialOut>,
+    /// Bytes the guest wrote that could not be delivered (output stream errors).
+    pub lost_bytes: u64,
+}
+
+impl std::fmt::Debug for SerialDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SerialDevice")
+            .field("lost_bytes", &self.lost_bytes)
+            .finish()
+    }
+}
+
+impl SerialDevice {
+    /// `drained` is signalled whenever the guest empties the receive FIFO.
+    pub fn new(interrupt: EventFdTrigger, drained: EventFdTrigger, out: SerialOut) -> Self {
+        let inner = Serial::with_events(interrupt, InputDrained(drained), out);
+        SerialDevice {
+            inner,
+            lost_bytes: 0,
+        }
+    }
+
+    /// Queues host input for the guest; returns how many bytes fit in the receive FIFO.
+    pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
+        let room = self.inner.fifo_capacity();
+        let take = &bytes[..bytes.len().min(room)];
+        if take.is_empty() {
+            return 0;
+        }
+        self.inner.enqueue_raw_bytes(take).unwrap_or(0)
+    }
+
+    /// Free space in the receive FIFO.
+    pub fn input_room(&self) -> usize {
+        self.inner.fifo_capacity()
+    }
+}
+
+impl BusDevice for SerialDevice {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if data.len() != 1 || offset >= 8 {
+            data.fill(0);
+            return;
+        }
+        data[0] = self.inner.read(offset as u8);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if data.len() != 1 || offset >= 8 {
+            return;
+        }
+        if self.inner.write(offset as u8, data[0]).is_err() {
+            self.lost_bytes += 1;
+        }
+    }
+}
+
+/// The i8042 keyboard controller; only its CPU-reset command matters.
+#[derive(Debug)]
+pub struct I8042 {
+    inner: I8042Device<EventFdTrigger>,
+}
+
+impl I8042 {
+    /// `reset` is signalled when the guest asks for a CPU reset.
+    pub fn new(reset: EventFdTrigger) -> Self {
+        I8042 {
+            inner: I8042Device::new(reset),
+        }
+    }
+}
+
+impl BusDevice for I8042 {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        if data.len() == 1 {
+            data[0] = self.inner.read(offset as u8);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if data.len() == 1 {
+            // A failed eventfd write cannot be reported to the guest; the VMM sees no reset.
+            let _ = self.inner.write(offset as u8, data[0]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn trigger() -> EventFdTrigger {
+        EventFdTrigger(EventFd::new(EFD_NONBLOCK).unwrap())
+    }
+
+    #[test]
+    fn bytes_written_to_thr_reach_the_output() {
+        let sink = Sink::default();
+        let mut serial = SerialDevice::new(trigger(), trigger(), Box::new(sink.clone()));
+        for b in b"hi" {
+            serial.write(0, &[*b]);
+        }
+        assert_eq!(&*sink.0.lock().unwrap(), b"hi");
+    }
+
+    #[test]
+    fn input_is_readable_from_rbr_and_sets_data_ready() {
+        let mut serial = SerialDevice::new(trigger(), trigger(), Box::new(Sink::default()));
+        assert_eq!(serial.enqueue_input(b"x"), 1);
+        let mut lsr = [0u8];
+        serial.read(5, &mut lsr);
+        assert_eq!(lsr[0] & 1, 1);
+        let mut rbr = [0u8];
+        serial.read(0, &mut rbr);
+        assert_eq!(rbr[0], b'x');
+    }
+
+    #[test]
+    fn wide_access_is_ignored() {
+        let sink = Sink::default();
+        let mut serial = SerialDevice::new(trigger(), trigger(), Box::new(sink.clone()));
+        serial.write(0, &[1, 2]);
+        let mut data = [9u8; 2];
+        serial.read(0, &mut data);
+        assert!(sink.0.lock().unwrap().is_empty());
+        assert_eq!(data, [0, 0]);
+    }
+
+    #[test]
+    fn reset_command_signals_the_reset_event() {
+        let reset = trigger();
+        let observer = reset.try_clone().unwrap();
+        let mut i8042 = I8042::new(reset);
+        i8042.write(4, &[0xfe]);
+        assert_eq!(observer.0.read().unwrap(), 1);
+    }
+
+    #[test]
+    fn other_i8042_commands_do_not_reset() {
+        let reset = trigger();
+        let observer = reset.try_clone().unwrap();
+        let mut i8042 = I8042::new(reset);
+        i8042.write(4, &[0xad]);
+        i8042.write(0, &[0xfe]);
+        assert!(observer.0.read().is_err());
+    }
+}

@@ -1,0 +1,33 @@
+//! flick: a lightweight KVM virtual machine monitor with a Firecracker-compatible API.
+//!
+//! Layering (each module may import only those listed before it):
+//! `config` → `control` → `logger` → `arch` → `devices` → `kvm` → `boot` → `vmm`.
+//! Threads: the VMM thread (event loop in `vmm`), one thread per vCPU (`kvm::vcpu`), and the API
+//! thread (`api`).
+
+#![deny(clippy::undocumented_unsafe_blocks)]
+#![deny(unsafe_op_in_unsafe_fn)]
+
+pub mod arch;
+pub mod boot;
+pub mod config;
+pub mod control;
+pub mod devices;
+pub mod kvm;
+pub mod logger;
+pub mod vmm;
+
+/// Renders an error and its sources as one line: `outer: inner: innermost`.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(inner) = source {
+        let msg = inner.to_string();
+        if !text.contains(&msg) {
+            text.push_str(": ");
+            text.push_str(&msg);
+        }
+        source = inner.source();
+    }
+    text.replace('\n', " ")
+}

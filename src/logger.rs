@@ -1,0 +1,199 @@
+//! A small `tracing` subscriber: one line per event, to stderr or a file, with Firecracker's
+//! level names and optional level and origin. Levels and destination can change at run time
+//! (`PUT /logger`). Imports only `config`.
+
+use std::fmt::Write as _;
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::Mutex;
+
+use tracing::field::{Field, Visit};
+use tracing::span::{Attributes, Id, Record};
+use tracing::{Event, Level, Metadata, Subscriber};
+
+use crate::config::{LogLevel, LoggerConfig};
+
+static LEVEL: AtomicU8 = AtomicU8::new(LogLevel::Warning as u8);
+static SHOW_LEVEL: AtomicBool = AtomicBool::new(false);
+static SHOW_ORIGIN: AtomicBool = AtomicBool::new(false);
+static OUTPUT: Mutex<Option<Box<dyn Write + Send>>> = Mutex::new(None);
+static INSTANCE: Mutex<String> = Mutex::new(String::new());
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoggerError {
+    #[error("cannot open log file {0}")]
+    Open(String, #[source] std::io::Error),
+}
+
+fn rank(level: &Level) -> u8 {
+    match *level {
+        Level::ERROR => LogLevel::Error as u8,
+        Level::WARN => LogLevel::Warning as u8,
+        Level::INFO => LogLevel::Info as u8,
+        Level::DEBUG => LogLevel::Debug as u8,
+        Level::TRACE => LogLevel::Trace as u8,
+    }
+}
+
+fn level_name(level: &Level) -> &'static str {
+    match *level {
+        Level::ERROR => "ERROR",
+        Level::WARN => "WARN",
+        Level::INFO => "INFO",
+        Level::DEBUG => "DEBUG",
+        Level::TRACE => "TRACE",
+    }
+}
+
+/// Sets the level and where lines go.
+pub fn configure(config: &LoggerConfig) -> Result<(), LoggerError> {
+    if let Some(path) = &config.log_path {
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| LoggerError::Open(path.clone(), e))?;
+        *OUTPUT.lock().unwrap_or_else(|p| p.into_inner()) = Some(Box::new(file));
+    }
+    if let Some(level) = config.level {
+        LEVEL.store(level as u8, Ordering::Relaxed);
+    }
+    SHOW_LEVEL.store(config.show_level, Ordering::Relaxed);
+    SHOW_ORIGIN.store(config.show_log_origin, Ordering::Relaxed);
+    Ok(())
+}
+
+/// Installs the subscriber; `instance` prefixes every line.
+pub fn init(instance: &str, level: LogLevel) {
+    LEVEL.store(level as u8, Ordering::Relaxed);
+    *INSTANCE.lock().unwrap_or_else(|p| p.into_inner()) = instance.to_string();
+    let _ = tracing::subscriber::set_global_default(Logger);
+}
+
+/// Wall-clock time as `YYYY-MM-DDTHH:MM:SS.uuuuuu` (UTC).
+fn timestamp() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = now.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60,
+        now.subsec_micros()
+    )
+}
+
+struct Logger;
+
+#[derive(Default)]
+struct Line(String);
+
+impl Visit for Line {
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            let _ = write!(self.0, "{value:?}");
+        } else {
+            let _ = write!(self.0, " {}={value:?}", field.name());
+        }
+    }
+
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "message" {
+            self.0.push_str(value);
+        } else {
+            let _ = write!(self.0, " {}={value}", field.name());
+        }
+    }
+}
+
+impl Subscriber for Logger {
+    fn enabled(&self, metadata: &Metadata<'_>) -> bool {
+        rank(metadata.level()) <= LEVEL.load(Ordering::Relaxed)
+    }
+
+    fn register_callsite(&self, _: &'static Metadata<'static>) -> tracing::subscriber::Interest {
+        tracing::subscriber::Interest::sometimes()
+    }
+
+    fn new_span(&self, _: &Attributes<'_>) -> Id {
+        Id::from_u64(1)
+    }
+
+    fn record(&self, _: &Id, _: &Record<'_>) {}
+
+    fn record_follows_from(&self, _: &Id, _: &Id) {}
+
+    fn event(&self, event: &Event<'_>) {
+        let meta = event.metadata();
+        let thread = std::thread::current();
+        let mut line = format!(
+            "{} [{}:{}]",
+            timestamp(),
+            INSTANCE.lock().unwrap_or_else(|p| p.into_inner()),
+            thread.name().unwrap_or("?")
+        );
+        if SHOW_LEVEL.load(Ordering::Relaxed) {
+            let _ = write!(line, ":{}", level_name(meta.level()));
+        }
+        if SHOW_ORIGIN.load(Ordering::Relaxed) {
+            let _ = write!(
+                line,
+                ":{}:{}",
+                meta.file().unwrap_or("?"),
+                meta.line().unwrap_or(0)
+            );
+        }
+        line.push(' ');
+        let mut fields = Line(line);
+        event.record(&mut fields);
+        fields.0.push('\n');
+        let mut out = OUTPUT.lock().unwrap_or_else(|p| p.into_inner());
+        match out.as_mut() {
+            Some(w) => {
+                let _ = w.write_all(fields.0.as_bytes());
+                let _ = w.flush();
+            }
+            None => {
+                let _ = std::io::stderr().write_all(fields.0.as_bytes());
+            }
+        }
+    }
+
+    fn enter(&self, _: &Id) {}
+
+    fn exit(&self, _: &Id) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamp_has_iso_shape() {
+        let ts = timestamp();
+        assert_eq!(ts.len(), 26, "{ts}");
+        assert_eq!(&ts[4..5], "-");
+        assert_eq!(&ts[10..11], "T");
+        assert!(ts.starts_with("20"));
+    }
+
+    #[test]
+    fn levels_rank_from_error_to_trace() {
+        assert!(rank(&Level::ERROR) < rank(&Level::WARN));
+        assert!(rank(&Level::INFO) < rank(&Level::TRACE));
+    }
+}

@@ -1,0 +1,290 @@
+//! Turns a validated [`VmConfig`] into a running VM: guest memory, KVM VM, kernel and boot
+//! structures, legacy devices on the buses, and one thread per vCPU.
+
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Instant;
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::arch::current::layout::{
+    self, BOOT_TIMER_START, EBDA_START, MMIO_SLOT_SIZE, PVH_INFO_START, PVH_MEMMAP_START,
+    PVH_MODLIST_START, SERIAL_IRQ, SERIAL_PORT, ZERO_PAGE_START,
+};
+use crate::arch::current::regs::{self, EntryMode};
+use crate::arch::current::{cpuid, mptable, zeropage};
+use crate::boot::{self, BootError};
+use crate::config::{CpuProfile, HugePages, VmConfig, DEFAULT_BOOT_ARGS};
+use crate::devices::boot_timer::{BootTimer, BootTimes};
+use crate::devices::bus::Bus;
+use crate::devices::legacy::{SerialDevice, SerialOut, I8042};
+use crate::devices::EventFdTrigger;
+use crate::kvm::vcpu::{self, Vcpu, VcpuError, VcpuEvent, VcpuSetup, VcpuStats};
+use crate::kvm::vm::{Vm, VmError};
+use crate::kvm::HostKind;
+
+/// Legacy port the older Firecracker guest images write the boot-timer byte to.
+const LEGACY_BOOT_TIMER_PORT: u64 = 0x3f0;
+const I8042_PORT: u64 = 0x60;
+const I8042_PORT_LEN: u64 = 5;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("no boot source: configure boot-source (kernel_image_path) before InstanceStart")]
+    NoBootSource,
+    #[error("{0} is not supported by this build of flick yet")]
+    Unsupported(&'static str),
+    #[error("mem_size_mib {requested} exceeds the host's memory ({host} MiB)")]
+    MemoryTooLarge { requested: usize, host: u64 },
+    #[error("cannot allocate {0} MiB of guest memory")]
+    Memory(usize, #[source] vm_memory::mmap::FromRangesError),
+    #[error(transparent)]
+    Kvm(#[from] VmError),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error("cannot write boot structures into guest memory")]
+    GuestMemory(#[source] vm_memory::GuestMemoryError),
+    #[error("cannot create an eventfd")]
+    EventFd(#[source] std::io::Error),
+    #[error("device layout conflict")]
+    Bus(#[source] crate::devices::bus::BusError),
+}
+
+/// Inputs of a build besides the config.
+pub struct BuildContext {
+    pub host: HostKind,
+    pub serial_out: SerialOut,
+    pub boot_timer_log: bool,
+    pub started: Instant,
+    pub started_cpu_us: u64,
+    pub boot_times: Arc<BootTimes>,
+}
+
+/// A VM whose vCPUs are running.
+pub struct RunningVm {
+    pub vm: Vm,
+    pub mem: GuestMemoryMmap,
+    pub serial: Arc<Mutex<SerialDevice>>,
+    /// Signalled when the guest drains the serial receive FIFO.
+    pub serial_drained: EventFd,
+    /// Signalled by the i8042 when the guest requests a reset.
+    pub reset: EventFd,
+    /// Signalled by a vCPU thread that stopped; the reason is on `vcpu_events`.
+    pub vcpu_wake: EventFd,
+    pub vcpu_events: mpsc::Receiver<VcpuEvent>,
+    pub vcpu_stats: Vec<Arc<VcpuStats>>,
+    pub vcpu_threads: Vec<std::thread::JoinHandle<()>>,
+    pub cpu_profile: CpuProfile,
+    pub cmdline: String,
+}
+
+impl std::fmt::Debug for RunningVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningVm")
+            .field("vcpus", &self.vcpu_threads.len())
+            .finish()
+    }
+}
+
+fn eventfd() -> Result<EventFd, BuildError> {
+    EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)
+}
+
+fn host_memory_mib() -> u64 {
+    // SAFETY: sysconf only reads system constants.
+    let pages = unsafe { libc::sysconf(libc::_SC_PHYS_PAGES) };
+    // SAFETY: as above.
+    let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    (pages.max(0) as u64 * page_size.max(0) as u64) >> 20
+}
+
+/// Resolves `auto` for this host.
+pub fn effective_profile(profile: CpuProfile, host: HostKind) -> CpuProfile {
+    match (profile, host) {
+        (CpuProfile::Auto, HostKind::Pvm) => CpuProfile::Conservative,
+        (CpuProfile::Auto, HostKind::HardwareVirt) => CpuProfile::Host,
+        (other, _) => other,
+    }
+}
+
+/// The kernel command line: the user's (or the default) arguments.
+pub fn kernel_cmdline(config: &VmConfig) -> String {
+    let boot = config.boot_source.as_ref();
+    boot.and_then(|b| b.boot_args.clone())
+        .unwrap_or_else(|| DEFAULT_BOOT_ARGS.to_string())
+}
+
+fn check_supported(config: &VmConfig) -> Result<(), BuildError> {
+    if !config.drives.is_empty() {
+        return Err(BuildError::Unsupported("drives (virtio-block)"));
+    }
+    if !config.network_interfaces.is_empty() {
+        return Err(BuildError::Unsupported("network-interfaces (virtio-net)"));
+    }
+    if config.vsock.is_some() {
+        return Err(BuildError::Unsupported("vsock"));
+    }
+    if config.balloon.is_some() || config.entropy.is_some() {
+        return Err(BuildError::Unsupported("balloon and entropy devices"));
+    }
+    if config.machine_config.huge_pages != HugePages::None {
+        return Err(BuildError::Unsupported("huge_pages"));
+    }
+    Ok(())
+}
+
+/// Writes the boot structures for `kernel` into guest memory.
+fn write_boot_info(
+    mem: &GuestMemoryMmap,
+    kernel: &boot::LoadedKernel,
+    info: &zeropage::BootInfo,
+    ram: &[(u64, u64)],
+    vcpus: u8,
+) -> Result<(), BuildError> {
+    let map = zeropage::memory_map(ram);
+    let write = |bytes: &[u8], addr: u64| {
+        mem.write_slice(bytes, GuestAddress(addr))
+            .map_err(BuildError::GuestMemory)
+    };
+    write(&mptable::build(vcpus, EBDA_START), EBDA_START)?;
+    match kernel.mode {
+        EntryMode::Linux64 => {
+            let params = zeropage::linux_boot_params(kernel.setup_header, info, &map);
+            mem.write_obj(params, GuestAddress(ZERO_PAGE_START))
+                .map_err(BuildError::GuestMemory)?;
+        }
+        EntryMode::Pvh => {
+            let blobs = zeropage::pvh_start_info(info, &map, PVH_MODLIST_START, PVH_MEMMAP_START);
+            write(&blobs.start_info, PVH_INFO_START)?;
+            write(&blobs.modlist, PVH_MODLIST_START)?;
+            write(&blobs.memmap, PVH_MEMMAP_START)?;
+        }
+    }
+    regs::write_boot_tables(mem, kernel.mode).map_err(BuildError::GuestMemory)
+}
+
+/// Builds the VM described by `config` and starts its vCPUs.
+pub fn build(config: &VmConfig, ctx: BuildContext) -> Result<RunningVm, BuildError> {
+    let boot_source = config
+        .boot_source
+        .as_ref()
+        .ok_or(BuildError::NoBootSource)?;
+    check_supported(config)?;
+    let machine = &config.machine_config;
+    let host_mib = host_memory_mib();
+    if machine.mem_size_mib as u64 > host_mib {
+        return Err(BuildError::MemoryTooLarge {
+            requested: machine.mem_size_mib,
+            host: host_mib,
+        });
+    }
+    let ram = layout::ram_ranges((machine.mem_size_mib as u64) << 20);
+    let ranges: Vec<_> = ram
+        .iter()
+        .map(|&(s, l)| (GuestAddress(s), l as usize))
+        .collect();
+    let mem = GuestMemoryMmap::from_ranges(&ranges)
+        .map_err(|e| BuildError::Memory(machine.mem_size_mib, e))?;
+
+    let vm = Vm::new()?;
+    vm.check_vcpu_count(machine.vcpu_count)?;
+    vm.register_memory(&mem)?;
+
+    let kernel = boot::load_kernel(&mem, &boot_source.kernel_image_path)?;
+    let low_ram_end = ram[0].1;
+    let initrd = match &boot_source.initrd_path {
+        Some(path) => Some(boot::load_initrd(&mem, path, kernel.end, low_ram_end)?),
+        None => None,
+    };
+    let cmdline = kernel_cmdline(config);
+    boot::write_cmdline(&mem, &cmdline)?;
+    let info = zeropage::BootInfo {
+        cmdline_addr: layout::CMDLINE_START,
+        cmdline_len: cmdline.len(),
+        initrd,
+    };
+    write_boot_info(&mem, &kernel, &info, &ram, machine.vcpu_count)?;
+
+    // Legacy devices.
+    let serial_irq = eventfd()?;
+    vm.register_irqfd(&serial_irq, SERIAL_IRQ)?;
+    let serial_drained = eventfd()?;
+    let serial = Arc::new(Mutex::new(SerialDevice::new(
+        EventFdTrigger(serial_irq),
+        EventFdTrigger(serial_drained.try_clone().map_err(BuildError::EventFd)?),
+        ctx.serial_out,
+    )));
+    let reset = eventfd()?;
+    let i8042 = Arc::new(Mutex::new(I8042::new(EventFdTrigger(
+        reset.try_clone().map_err(BuildError::EventFd)?,
+    ))));
+    let timer = Arc::new(Mutex::new(BootTimer::new(
+        ctx.started,
+        ctx.started_cpu_us,
+        ctx.boot_times.clone(),
+        ctx.boot_timer_log,
+    )));
+    let mut pio = Bus::new();
+    pio.insert(serial.clone(), u64::from(SERIAL_PORT), 8)
+        .map_err(BuildError::Bus)?;
+    pio.insert(i8042, I8042_PORT, I8042_PORT_LEN)
+        .map_err(BuildError::Bus)?;
+    pio.insert(timer.clone(), LEGACY_BOOT_TIMER_PORT, 1)
+        .map_err(BuildError::Bus)?;
+    let mut mmio = Bus::new();
+    mmio.insert(timer, BOOT_TIMER_START, MMIO_SLOT_SIZE)
+        .map_err(BuildError::Bus)?;
+    let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
+
+    // vCPUs.
+    let profile = effective_profile(machine.cpu_profile, ctx.host);
+    let supported = vm.supported_cpuid()?;
+    let topo = cpuid::Topology {
+        vcpu_count: machine.vcpu_count,
+        threads_per_core: if machine.smt { 2 } else { 1 },
+    };
+    let (events_tx, vcpu_events) = mpsc::channel();
+    let vcpu_wake = eventfd()?;
+    let mut vcpu_stats = Vec::new();
+    let mut vcpus = Vec::new();
+    for index in 0..machine.vcpu_count {
+        let fd = vm.create_vcpu(index)?;
+        let setup = VcpuSetup {
+            index,
+            cpuid: cpuid::for_vcpu(&supported, index, topo, profile),
+            entry: (index == 0).then_some((kernel.mode, kernel.entry)),
+        };
+        vcpu::configure(&fd, &setup)?;
+        let stats = Arc::new(VcpuStats::default());
+        vcpu_stats.push(stats.clone());
+        vcpus.push(Vcpu {
+            fd,
+            index,
+            pio: pio.clone(),
+            mmio: mmio.clone(),
+            mem: mem.clone(),
+            stats,
+            events: events_tx.clone(),
+            wake: vcpu_wake.try_clone().map_err(BuildError::EventFd)?,
+        });
+    }
+    let mut vcpu_threads = Vec::new();
+    for vcpu in vcpus {
+        vcpu_threads.push(vcpu.spawn()?);
+    }
+    Ok(RunningVm {
+        vm,
+        mem,
+        serial,
+        serial_drained,
+        reset,
+        vcpu_wake,
+        vcpu_events,
+        vcpu_stats,
+        vcpu_threads,
+        cpu_profile: profile,
+        cmdline,
+    })
+}

@@ -1,0 +1,442 @@
+//! The VMM thread: owns the VM's lifecycle and every device's state, answers [`Action`]s, and runs
+//! the event loop (event-manager) that watches the API wake-up, guest reset, vCPU stops and the
+//! console input.
+//!
+//! Lifecycle: `NotStarted → Running ⇄ Paused → Exited`. An action in the wrong state is refused
+//! with an error reply, never a panic. Imports `config`, `control`, `devices`, `kvm`, `arch`,
+//! `boot`; nothing imports this module except `main`.
+
+pub mod builder;
+
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use vmm_sys_util::epoll::EventSet;
+
+use crate::config::{self, VmConfig};
+use crate::control::{Action, ControlReceiver, Reply};
+use crate::devices::boot_timer::{process_cpu_us, BootTimes};
+use crate::devices::bus::lock;
+use crate::devices::legacy::SerialOut;
+use crate::kvm::vcpu::StopReason;
+use crate::kvm::HostKind;
+use builder::{BuildContext, RunningVm};
+
+/// The VMM's version, reported by `GET /` and `GET /version`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Exit code when the guest stopped on an error (emulation failure, triple fault, ...).
+pub const EXIT_GUEST_FAULT: i32 = 3;
+
+/// Where the VM is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmState {
+    NotStarted,
+    Running,
+    Paused,
+    Exited,
+}
+
+impl VmState {
+    /// Firecracker's names for `GET /`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmState::NotStarted => "Not started",
+            VmState::Running => "Running",
+            VmState::Paused => "Paused",
+            VmState::Exited => "Exited",
+        }
+    }
+}
+
+/// How the process should end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExitStatus {
+    pub code: i32,
+    /// Printed on stderr when present.
+    pub message: Option<String>,
+}
+
+/// Process-level settings that are not part of the VM configuration.
+pub struct VmmOptions {
+    pub instance_id: String,
+    pub boot_timer: bool,
+    pub serial_out: Option<SerialOut>,
+    /// Feed this process's stdin to the guest's serial port.
+    pub serial_in: bool,
+}
+
+/// The VMM: configuration, lifecycle and (once started) the running VM.
+pub struct Vmm {
+    options: VmmOptions,
+    config: VmConfig,
+    state: VmState,
+    host: HostKind,
+    running: Option<RunningVm>,
+    control: Option<ControlReceiver>,
+    exit: Option<ExitStatus>,
+    boot_times: Arc<BootTimes>,
+    /// Fds already registered with the event loop.
+    watching_vm: bool,
+    stdin_open: bool,
+    pending_input: Vec<u8>,
+}
+
+const STDIN_FD: i32 = 0;
+const MAX_PENDING_INPUT: usize = 4096;
+
+fn json<T: serde::Serialize>(value: &T) -> Reply {
+    match serde_json::to_string(value) {
+        Ok(text) => Reply::Json(text),
+        Err(e) => Reply::Error(format!("cannot encode the reply: {e}")),
+    }
+}
+
+impl Vmm {
+    pub fn new(options: VmmOptions, control: Option<ControlReceiver>) -> Vmm {
+        let host = HostKind::detect();
+        Vmm {
+            stdin_open: options.serial_in,
+            options,
+            config: VmConfig::default(),
+            state: VmState::NotStarted,
+            host,
+            running: None,
+            control,
+            exit: None,
+            boot_times: Arc::new(BootTimes::default()),
+            watching_vm: false,
+            pending_input: Vec::new(),
+        }
+    }
+
+    pub fn state(&self) -> VmState {
+        self.state
+    }
+
+    pub fn host(&self) -> HostKind {
+        self.host
+    }
+
+    /// Set once the VMM should end; the main loop stops then.
+    pub fn exit_status(&self) -> Option<&ExitStatus> {
+        self.exit.as_ref()
+    }
+
+    fn require_not_started(&self, what: &str) -> Result<(), String> {
+        if self.state != VmState::NotStarted {
+            return Err(format!("{what} is only allowed before the VM starts"));
+        }
+        Ok(())
+    }
+
+    fn require_started(&self, what: &str) -> Result<(), String> {
+        if self.state == VmState::NotStarted {
+            return Err(format!("{what} is only allowed after the VM starts"));
+        }
+        Ok(())
+    }
+
+    /// Answers one action. The same entry point serves the API, the config file and the CLI.
+    pub fn handle(&mut self, action: Action) -> Reply {
+        tracing::debug!("action: {action:?}");
+        match self.dispatch(action) {
+            Ok(reply) => reply,
+            Err(message) => {
+                tracing::debug!("action refused: {message}");
+                Reply::Error(message)
+            }
+        }
+    }
+
+    fn dispatch(&mut self, action: Action) -> Result<Reply, String> {
+        let err = |e: config::ConfigError| e.to_string();
+        match action {
+            Action::GetInstanceInfo => Ok(json(&serde_json::json!({
+                "id": self.options.instance_id,
+                "state": self.state.as_str(),
+                "vmm_version": VERSION,
+                "app_name": "flick",
+            }))),
+            Action::GetVersion => Ok(json(&serde_json::json!({ "firecracker_version": VERSION }))),
+            Action::GetVmConfig => Ok(json(&self.config)),
+            Action::GetMachineConfig => Ok(json(&self.config.machine_config)),
+            Action::PutMachineConfig(mc) => {
+                self.require_not_started("PUT /machine-config")?;
+                mc.validate().map_err(err)?;
+                self.config.machine_config = mc;
+                Ok(Reply::Empty)
+            }
+            Action::PatchMachineConfig(update) => {
+                self.require_not_started("PATCH /machine-config")?;
+                let mc = update.apply(&self.config.machine_config);
+                mc.validate().map_err(err)?;
+                self.config.machine_config = mc;
+                Ok(Reply::Empty)
+            }
+            Action::PutBootSource(boot) => {
+                self.require_not_started("PUT /boot-source")?;
+                boot.validate().map_err(err)?;
+                self.config.boot_source = Some(boot);
+                Ok(Reply::Empty)
+            }
+            Action::PutDrive(drive) => {
+                self.require_not_started("PUT /drives")?;
+                drive.validate().map_err(err)?;
+                let drives = &mut self.config.drives;
+                let others = drives.iter().filter(|d| d.drive_id != drive.drive_id);
+                if drive.is_root_device && others.clone().any(|d| d.is_root_device) {
+                    return Err(config::ConfigError::TwoRootDrives.to_string());
+                }
+                if let Some(existing) = drives.iter_mut().find(|d| d.drive_id == drive.drive_id) {
+                    *existing = drive;
+                } else if drives.len() >= config::MAX_DRIVES {
+                    return Err(config::ConfigError::TooManyDrives.to_string());
+                } else {
+                    drives.push(drive);
+                }
+                Ok(Reply::Empty)
+            }
+            Action::PutNetworkInterface(net) => {
+                self.require_not_started("PUT /network-interfaces")?;
+                net.validate().map_err(err)?;
+                let ifaces = &mut self.config.network_interfaces;
+                ifaces.retain(|n| n.iface_id != net.iface_id);
+                ifaces.push(net);
+                Ok(Reply::Empty)
+            }
+            Action::PutLogger(logger) => {
+                self.require_not_started("PUT /logger")?;
+                crate::logger::configure(&logger).map_err(|e| e.to_string())?;
+                self.config.logger = Some(logger);
+                Ok(Reply::Empty)
+            }
+            Action::PutMetrics(metrics) => {
+                self.require_not_started("PUT /metrics")?;
+                self.config.metrics = Some(metrics);
+                Ok(Reply::Empty)
+            }
+            Action::PutVsock(vsock) => {
+                self.require_not_started("PUT /vsock")?;
+                self.config.vsock = Some(vsock);
+                Ok(Reply::Empty)
+            }
+            Action::InstanceStart => {
+                self.require_not_started("InstanceStart")?;
+                self.start()?;
+                Ok(Reply::Empty)
+            }
+            Action::GetMetrics => Ok(Reply::Text(self.prometheus())),
+            Action::PatchDrive(_)
+            | Action::PatchNetworkInterface(_)
+            | Action::SendCtrlAltDel
+            | Action::FlushMetrics
+            | Action::Pause
+            | Action::Resume => {
+                self.require_started(&format!("{action:?}"))?;
+                Err(format!(
+                    "{action:?} is not supported by this build of flick yet"
+                ))
+            }
+        }
+    }
+
+    fn start(&mut self) -> Result<(), String> {
+        let started = Instant::now();
+        let started_cpu_us = process_cpu_us();
+        let serial_out = self
+            .options
+            .serial_out
+            .take()
+            .unwrap_or_else(|| Box::new(std::io::stdout()));
+        let ctx = BuildContext {
+            host: self.host,
+            serial_out,
+            boot_timer_log: self.options.boot_timer,
+            started,
+            started_cpu_us,
+            boot_times: self.boot_times.clone(),
+        };
+        let running = builder::build(&self.config, ctx).map_err(|e| crate::error_chain(&e))?;
+        tracing::info!(
+            "VM started: {} vCPU(s), {} MiB, CPU profile {:?} on {} in {} us",
+            self.config.machine_config.vcpu_count,
+            self.config.machine_config.mem_size_mib,
+            running.cpu_profile,
+            self.host.describe(),
+            started.elapsed().as_micros()
+        );
+        self.running = Some(running);
+        self.state = VmState::Running;
+        Ok(())
+    }
+
+    /// Metrics in Prometheus text format.
+    fn prometheus(&self) -> String {
+        let mut out = String::new();
+        let boot_us = self.boot_times.boot_us.load(Ordering::Relaxed);
+        out.push_str("# HELP flick_boot_time_us InstanceStart to the guest's boot-timer write.\n");
+        out.push_str("# TYPE flick_boot_time_us gauge\n");
+        out.push_str(&format!("flick_boot_time_us {boot_us}\n"));
+        if let Some(vm) = &self.running {
+            out.push_str("# HELP flick_vcpu_exits_total vCPU exits to the VMM by reason.\n");
+            out.push_str("# TYPE flick_vcpu_exits_total counter\n");
+            for (i, s) in vm.vcpu_stats.iter().enumerate() {
+                for (reason, counter) in [
+                    ("io_in", &s.io_in),
+                    ("io_out", &s.io_out),
+                    ("mmio_read", &s.mmio_read),
+                    ("mmio_write", &s.mmio_write),
+                    ("other", &s.other),
+                ] {
+                    let n = counter.load(Ordering::Relaxed);
+                    out.push_str(&format!(
+                        "flick_vcpu_exits_total{{vcpu=\"{i}\",reason=\"{reason}\"}} {n}\n"
+                    ));
+                }
+            }
+        }
+        out
+    }
+
+    fn finish(&mut self, status: ExitStatus) {
+        if self.exit.is_none() {
+            self.state = VmState::Exited;
+            self.exit = Some(status);
+        }
+    }
+
+    fn on_reset(&mut self) {
+        if let Some(vm) = &self.running {
+            let _ = vm.reset.read();
+        }
+        tracing::info!("guest requested a reset through the i8042 controller; exiting");
+        self.finish(ExitStatus {
+            code: 0,
+            message: None,
+        });
+    }
+
+    fn on_vcpu_stopped(&mut self) {
+        let Some(vm) = &self.running else { return };
+        let _ = vm.vcpu_wake.read();
+        let events: Vec<_> = vm.vcpu_events.try_iter().collect();
+        for event in events {
+            match event.reason {
+                StopReason::GuestShutdown => {
+                    tracing::info!("vCPU {} reported a guest shutdown; exiting", event.index);
+                    self.finish(ExitStatus {
+                        code: 0,
+                        message: None,
+                    });
+                }
+                StopReason::Fault(message) => {
+                    self.finish(ExitStatus {
+                        code: EXIT_GUEST_FAULT,
+                        message: Some(message),
+                    });
+                }
+            }
+        }
+    }
+
+    fn on_control(&mut self, ops: &mut EventOps) {
+        let Some(control) = &self.control else { return };
+        let _ = control.wake.read();
+        let requests: Vec<_> = control.receiver.try_iter().collect();
+        for request in requests {
+            let reply = self.handle(request.action);
+            let _ = request.reply.send(reply);
+        }
+        self.watch_vm(ops);
+    }
+
+    /// Moves console input into the serial FIFO, as much as fits.
+    fn pump_input(&mut self, ops: &mut EventOps, readable: bool) {
+        let Some(vm) = &self.running else { return };
+        if readable && self.pending_input.len() < MAX_PENDING_INPUT {
+            let mut buf = [0u8; 256];
+            match std::io::stdin().lock().read(&mut buf) {
+                Ok(0) | Err(_) => {
+                    let _ = ops.remove(Events::empty_raw(STDIN_FD));
+                    self.stdin_open = false;
+                }
+                Ok(n) => self.pending_input.extend_from_slice(&buf[..n]),
+            }
+        }
+        if !self.pending_input.is_empty() {
+            let taken = lock(&vm.serial).enqueue_input(&self.pending_input);
+            self.pending_input.drain(..taken);
+        }
+        // Stop reading while input is backed up; the drained event resumes it.
+        if self.stdin_open {
+            let full = self.pending_input.len() >= MAX_PENDING_INPUT;
+            let set = if full {
+                EventSet::empty()
+            } else {
+                EventSet::IN
+            };
+            let _ = ops.modify(Events::with_data_raw(STDIN_FD, 0, set));
+        }
+    }
+
+    /// Registers the running VM's fds once it exists.
+    fn watch_vm(&mut self, ops: &mut EventOps) {
+        if self.watching_vm {
+            return;
+        }
+        let Some(vm) = &self.running else { return };
+        let fds = [
+            vm.reset.as_raw_fd(),
+            vm.vcpu_wake.as_raw_fd(),
+            vm.serial_drained.as_raw_fd(),
+        ];
+        for fd in fds {
+            if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
+                tracing::error!("cannot watch VM event fd {fd}: {e:?}");
+            }
+        }
+        if self.stdin_open && ops.add(Events::new_raw(STDIN_FD, EventSet::IN)).is_err() {
+            // Regular files cannot be polled: no console input then.
+            self.stdin_open = false;
+        }
+        self.watching_vm = true;
+    }
+}
+
+impl MutEventSubscriber for Vmm {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let fd = events.fd();
+        let control_fd = self.control.as_ref().map(|c| c.wake.as_raw_fd());
+        if Some(fd) == control_fd {
+            self.on_control(ops);
+            return;
+        }
+        let Some(vm) = &self.running else { return };
+        if fd == vm.reset.as_raw_fd() {
+            self.on_reset();
+        } else if fd == vm.vcpu_wake.as_raw_fd() {
+            self.on_vcpu_stopped();
+        } else if fd == vm.serial_drained.as_raw_fd() {
+            let _ = vm.serial_drained.read();
+            self.pump_input(ops, false);
+        } else if fd == STDIN_FD {
+            let readable = events.event_set().contains(EventSet::IN)
+                || events.event_set().contains(EventSet::HANG_UP);
+            self.pump_input(ops, readable);
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Some(control) = &self.control {
+            if let Err(e) = ops.add(Events::new(&control.wake, EventSet::IN)) {
+                tracing::error!("cannot watch the API channel: {e:?}");
+            }
+        }
+        self.watch_vm(ops);
+    }
+}
