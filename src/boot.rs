@@ -21,6 +21,8 @@ const PAGE_SIZE: u64 = 4096;
 pub enum BootError {
     #[error("cannot open kernel image {0}")]
     OpenKernel(String, #[source] std::io::Error),
+    #[error("{0} {1} is not a regular file")]
+    NotAFile(&'static str, String),
     #[error("kernel image {0} is neither an ELF vmlinux nor a bzImage")]
     UnknownKernelFormat(String),
     #[error("cannot load kernel image {0}")]
@@ -55,6 +57,9 @@ pub struct LoadedKernel {
 /// Loads the kernel at `path` into `mem`.
 pub fn load_kernel(mem: &GuestMemoryMmap, path: &str) -> Result<LoadedKernel, BootError> {
     let mut file = File::open(path).map_err(|e| BootError::OpenKernel(path.into(), e))?;
+    if !file.metadata().is_ok_and(|m| m.is_file()) {
+        return Err(BootError::NotAFile("kernel image", path.into()));
+    }
     let mut magic = [0u8; 4];
     let is_elf = file.read_exact(&mut magic).is_ok() && magic == *b"\x7fELF";
     let load_err = |e| BootError::LoadKernel(path.into(), e);
@@ -110,6 +115,9 @@ pub fn load_initrd(
     limit: u64,
 ) -> Result<(u64, u64), BootError> {
     let mut file = File::open(path).map_err(|e| BootError::OpenInitrd(path.into(), e))?;
+    if !file.metadata().is_ok_and(|m| m.is_file()) {
+        return Err(BootError::NotAFile("initrd", path.into()));
+    }
     let size = file
         .metadata()
         .map_err(|e| BootError::OpenInitrd(path.into(), e))?

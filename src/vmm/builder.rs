@@ -100,6 +100,21 @@ fn host_memory_mib() -> u64 {
     (pages.max(0) as u64 * page_size.max(0) as u64) >> 20
 }
 
+/// Times the build's phases for the debug log.
+struct Phases(Instant);
+
+impl Phases {
+    fn new() -> Self {
+        Phases(Instant::now())
+    }
+
+    fn mark(&mut self, what: &str) {
+        let now = Instant::now();
+        tracing::debug!("build phase: {what}: {} us", (now - self.0).as_micros());
+        self.0 = now;
+    }
+}
+
 /// Resolves `auto` for this host.
 pub fn effective_profile(profile: CpuProfile, host: HostKind) -> CpuProfile {
     match (profile, host) {
@@ -188,9 +203,12 @@ pub fn build(config: &VmConfig, ctx: BuildContext) -> Result<RunningVm, BuildErr
     let mem = GuestMemoryMmap::from_ranges(&ranges)
         .map_err(|e| BuildError::Memory(machine.mem_size_mib, e))?;
 
+    let mut phases = Phases::new();
     let vm = Vm::new()?;
+    phases.mark("create VM, irqchip, PIT");
     vm.check_vcpu_count(machine.vcpu_count)?;
     vm.register_memory(&mem)?;
+    phases.mark("register memory");
 
     let kernel = boot::load_kernel(&mem, &boot_source.kernel_image_path)?;
     let low_ram_end = ram[0].1;
@@ -206,6 +224,7 @@ pub fn build(config: &VmConfig, ctx: BuildContext) -> Result<RunningVm, BuildErr
         initrd,
     };
     write_boot_info(&mem, &kernel, &info, &ram, machine.vcpu_count)?;
+    phases.mark("load kernel, initrd, boot structures");
 
     // Legacy devices.
     let serial_irq = eventfd()?;
@@ -237,10 +256,12 @@ pub fn build(config: &VmConfig, ctx: BuildContext) -> Result<RunningVm, BuildErr
     mmio.insert(timer, BOOT_TIMER_START, MMIO_SLOT_SIZE)
         .map_err(BuildError::Bus)?;
     let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
+    phases.mark("devices");
 
     // vCPUs.
     let profile = effective_profile(machine.cpu_profile, ctx.host);
     let supported = vm.supported_cpuid()?;
+    phases.mark("supported CPUID");
     let topo = cpuid::Topology {
         vcpu_count: machine.vcpu_count,
         threads_per_core: if machine.smt { 2 } else { 1 },
@@ -270,10 +291,12 @@ pub fn build(config: &VmConfig, ctx: BuildContext) -> Result<RunningVm, BuildErr
             wake: vcpu_wake.try_clone().map_err(BuildError::EventFd)?,
         });
     }
+    phases.mark("create and configure vCPUs");
     let mut vcpu_threads = Vec::new();
     for vcpu in vcpus {
         vcpu_threads.push(vcpu.spawn()?);
     }
+    phases.mark("spawn vCPU threads");
     Ok(RunningVm {
         vm,
         mem,

@@ -1,0 +1,87 @@
+/* Polled 16550 UART on COM1 (I/O port 0x3f8), 8N1, no interrupts. */
+#include "tg.h"
+
+#define UART_RBR 0 /* receive buffer (read, DLAB=0) */
+#define UART_THR 0 /* transmit holding (write, DLAB=0) */
+#define UART_DLL 0 /* divisor latch low (DLAB=1) */
+#define UART_IER 1 /* interrupt enable (DLAB=0) */
+#define UART_DLM 1 /* divisor latch high (DLAB=1) */
+#define UART_FCR 2 /* FIFO control (write) */
+#define UART_IIR 2 /* interrupt identification (read) */
+#define UART_LCR 3
+#define UART_MCR 4
+#define UART_LSR 5
+
+#define LCR_8N1 0x03
+#define LCR_DLAB 0x80
+#define MCR_DTR_RTS 0x03
+#define LSR_DATA_READY 0x01
+#define LSR_THR_EMPTY 0x20
+
+#define IIR_FIFO_ENABLED 0xc0
+#define FIFO_SIZE 16
+
+/* Bound on LSR polls, so that a UART that never drains cannot hang us. */
+#define TX_POLL_LIMIT 100000
+
+/*
+ * Bytes that may still go to THR without another LSR poll: with the FIFOs on, THRE
+ * means the whole 16-byte transmit FIFO is empty. Halves the port accesses per byte.
+ */
+static unsigned tx_burst = 1;
+static unsigned tx_room;
+
+void serial_init(void)
+{
+	outb(COM1_BASE + UART_IER, 0x00);	/* no interrupts */
+	outb(COM1_BASE + UART_LCR, LCR_DLAB);
+	outb(COM1_BASE + UART_DLL, 0x01);	/* 115200 baud */
+	outb(COM1_BASE + UART_DLM, 0x00);
+	outb(COM1_BASE + UART_LCR, LCR_8N1);
+	outb(COM1_BASE + UART_FCR, 0x07);	/* FIFOs on and cleared */
+	outb(COM1_BASE + UART_MCR, MCR_DTR_RTS);	/* no OUT2 (no IRQ), no loopback */
+	tx_burst = (inb(COM1_BASE + UART_IIR) & IIR_FIFO_ENABLED) == IIR_FIFO_ENABLED ? FIFO_SIZE : 1;
+	tx_room = 0;
+}
+
+void serial_putc_raw(u8 c)
+{
+	if (tx_room == 0) {
+		for (unsigned i = 0; i < TX_POLL_LIMIT; i++) {
+			if (inb(COM1_BASE + UART_LSR) & LSR_THR_EMPTY)
+				break;
+			cpu_relax();
+		}
+		tx_room = tx_burst;
+	}
+	tx_room--;
+	outb(COM1_BASE + UART_THR, c);
+}
+
+void serial_putc(char c)
+{
+	if (c == '\n')
+		serial_putc_raw('\r');
+	serial_putc_raw((u8)c);
+}
+
+void serial_write(const char *s, size_t n)
+{
+	while (n--)
+		serial_putc(*s++);
+}
+
+int serial_try_getc(void)
+{
+	if (inb(COM1_BASE + UART_LSR) & LSR_DATA_READY)
+		return inb(COM1_BASE + UART_RBR);
+	return -1;
+}
+
+u8 serial_getc(void)
+{
+	int c;
+	while ((c = serial_try_getc()) < 0)
+		cpu_relax();
+	return (u8)c;
+}

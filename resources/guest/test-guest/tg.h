@@ -1,0 +1,176 @@
+/* Common definitions for the freestanding x86_64 test guest. */
+#ifndef TG_H
+#define TG_H
+
+#include <stdarg.h>
+#include "layout.h"
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long u64;
+typedef long i64;
+typedef unsigned long size_t;
+
+#define NULL ((void *)0)
+#define ARRAY_SIZE(a) (sizeof(a) / sizeof((a)[0]))
+
+/* ---- port and memory-mapped I/O ---- */
+
+static inline void outb(u16 port, u8 v)
+{
+	__asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port));
+}
+
+static inline u8 inb(u16 port)
+{
+	u8 v;
+	__asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port));
+	return v;
+}
+
+static inline u32 mmio_read32(u64 addr)
+{
+	return *(volatile u32 *)addr;
+}
+
+static inline void mmio_write32(u64 addr, u32 v)
+{
+	*(volatile u32 *)addr = v;
+}
+
+static inline void mmio_write8(u64 addr, u8 v)
+{
+	*(volatile u8 *)addr = v;
+}
+
+static inline u64 rdtsc(void)
+{
+	u32 lo, hi;
+	__asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+	return ((u64)hi << 32) | lo;
+}
+
+static inline void cpuid(u32 leaf, u32 sub, u32 *a, u32 *b, u32 *c, u32 *d)
+{
+	__asm__ volatile("cpuid" : "=a"(*a), "=b"(*b), "=c"(*c), "=d"(*d) : "a"(leaf), "c"(sub));
+}
+
+static inline void cpu_relax(void)
+{
+	__asm__ volatile("pause" : : : "memory");
+}
+
+static inline void barrier(void)
+{
+	__asm__ volatile("" : : : "memory");
+}
+
+/* Physical memory is identity-mapped for the first 4 GiB (see pagetables.S). */
+static inline int phys_ok(u64 addr, u64 len)
+{
+	return addr != 0 && addr < IDENTITY_MAP_END && len <= IDENTITY_MAP_END - addr;
+}
+
+/* Pointer to physical memory; opaque to the compiler (low addresses are not NULL here). */
+static inline const void *phys(u64 addr)
+{
+	__asm__("" : "+r"(addr));
+	return (const void *)addr;
+}
+
+/* ---- lib.c ---- */
+void *memset(void *dst, int c, size_t n);
+void *memcpy(void *dst, const void *src, size_t n);
+void *memmove(void *dst, const void *src, size_t n);
+int memcmp(const void *a, const void *b, size_t n);
+void *memchr(const void *s, int c, size_t n);
+size_t strnlen(const char *s, size_t max);
+size_t strlen(const char *s);
+int parse_u64(const char *s, size_t len, u64 *out);
+void tg_vprintf(const char *fmt, va_list ap);
+void tg_printf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/* ---- serial.c ---- */
+void serial_init(void);
+void serial_putc_raw(u8 c);
+void serial_putc(char c);
+void serial_write(const char *s, size_t n);
+int serial_try_getc(void);
+u8 serial_getc(void);
+
+/* ---- bootinfo.c ---- */
+#define MAX_MEMMAP 128
+#define MAX_CMDLINE 4096
+#define MAX_RESERVED 8
+
+struct mem_entry {
+	u64 addr;
+	u64 size;
+	u32 type;
+};
+
+struct phys_range {
+	u64 start;
+	u64 end; /* exclusive */
+};
+
+struct bootinfo {
+	u32 protocol; /* PROTO_LINUX64 or PROTO_PVH */
+	const char *protocol_name;
+	int valid;    /* boot structure present and recognised */
+	u64 info_addr;
+	char cmdline[MAX_CMDLINE];
+	u32 cmdline_len;
+	u32 nr_mem;
+	struct mem_entry mem[MAX_MEMMAP];
+	/* Guest-physical ranges the VMM handed over (boot structure, command line, memory map). */
+	u32 nr_reserved;
+	struct phys_range reserved[MAX_RESERVED];
+};
+
+const char *bootinfo_early_cmdline(u32 protocol, u64 info, u32 *len);
+void bootinfo_parse(u32 protocol, u64 info, struct bootinfo *bi);
+void bootinfo_add_reserved(struct bootinfo *bi, u64 start, u64 len);
+
+/* ---- cmdline.c ---- */
+enum exit_mode { EXIT_REBOOT, EXIT_HALT, EXIT_FAULT };
+
+struct tg_opts {
+	int timer;          /* tg.timer: write the boot-timer byte (default 1) */
+	int smp;            /* tg.smp: start the APs (default 1) */
+	u64 smp_timeout_ms; /* tg.smp_timeout_ms: how long to wait for the APs */
+	u64 count;          /* tg.count */
+	u64 delay_ms;       /* tg.delay_ms */
+	int echo;           /* tg.echo */
+	enum exit_mode exit_mode; /* tg.exit */
+};
+
+void opts_parse(const char *cmdline, u32 len, struct tg_opts *o);
+int opts_timer_disabled(const char *cmdline, u32 len);
+
+/* ---- delay.c ---- */
+int is_hypervisor(void);
+u64 tsc_khz(void);
+void delay_us(u64 us);
+void delay_ms(u64 ms);
+
+/* ---- smp.c ---- */
+struct mp_info {
+	int found;
+	u64 fp_addr;  /* floating pointer structure */
+	u64 cfg_addr; /* "PCMP" configuration table */
+	u32 cfg_len;
+	u32 ncpus;    /* enabled processor entries */
+	u8 apic_ids[MAX_CPUS];
+};
+
+void mptable_find(struct mp_info *mp);
+void mptable_print(const struct mp_info *mp);
+void smp_boot(struct bootinfo *bi, const struct mp_info *mp, const struct tg_opts *o);
+
+/* ---- main.c ---- */
+void tg_main(u32 protocol, u64 info);
+void __attribute__((noreturn)) triple_fault(void);
+
+#endif

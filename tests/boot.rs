@@ -1,0 +1,212 @@
+//! Booting the test guests on KVM through the config file: both entry protocols, the memory map,
+//! SMP, serial in and out, the boot timer, reset and guest faults.
+
+mod common;
+
+use common::*;
+
+#[test]
+fn linux64_guest_boots_sees_its_cmdline_and_resets_cleanly() {
+    if !kvm_available() {
+        return;
+    }
+    let out = run_config(
+        &guest_config(&test_guest(), "tg.count=2 hello=world", 1, 64),
+        &[],
+        b"",
+    );
+    out.assert_clean_exit();
+    assert_eq!(
+        out.line_starting("testguest: start"),
+        Some("testguest: start protocol=linux64")
+    );
+    assert_eq!(
+        out.line_starting("cmdline:"),
+        Some("cmdline: tg.count=2 hello=world")
+    );
+    assert!(out.stdout.contains("count: 1\ncount: 2\n"), "{out:#?}");
+}
+
+#[test]
+fn pvh_guest_enters_through_the_pvh_note() {
+    if !kvm_available() {
+        return;
+    }
+    let out = run_config(
+        &guest_config(&test_guest_pvh(), "tg.smp=0", 1, 64),
+        &[],
+        b"",
+    );
+    out.assert_clean_exit();
+    assert_eq!(
+        out.line_starting("testguest: start"),
+        Some("testguest: start protocol=pvh")
+    );
+}
+
+#[test]
+fn memory_map_covers_guest_ram_exactly() {
+    if !kvm_available() {
+        return;
+    }
+    let out = run_config(&guest_config(&test_guest(), "tg.smp=0", 1, 128), &[], b"");
+    out.assert_clean_exit();
+    // 128 MiB minus the legacy hole between the EBDA (0x9fc00) and 1 MiB.
+    let expected_kib = (128 * 1024) - (0x100000 - 0x9fc00) / 1024;
+    assert_eq!(
+        out.line_starting("mem:"),
+        Some(&*format!("mem: usable={expected_kib} KiB"))
+    );
+    assert!(
+        out.stdout.contains("e820: 0x100000-0x8000000 type=1"),
+        "{out:#?}"
+    );
+}
+
+#[test]
+fn large_guest_memory_skips_the_mmio_hole() {
+    if !kvm_available() {
+        return;
+    }
+    let out = run_config(
+        &guest_config(&test_guest(), "tg.smp=0", 1, 4096 + 512),
+        &[],
+        b"",
+    );
+    out.assert_clean_exit();
+    assert!(
+        out.stdout.contains("e820: 0x100000-0xc0000000 type=1"),
+        "{out:#?}"
+    );
+    assert!(
+        out.stdout.contains("e820: 0x100000000-0x160000000 type=1"),
+        "{out:#?}"
+    );
+}
+
+#[test]
+fn four_vcpus_are_announced_and_all_come_online() {
+    if !kvm_available() {
+        return;
+    }
+    let out = run_config(&guest_config(&test_guest(), "", 4, 64), &[], b"");
+    out.assert_clean_exit();
+    assert_eq!(
+        out.line_starting("mptable:"),
+        Some("mptable: cpus=4 apic_ids=0,1,2,3")
+    );
+    assert_eq!(
+        out.line_starting("smp:"),
+        Some("smp: online=4/4 apic_ids=0,1,2,3")
+    );
+}
+
+#[test]
+fn thirty_two_vcpus_come_online() {
+    if !kvm_available() {
+        return;
+    }
+    let out = run_config(&guest_config(&test_guest_pvh(), "", 32, 64), &[], b"");
+    out.assert_clean_exit();
+    let smp = out.line_starting("smp:").unwrap_or_default();
+    assert!(smp.starts_with("smp: online=32/32"), "{out:#?}");
+}
+
+#[test]
+fn boot_timer_write_is_logged_in_firecracker_format() {
+    if !kvm_available() {
+        return;
+    }
+    let out = run_config(
+        &guest_config(&test_guest(), "tg.smp=0", 1, 64),
+        &["--boot-timer", "--level", "Info"],
+        b"",
+    );
+    out.assert_clean_exit();
+    let line = out
+        .stderr
+        .lines()
+        .find(|l| l.contains("Guest-boot-time ="))
+        .unwrap_or_default();
+    assert!(
+        line.contains(" us ") && line.contains(" CPU ms"),
+        "{out:#?}"
+    );
+}
+
+#[test]
+fn boot_timer_line_is_absent_without_the_flag() {
+    if !kvm_available() {
+        return;
+    }
+    let out = run_config(
+        &guest_config(&test_guest(), "tg.smp=0", 1, 64),
+        &["--level", "Info"],
+        b"",
+    );
+    out.assert_clean_exit();
+    assert!(!out.stderr.contains("Guest-boot-time"), "{out:#?}");
+}
+
+#[test]
+fn console_input_reaches_the_guest() {
+    if !kvm_available() {
+        return;
+    }
+    let out = run_config(
+        &guest_config(&test_guest(), "tg.smp=0 tg.echo=1", 1, 64),
+        &[],
+        b"ping 123\nquit\n",
+    );
+    out.assert_clean_exit();
+    assert!(out.stdout.contains("ping 123"), "{out:#?}");
+    assert!(out.stdout.contains("echo: done"), "{out:#?}");
+}
+
+#[test]
+fn triple_fault_is_reported_with_rip_and_nonzero_exit() {
+    if !kvm_available() {
+        return;
+    }
+    let out = run_config(
+        &guest_config(&test_guest(), "tg.smp=0 tg.exit=fault", 1, 64),
+        &[],
+        b"",
+    );
+    assert_eq!(out.code, Some(3), "{out:#?}");
+    let line = out
+        .stderr
+        .lines()
+        .find(|l| l.contains("triple fault"))
+        .unwrap_or_default();
+    assert!(line.contains("RIP 0x"), "{out:#?}");
+    assert!(line.contains("instruction bytes"), "{out:#?}");
+}
+
+#[test]
+fn log_path_receives_the_log_instead_of_stderr() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("log");
+    let log = dir.path("flick.log");
+    let log_arg = log.to_str().unwrap();
+    let out = run_config(
+        &guest_config(&test_guest(), "tg.smp=0", 1, 64),
+        &[
+            "--boot-timer",
+            "--level",
+            "Info",
+            "--log-path",
+            log_arg,
+            "--id",
+            "vm_7",
+        ],
+        b"",
+    );
+    out.assert_clean_exit();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("[vm_7:"), "{text}");
+    assert!(text.contains("Guest-boot-time"), "{text}");
+    assert!(!out.stderr.contains("Guest-boot-time"), "{out:#?}");
+}
