@@ -38,7 +38,7 @@ pub struct Vm {
 }
 
 impl Vm {
-    /// Opens `/dev/kvm` and creates a VM with an in-kernel irqchip and PIT.
+    /// Opens `/dev/kvm` and creates an empty VM.
     pub fn new() -> Result<Vm, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         let version = kvm.get_api_version();
@@ -46,6 +46,13 @@ impl Vm {
             return Err(VmError::ApiVersion(version));
         }
         let fd = kvm.create_vm().map_err(VmError::CreateVm)?;
+        Ok(Vm { kvm, fd })
+    }
+
+    /// Adds the TSS, the in-kernel irqchip and the PIT. Call after [`Vm::register_memory`]:
+    /// installing memory slots is several times slower on some hosts once an irqchip exists.
+    pub fn create_irqchip(&self) -> Result<(), VmError> {
+        let fd = &self.fd;
         fd.set_tss_address(KVM_TSS_ADDRESS as usize)
             .map_err(|e| VmError::Setup("TSS", e))?;
         fd.create_irq_chip()
@@ -55,7 +62,7 @@ impl Vm {
             ..Default::default()
         };
         fd.create_pit2(pit).map_err(|e| VmError::Setup("PIT", e))?;
-        Ok(Vm { kvm, fd })
+        Ok(())
     }
 
     pub fn fd(&self) -> &VmFd {

@@ -205,10 +205,12 @@ pub fn build(config: &VmConfig, ctx: BuildContext) -> Result<RunningVm, BuildErr
 
     let mut phases = Phases::new();
     let vm = Vm::new()?;
-    phases.mark("create VM, irqchip, PIT");
+    phases.mark("create VM");
     vm.check_vcpu_count(machine.vcpu_count)?;
     vm.register_memory(&mem)?;
     phases.mark("register memory");
+    vm.create_irqchip()?;
+    phases.mark("irqchip and PIT");
 
     let kernel = boot::load_kernel(&mem, &boot_source.kernel_image_path)?;
     let low_ram_end = ram[0].1;
