@@ -54,6 +54,8 @@ static void apply(const char *tok, size_t len, struct tg_opts *o)
 		set_u64(val, vlen, &o->delay_ms);
 	else if (key_is(tok, klen, "tg.echo"))
 		set_bool(val, vlen, &o->echo);
+	else if (key_is(tok, klen, "tg.quiet"))
+		set_bool(val, vlen, &o->quiet);
 	else if (key_is(tok, klen, "tg.exit")) {
 		if (val_is(val, vlen, "reboot"))
 			o->exit_mode = EXIT_REBOOT;
@@ -72,6 +74,7 @@ void opts_parse(const char *cmdline, u32 len, struct tg_opts *o)
 	o->count = 0;
 	o->delay_ms = 0;
 	o->echo = 0;
+	o->quiet = 0;
 	o->exit_mode = EXIT_REBOOT;
 
 	u32 i = 0;

@@ -15,6 +15,7 @@ linux64_entry:
 	cld
 	movq	%rsi, %r13			/* boot_params */
 	movl	$PROTO_LINUX64, %r12d
+	movl	$stack_top, %esp		/* nothing from the VMM but RSI is used */
 
 	/* Our own page tables (they identity-map this code too) and GDT. */
 	movl	$pml4, %eax

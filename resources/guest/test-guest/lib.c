@@ -119,7 +119,7 @@ static void put_num(u64 v, unsigned base, int neg, unsigned width, char pad)
 		serial_putc(buf[--n]);
 }
 
-/* printf subset: %[0][width][l]{d,u,x,s,c} and %%. '\n' is sent as CR LF. */
+/* printf subset: %[0][width][l]{d,u,x,s,c} and %%. Lines end in a bare '\n'. */
 void tg_vprintf(const char *fmt, va_list ap)
 {
 	for (; *fmt; fmt++) {
@@ -177,6 +177,19 @@ void tg_vprintf(const char *fmt, va_list ap)
 void tg_printf(const char *fmt, ...)
 {
 	va_list ap;
+	va_start(ap, fmt);
+	tg_vprintf(fmt, ap);
+	va_end(ap);
+}
+
+int tg_quiet;
+
+void tg_info(const char *fmt, ...)
+{
+	va_list ap;
+
+	if (tg_quiet)
+		return;
 	va_start(ap, fmt);
 	tg_vprintf(fmt, ap);
 	va_end(ap);

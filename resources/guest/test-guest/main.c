@@ -30,6 +30,8 @@ void __attribute__((noreturn)) triple_fault(void)
 
 static void print_cmdline(void)
 {
+	if (tg_quiet)
+		return;
 	tg_printf("cmdline: ");
 	for (u32 i = 0; i < bi.cmdline_len; i++) {
 		char c = bi.cmdline[i];
@@ -43,14 +45,14 @@ static void print_memmap(void)
 	u64 usable = 0;
 
 	if (bi.nr_mem == 0)
-		tg_printf("e820: none\n");
+		tg_info("e820: none\n");
 	for (u32 i = 0; i < bi.nr_mem; i++) {
 		const struct mem_entry *e = &bi.mem[i];
-		tg_printf("e820: 0x%lx-0x%lx type=%u\n", e->addr, e->addr + e->size, e->type);
+		tg_info("e820: 0x%lx-0x%lx type=%u\n", e->addr, e->addr + e->size, e->type);
 		if (e->type == 1)
 			usable += e->size;
 	}
-	tg_printf("mem: usable=%lu KiB\n", usable / 1024);
+	tg_info("mem: usable=%lu KiB\n", usable / 1024);
 }
 
 static void count(void)
@@ -70,7 +72,7 @@ static void echo(void)
 	tg_printf("echo: ready\n");
 	for (;;) {
 		u8 c = serial_getc();
-		serial_putc_raw(c);
+		serial_putc((char)c);
 		if (line_start && c == 'q')
 			break;
 		line_start = c == '\n' || c == '\r';
@@ -111,11 +113,12 @@ void tg_main(u32 protocol, u64 info)
 
 	bootinfo_parse(protocol, info, &bi);
 	opts_parse(bi.cmdline, bi.cmdline_len, &opts);
+	tg_quiet = opts.quiet;
 
 	serial_init();
-	tg_printf("testguest: start protocol=%s\n", bi.protocol_name);
+	tg_info("testguest: start protocol=%s\n", bi.protocol_name);
 	if (!bi.valid)
-		tg_printf("bootinfo: invalid addr=0x%lx\n", info);
+		tg_info("bootinfo: invalid addr=0x%lx\n", info);
 	print_cmdline();
 	print_memmap();
 

@@ -44,7 +44,7 @@ void serial_init(void)
 	tx_room = 0;
 }
 
-void serial_putc_raw(u8 c)
+void serial_putc(char c)
 {
 	if (tx_room == 0) {
 		for (unsigned i = 0; i < TX_POLL_LIMIT; i++) {
@@ -55,14 +55,7 @@ void serial_putc_raw(u8 c)
 		tx_room = tx_burst;
 	}
 	tx_room--;
-	outb(COM1_BASE + UART_THR, c);
-}
-
-void serial_putc(char c)
-{
-	if (c == '\n')
-		serial_putc_raw('\r');
-	serial_putc_raw((u8)c);
+	outb(COM1_BASE + UART_THR, (u8)c);
 }
 
 void serial_write(const char *s, size_t n)

@@ -196,23 +196,23 @@ static void sort_u32(u32 *v, u32 n)
 static void print_ids(const u32 *ids, u32 n)
 {
 	for (u32 i = 0; i < n; i++)
-		tg_printf(i ? ",%u" : "%u", ids[i]);
+		tg_info(i ? ",%u" : "%u", ids[i]);
 }
 
 void smp_boot(struct bootinfo *bi, const struct mp_info *mp, const struct tg_opts *o)
 {
 	if (!mp->found || mp->ncpus <= 1) {
-		tg_printf("smp: online=1/1\n");
+		tg_info("smp: online=1/1\n");
 		return;
 	}
 	if (!o->smp) {
-		tg_printf("smp: skipped\n");
+		tg_info("smp: skipped\n");
 		return;
 	}
 
 	u64 apic_base = rdmsr(MSR_APIC_BASE);
 	if (apic_base & APIC_BASE_X2APIC) {
-		tg_printf("smp: error=x2apic-mode\n");
+		tg_info("smp: error=x2apic-mode\n");
 		return;
 	}
 	if (!(apic_base & APIC_BASE_ENABLE))
@@ -222,7 +222,7 @@ void smp_boot(struct bootinfo *bi, const struct mp_info *mp, const struct tg_opt
 
 	u64 tramp = pick_trampoline(bi, mp);
 	if (!tramp) {
-		tg_printf("smp: error=no-trampoline-page\n");
+		tg_info("smp: error=no-trampoline-page\n");
 		return;
 	}
 	memcpy((void *)tramp, ap_tramp_start, (size_t)(ap_tramp_end - ap_tramp_start));
@@ -263,19 +263,19 @@ void smp_boot(struct bootinfo *bi, const struct mp_info *mp, const struct tg_opt
 			ids[n++] = ap_apic_ids[i];
 	sort_u32(ids, n);
 
-	tg_printf("smp: online=%u/%u apic_ids=", 1 + ap_online, mp->ncpus);
+	tg_info("smp: online=%u/%u apic_ids=", 1 + ap_online, mp->ncpus);
 	print_ids(ids, n);
-	tg_printf("\n");
+	tg_info("\n");
 }
 
 void mptable_print(const struct mp_info *mp)
 {
 	if (!mp->found) {
-		tg_printf("mptable: none\n");
+		tg_info("mptable: none\n");
 		return;
 	}
-	tg_printf("mptable: cpus=%u apic_ids=", mp->ncpus);
+	tg_info("mptable: cpus=%u apic_ids=", mp->ncpus);
 	for (u32 i = 0; i < mp->ncpus; i++)
-		tg_printf(i ? ",%u" : "%u", mp->apic_ids[i]);
-	tg_printf("\n");
+		tg_info(i ? ",%u" : "%u", mp->apic_ids[i]);
+	tg_info("\n");
 }

@@ -90,10 +90,12 @@ size_t strlen(const char *s);
 int parse_u64(const char *s, size_t len, u64 *out);
 void tg_vprintf(const char *fmt, va_list ap);
 void tg_printf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+/* Informational lines, left out with tg.quiet=1. */
+extern int tg_quiet;
+void tg_info(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
 /* ---- serial.c ---- */
 void serial_init(void);
-void serial_putc_raw(u8 c);
 void serial_putc(char c);
 void serial_write(const char *s, size_t n);
 int serial_try_getc(void);
@@ -143,6 +145,7 @@ struct tg_opts {
 	u64 count;          /* tg.count */
 	u64 delay_ms;       /* tg.delay_ms */
 	int echo;           /* tg.echo */
+	int quiet;          /* tg.quiet: only the count, echo and final lines */
 	enum exit_mode exit_mode; /* tg.exit */
 };
 
