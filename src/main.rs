@@ -129,6 +129,13 @@ fn run(vmm: Vmm) -> ExitCode {
     let vmm = Arc::new(Mutex::new(vmm));
     events.add_subscriber(vmm.clone());
     loop {
+        let slots = vmm
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take_new_subscribers();
+        for slot in slots {
+            events.add_subscriber(Arc::new(Mutex::new(slot)));
+        }
         if let Err(e) = events.run() {
             return fail(&format!("event loop failed: {e:?}"));
         }

@@ -7,6 +7,7 @@
 pub mod boot_timer;
 pub mod bus;
 pub mod legacy;
+pub mod virtio;
 
 use vm_superio::Trigger;
 use vmm_sys_util::eventfd::EventFd;

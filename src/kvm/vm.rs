@@ -117,3 +117,18 @@ impl Vm {
             .map_err(|e| VmError::CreateVcpu(index, e))
     }
 }
+
+impl Vm {
+    /// Signals `evt` when the guest writes the 32-bit value `datamatch` at MMIO `addr`.
+    pub fn register_mmio_notify(
+        &self,
+        evt: &EventFd,
+        addr: u64,
+        datamatch: u32,
+    ) -> Result<(), VmError> {
+        let addr = kvm_ioctls::IoEventAddress::Mmio(addr);
+        self.fd
+            .register_ioevent(evt, &addr, datamatch)
+            .map_err(|e| VmError::Setup("ioeventfd", e))
+    }
+}

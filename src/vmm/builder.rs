@@ -7,6 +7,7 @@ use std::time::Instant;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::attach::{self, AttachError, Attached};
 use crate::arch::current::layout::{
     self, BOOT_TIMER_START, EBDA_START, MMIO_SLOT_SIZE, PVH_INFO_START, PVH_MEMMAP_START,
     PVH_MODLIST_START, SERIAL_IRQ, SERIAL_PORT, ZERO_PAGE_START,
@@ -50,6 +51,8 @@ pub enum BuildError {
     EventFd(#[source] std::io::Error),
     #[error("device layout conflict")]
     Bus(#[source] crate::devices::bus::BusError),
+    #[error(transparent)]
+    Attach(#[from] AttachError),
 }
 
 /// Inputs of a build besides the config.
@@ -78,6 +81,7 @@ pub struct RunningVm {
     pub vcpu_threads: Vec<std::thread::JoinHandle<()>>,
     pub cpu_profile: CpuProfile,
     pub cmdline: String,
+    pub devices: Attached,
 }
 
 impl std::fmt::Debug for RunningVm {
@@ -115,6 +119,12 @@ impl Phases {
     }
 }
 
+/// On PVM hosts the guest kernel's CPUID instructions are not intercepted, so a CPUID profile
+/// alone cannot hide features the instruction emulator lacks; Linux guests are told on their
+/// command line instead (measured: without these a 6.1 guest stops on `xrstor` at FPU init).
+pub const PVM_FEATURE_ARGS: &str = "noxsave clearcpuid=smap,smep,popcnt,rdrand,rdseed,fsgsbase,\
+avx,avx2,bmi1,bmi2,movbe,xsaveopt,xsavec,xsaves,pcid,invpcid,rdpid,umip,pku,ospke";
+
 /// Resolves `auto` for this host.
 pub fn effective_profile(profile: CpuProfile, host: HostKind) -> CpuProfile {
     match (profile, host) {
@@ -124,17 +134,22 @@ pub fn effective_profile(profile: CpuProfile, host: HostKind) -> CpuProfile {
     }
 }
 
-/// The kernel command line: the user's (or the default) arguments.
-pub fn kernel_cmdline(config: &VmConfig) -> String {
+/// The kernel command line: the user's (or the default) arguments, then the device entries.
+pub fn kernel_cmdline(config: &VmConfig, devices: &[String]) -> String {
     let boot = config.boot_source.as_ref();
-    boot.and_then(|b| b.boot_args.clone())
-        .unwrap_or_else(|| DEFAULT_BOOT_ARGS.to_string())
+    let mut cmdline = boot
+        .and_then(|b| b.boot_args.clone())
+        .unwrap_or_else(|| DEFAULT_BOOT_ARGS.to_string());
+    for entry in devices {
+        if !cmdline.is_empty() {
+            cmdline.push(' ');
+        }
+        cmdline.push_str(entry);
+    }
+    cmdline
 }
 
 fn check_supported(config: &VmConfig) -> Result<(), BuildError> {
-    if !config.drives.is_empty() {
-        return Err(BuildError::Unsupported("drives (virtio-block)"));
-    }
     if !config.network_interfaces.is_empty() {
         return Err(BuildError::Unsupported("network-interfaces (virtio-net)"));
     }
@@ -195,6 +210,7 @@ pub fn build(config: &VmConfig, ctx: BuildContext) -> Result<RunningVm, BuildErr
             host: host_mib,
         });
     }
+    let drives = attach::open_drives(&config.drives)?;
     let ram = layout::ram_ranges((machine.mem_size_mib as u64) << 20);
     let ranges: Vec<_> = ram
         .iter()
@@ -218,7 +234,16 @@ pub fn build(config: &VmConfig, ctx: BuildContext) -> Result<RunningVm, BuildErr
         Some(path) => Some(boot::load_initrd(&mem, path, kernel.end, low_ram_end)?),
         None => None,
     };
-    let cmdline = kernel_cmdline(config);
+    let mut mmio = Bus::new();
+    let mut devices = Attached::default();
+    attach::attach_drives(&vm, &mem, &mut mmio, &mut devices, drives)?;
+    let profile = effective_profile(machine.cpu_profile, ctx.host);
+    let mut extra = Vec::new();
+    if profile == CpuProfile::Conservative && ctx.host == HostKind::Pvm {
+        extra.push(PVM_FEATURE_ARGS.to_string());
+    }
+    extra.append(&mut devices.cmdline);
+    let cmdline = kernel_cmdline(config, &extra);
     boot::write_cmdline(&mem, &cmdline)?;
     let info = zeropage::BootInfo {
         cmdline_addr: layout::CMDLINE_START,
@@ -254,14 +279,12 @@ pub fn build(config: &VmConfig, ctx: BuildContext) -> Result<RunningVm, BuildErr
         .map_err(BuildError::Bus)?;
     pio.insert(timer.clone(), LEGACY_BOOT_TIMER_PORT, 1)
         .map_err(BuildError::Bus)?;
-    let mut mmio = Bus::new();
     mmio.insert(timer, BOOT_TIMER_START, MMIO_SLOT_SIZE)
         .map_err(BuildError::Bus)?;
     let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
     phases.mark("devices");
 
     // vCPUs.
-    let profile = effective_profile(machine.cpu_profile, ctx.host);
     let supported = vm.supported_cpuid()?;
     phases.mark("supported CPUID");
     let topo = cpuid::Topology {
@@ -311,5 +334,6 @@ pub fn build(config: &VmConfig, ctx: BuildContext) -> Result<RunningVm, BuildErr
         vcpu_threads,
         cpu_profile: profile,
         cmdline,
+        devices,
     })
 }

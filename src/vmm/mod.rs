@@ -6,6 +6,7 @@
 //! with an error reply, never a panic. Imports `config`, `control`, `devices`, `kvm`, `arch`,
 //! `boot`; nothing imports this module except `main`.
 
+pub mod attach;
 pub mod builder;
 
 use std::io::Read;
@@ -122,6 +123,14 @@ impl Vmm {
         self.host
     }
 
+    /// Device subscribers created since the last call, for the main loop to register.
+    pub fn take_new_subscribers(&mut self) -> Vec<crate::devices::virtio::VirtioSlot> {
+        match &mut self.running {
+            Some(vm) => std::mem::take(&mut vm.devices.slots),
+            None => Vec::new(),
+        }
+    }
+
     /// Set once the VMM should end; the main loop stops then.
     pub fn exit_status(&self) -> Option<&ExitStatus> {
         self.exit.as_ref()
@@ -231,8 +240,12 @@ impl Vmm {
                 Ok(Reply::Empty)
             }
             Action::GetMetrics => Ok(Reply::Text(self.prometheus())),
-            Action::PatchDrive(_)
-            | Action::PatchNetworkInterface(_)
+            Action::PatchDrive(update) => {
+                self.require_started("PATCH /drives")?;
+                self.patch_drive(update)?;
+                Ok(Reply::Empty)
+            }
+            Action::PatchNetworkInterface(_)
             | Action::SendCtrlAltDel
             | Action::FlushMetrics
             | Action::Pause
@@ -275,6 +288,40 @@ impl Vmm {
         Ok(())
     }
 
+    /// Swaps a drive's backing file and tells the guest its capacity may have changed.
+    fn patch_drive(&mut self, update: crate::control::DriveUpdate) -> Result<(), String> {
+        config::validate_id(&update.drive_id).map_err(|e| e.to_string())?;
+        let Some(vm) = &self.running else {
+            return Err("the VM is not running".into());
+        };
+        let drive = vm
+            .devices
+            .drives
+            .iter()
+            .find(|d| d.id == update.drive_id)
+            .ok_or_else(|| format!("unknown drive {:?}", update.drive_id))?;
+        if update.rate_limiter.is_some() {
+            return Err("drive rate limiters are not supported by this build of flick yet".into());
+        }
+        let Some(path) = update.path_on_host else {
+            return Ok(());
+        };
+        let read_only = lock(&drive.device).backing_read_only();
+        let backing = crate::devices::virtio::block::Backing::open(&path, read_only)
+            .map_err(|e| format!("drive {}: {}", update.drive_id, crate::error_chain(&e)))?;
+        lock(&drive.device).swap_backing(backing);
+        lock(&drive.transport).notify_config_change();
+        if let Some(cfg) = self
+            .config
+            .drives
+            .iter_mut()
+            .find(|d| d.drive_id == update.drive_id)
+        {
+            cfg.path_on_host = path;
+        }
+        Ok(())
+    }
+
     /// Metrics in Prometheus text format.
     fn prometheus(&self) -> String {
         let mut out = String::new();
@@ -296,6 +343,26 @@ impl Vmm {
                     let n = counter.load(Ordering::Relaxed);
                     out.push_str(&format!(
                         "flick_vcpu_exits_total{{vcpu=\"{i}\",reason=\"{reason}\"}} {n}\n"
+                    ));
+                }
+            }
+            out.push_str("# HELP flick_block_total virtio-blk counters by drive and kind.\n");
+            out.push_str("# TYPE flick_block_total counter\n");
+            for drive in &vm.devices.drives {
+                let stats = lock(&drive.device).stats.clone();
+                for (kind, counter) in [
+                    ("read_ops", &stats.read_ops),
+                    ("write_ops", &stats.write_ops),
+                    ("flush_ops", &stats.flush_ops),
+                    ("read_bytes", &stats.read_bytes),
+                    ("write_bytes", &stats.write_bytes),
+                    ("invalid_requests", &stats.invalid_requests),
+                    ("io_errors", &stats.io_errors),
+                ] {
+                    let n = counter.load(Ordering::Relaxed);
+                    out.push_str(&format!(
+                        "flick_block_total{{drive=\"{}\",kind=\"{kind}\"}} {n}\n",
+                        drive.id
                     ));
                 }
             }

@@ -1,0 +1,517 @@
+//! The virtio-mmio transport, version 2 (virtio 1.x, spec 4.2.2): the register file a driver
+//! uses to discover the device, negotiate features, set up queues and drive the status machine.
+//! Runs on vCPU threads; activation itself is requested through an eventfd and done by the VMM
+//! thread ([`super::VirtioSlot`]).
+
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{ActivateError, Activation, Interrupt, SharedVirtioDevice, INT_CONFIG};
+use crate::devices::bus::{lock, BusDevice};
+
+const MAGIC: u32 = 0x7472_6976; // "virt"
+const VERSION: u32 = 2;
+const VENDOR_ID: u32 = 0x4b43_4c46; // "FLCK"
+const CONFIG_SPACE: u64 = 0x100;
+
+/// Device status bits (spec 2.1).
+pub const STATUS_ACKNOWLEDGE: u32 = 1;
+pub const STATUS_DRIVER: u32 = 2;
+pub const STATUS_DRIVER_OK: u32 = 4;
+pub const STATUS_FEATURES_OK: u32 = 8;
+pub const STATUS_NEEDS_RESET: u32 = 0x40;
+pub const STATUS_FAILED: u32 = 0x80;
+
+/// One device's transport state.
+pub struct MmioTransport {
+    device: SharedVirtioDevice,
+    mem: GuestMemoryMmap,
+    interrupt: Arc<Interrupt>,
+    activate_evt: EventFd,
+    features_select: u32,
+    acked_features_select: u32,
+    acked_features: u64,
+    queue_select: u32,
+    queues: Vec<Queue>,
+    status: u32,
+    config_generation: u32,
+}
+
+impl std::fmt::Debug for MmioTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MmioTransport")
+            .field("status", &self.status)
+            .finish()
+    }
+}
+
+impl MmioTransport {
+    /// A transport for `device`; `activate_evt` is signalled when the driver sets DRIVER_OK.
+    pub fn new(
+        device: SharedVirtioDevice,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<Interrupt>,
+        activate_evt: EventFd,
+    ) -> Self {
+        let sizes = lock(&device).queue_max_sizes().to_vec();
+        let queues = sizes
+            .iter()
+            .filter_map(|&size| Queue::new(size).ok())
+            .collect();
+        MmioTransport {
+            device,
+            mem,
+            interrupt,
+            activate_evt,
+            features_select: 0,
+            acked_features_select: 0,
+            acked_features: 0,
+            queue_select: 0,
+            queues,
+            status: 0,
+            config_generation: 0,
+        }
+    }
+
+    pub fn status(&self) -> u32 {
+        self.status
+    }
+
+    /// Tells the driver the configuration changed (e.g. new disk capacity).
+    pub fn notify_config_change(&mut self) {
+        self.config_generation = self.config_generation.wrapping_add(1);
+        self.interrupt.raise(INT_CONFIG);
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut Queue> {
+        let configurable =
+            self.status & STATUS_FEATURES_OK != 0 && self.status & STATUS_DRIVER_OK == 0;
+        if !configurable {
+            return None;
+        }
+        self.queues.get_mut(self.queue_select as usize)
+    }
+
+    fn mark_needs_reset(&mut self) {
+        self.status |= STATUS_NEEDS_RESET;
+        self.interrupt.raise(INT_CONFIG);
+    }
+
+    fn reset(&mut self) {
+        lock(&self.device).reset();
+        for queue in &mut self.queues {
+            queue.reset();
+        }
+        self.features_select = 0;
+        self.acked_features_select = 0;
+        self.acked_features = 0;
+        self.queue_select = 0;
+        self.status = 0;
+        self.interrupt
+            .status
+            .store(0, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn set_status(&mut self, value: u32) {
+        if value == 0 {
+            self.reset();
+            return;
+        }
+        // Drivers only ever add bits; anything else is a driver bug we refuse.
+        if value & self.status != self.status & !STATUS_NEEDS_RESET {
+            tracing::debug!("virtio: refused status {value:#x} from {:#x}", self.status);
+            return;
+        }
+        let added = value & !self.status;
+        if added & STATUS_FEATURES_OK != 0 && self.acked_features & super::VIRTIO_F_VERSION_1 == 0 {
+            // A legacy driver: leave FEATURES_OK clear so it sees the refusal.
+            self.status = value & !STATUS_FEATURES_OK;
+            return;
+        }
+        if added & STATUS_DRIVER_OK != 0 && value & STATUS_FEATURES_OK == 0 {
+            return;
+        }
+        self.status = value;
+        if added & STATUS_DRIVER_OK != 0 {
+            if let Err(e) = self.activate_evt.write(1) {
+                tracing::warn!("cannot request virtio activation: {e}");
+                self.mark_needs_reset();
+            }
+        }
+    }
+
+    /// Called on the VMM thread after DRIVER_OK: hands the queues to the device.
+    pub fn activate_device(&mut self) -> Result<(), ActivateError> {
+        if self.status & STATUS_DRIVER_OK == 0 || lock(&self.device).is_active() {
+            return Ok(());
+        }
+        let result = self.check_queues().and_then(|()| {
+            let queues = self
+                .queues
+                .iter()
+                .map(|q| Queue::try_from(q.state()))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|_| ActivateError::BadQueue(0))?;
+            let activation = Activation {
+                mem: self.mem.clone(),
+                queues,
+                acked_features: self.acked_features,
+                interrupt: self.interrupt.clone(),
+            };
+            lock(&self.device).activate(activation)
+        });
+        if result.is_err() {
+            self.mark_needs_reset();
+        }
+        result
+    }
+
+    fn check_queues(&self) -> Result<(), ActivateError> {
+        let ready = self.queues.iter().filter(|q| q.ready()).count();
+        if ready != self.queues.len() {
+            return Err(ActivateError::QueueCount {
+                expected: self.queues.len(),
+                found: ready,
+            });
+        }
+        match self.queues.iter().position(|q| !q.is_valid(&self.mem)) {
+            Some(index) => Err(ActivateError::BadQueue(index)),
+            None => Ok(()),
+        }
+    }
+
+    fn read_register(&mut self, offset: u64) -> u32 {
+        let device = lock(&self.device);
+        match offset {
+            0x000 => MAGIC,
+            0x004 => VERSION,
+            0x008 => device.device_type(),
+            0x00c => VENDOR_ID,
+            0x010 => match self.features_select {
+                0 => device.features() as u32,
+                1 => (device.features() >> 32) as u32,
+                _ => 0,
+            },
+            0x034 => {
+                let index = self.queue_select as usize;
+                self.queues
+                    .get(index)
+                    .map_or(0, |q| u32::from(q.max_size()))
+            }
+            0x044 => {
+                let index = self.queue_select as usize;
+                self.queues.get(index).map_or(0, |q| u32::from(q.ready()))
+            }
+            0x060 => self
+                .interrupt
+                .status
+                .load(std::sync::atomic::Ordering::SeqCst),
+            0x070 => self.status,
+            0x0fc => self.config_generation,
+            _ => 0,
+        }
+    }
+
+    fn write_register(&mut self, offset: u64, value: u32) {
+        let features_writable =
+            self.status & STATUS_DRIVER != 0 && self.status & STATUS_FEATURES_OK == 0;
+        match offset {
+            0x014 => self.features_select = value,
+            0x020 if features_writable => {
+                let offered = lock(&self.device).features();
+                let (shift, mask) = match self.acked_features_select {
+                    0 => (0, 0xffff_ffffu64),
+                    1 => (32, 0xffff_ffff_0000_0000u64),
+                    _ => return,
+                };
+                let bits = (u64::from(value) << shift) & offered;
+                self.acked_features = (self.acked_features & !mask) | bits;
+            }
+            0x024 => self.acked_features_select = value,
+            0x030 => self.queue_select = value,
+            0x038 => {
+                if let Some(q) = self.selected_queue() {
+                    // Invalid sizes (0, not a power of two, too big) leave the queue unusable,
+                    // which activation then reports.
+                    let size = u16::try_from(value).unwrap_or(0);
+                    q.set_size(size);
+                }
+            }
+            0x044 => {
+                if let Some(q) = self.selected_queue() {
+                    q.set_ready(value == 1);
+                }
+            }
+            0x064 => {
+                self.interrupt
+                    .status
+                    .fetch_and(!value, std::sync::atomic::Ordering::SeqCst);
+            }
+            0x070 => self.set_status(value),
+            0x080 => self.with_queue(|q| q.set_desc_table_address(Some(value), None)),
+            0x084 => self.with_queue(|q| q.set_desc_table_address(None, Some(value))),
+            0x090 => self.with_queue(|q| q.set_avail_ring_address(Some(value), None)),
+            0x094 => self.with_queue(|q| q.set_avail_ring_address(None, Some(value))),
+            0x0a0 => self.with_queue(|q| q.set_used_ring_address(Some(value), None)),
+            0x0a4 => self.with_queue(|q| q.set_used_ring_address(None, Some(value))),
+            _ => {}
+        }
+    }
+
+    fn with_queue(&mut self, f: impl FnOnce(&mut Queue)) {
+        if let Some(q) = self.selected_queue() {
+            f(q);
+        }
+    }
+}
+
+impl BusDevice for MmioTransport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= CONFIG_SPACE {
+            lock(&self.device).read_config(offset - CONFIG_SPACE, data);
+            return;
+        }
+        if data.len() != 4 {
+            data.fill(0);
+            return;
+        }
+        data.copy_from_slice(&self.read_register(offset).to_le_bytes());
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= CONFIG_SPACE {
+            if self.status & STATUS_FAILED == 0 {
+                lock(&self.device).write_config(offset - CONFIG_SPACE, data);
+            }
+            return;
+        }
+        if let Ok(bytes) = <[u8; 4]>::try_from(data) {
+            self.write_register(offset, u32::from_le_bytes(bytes));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{VirtioDevice, VIRTIO_F_VERSION_1};
+    use super::*;
+    use std::sync::Mutex;
+    use vm_memory::GuestAddress;
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+
+    struct Dummy {
+        active: bool,
+        config: [u8; 8],
+        resets: u32,
+    }
+
+    impl VirtioDevice for Dummy {
+        fn device_type(&self) -> u32 {
+            2
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[16]
+        }
+        fn features(&self) -> u64 {
+            VIRTIO_F_VERSION_1 | 0b101
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            let start = offset as usize;
+            data.copy_from_slice(&self.config[start..start + data.len()]);
+        }
+        fn activate(&mut self, _: Activation) -> Result<(), ActivateError> {
+            self.active = true;
+            Ok(())
+        }
+        fn is_active(&self) -> bool {
+            self.active
+        }
+        fn reset(&mut self) {
+            self.active = false;
+            self.resets += 1;
+        }
+        fn process_queue(&mut self, _: usize) {}
+    }
+
+    fn setup() -> (MmioTransport, Arc<Mutex<Dummy>>, EventFd) {
+        let dev = Arc::new(Mutex::new(Dummy {
+            active: false,
+            config: *b"abcdefgh",
+            resets: 0,
+        }));
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let irq = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
+        let activate = EventFd::new(EFD_NONBLOCK).unwrap();
+        let observer = activate.try_clone().unwrap();
+        (
+            MmioTransport::new(dev.clone(), mem, irq, activate),
+            dev,
+            observer,
+        )
+    }
+
+    fn rd(t: &mut MmioTransport, offset: u64) -> u32 {
+        let mut data = [0u8; 4];
+        t.read(offset, &mut data);
+        u32::from_le_bytes(data)
+    }
+
+    fn wr(t: &mut MmioTransport, offset: u64, value: u32) {
+        t.write(offset, &value.to_le_bytes());
+    }
+
+    fn negotiate(t: &mut MmioTransport, high_features: u32) {
+        wr(t, 0x70, STATUS_ACKNOWLEDGE);
+        wr(t, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        wr(t, 0x24, 1);
+        wr(t, 0x20, high_features);
+        wr(
+            t,
+            0x70,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
+    }
+
+    fn setup_queue(t: &mut MmioTransport) {
+        wr(t, 0x30, 0);
+        wr(t, 0x38, 16);
+        wr(t, 0x80, 0x1000);
+        wr(t, 0x90, 0x2000);
+        wr(t, 0xa0, 0x3000);
+        wr(t, 0x44, 1);
+    }
+
+    #[test]
+    fn identification_registers_describe_a_version_2_device() {
+        let (mut t, _, _) = setup();
+        assert_eq!(rd(&mut t, 0x0), MAGIC);
+        assert_eq!(rd(&mut t, 0x4), 2);
+        assert_eq!(rd(&mut t, 0x8), 2);
+        assert_eq!(rd(&mut t, 0x34), 16);
+    }
+
+    #[test]
+    fn feature_pages_read_and_ack_only_offered_bits() {
+        let (mut t, _, _) = setup();
+        assert_eq!(rd(&mut t, 0x10), 0b101);
+        wr(&mut t, 0x14, 1);
+        assert_eq!(rd(&mut t, 0x10), 1);
+        wr(&mut t, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        wr(&mut t, 0x20, 0xffff_ffff);
+        assert_eq!(t.acked_features, 0b101);
+    }
+
+    #[test]
+    fn features_ok_requires_version_1() {
+        let (mut t, _, _) = setup();
+        negotiate(&mut t, 0);
+        assert_eq!(rd(&mut t, 0x70) & STATUS_FEATURES_OK, 0);
+        let (mut t, _, _) = setup();
+        negotiate(&mut t, 1);
+        assert_ne!(rd(&mut t, 0x70) & STATUS_FEATURES_OK, 0);
+    }
+
+    #[test]
+    fn driver_ok_requests_activation_and_vmm_activates() {
+        let (mut t, dev, observer) = setup();
+        negotiate(&mut t, 1);
+        setup_queue(&mut t);
+        wr(
+            &mut t,
+            0x70,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+        );
+        assert_eq!(observer.read().unwrap(), 1);
+        assert!(
+            !dev.lock().unwrap().active,
+            "activation happens on the VMM thread"
+        );
+        t.activate_device().unwrap();
+        assert!(dev.lock().unwrap().active);
+    }
+
+    #[test]
+    fn activation_without_ready_queue_marks_needs_reset() {
+        let (mut t, dev, _) = setup();
+        negotiate(&mut t, 1);
+        wr(
+            &mut t,
+            0x70,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+        );
+        assert!(t.activate_device().is_err());
+        assert!(!dev.lock().unwrap().active);
+        assert_ne!(rd(&mut t, 0x70) & STATUS_NEEDS_RESET, 0);
+    }
+
+    #[test]
+    fn queue_outside_guest_memory_is_refused_at_activation() {
+        let (mut t, _, _) = setup();
+        negotiate(&mut t, 1);
+        setup_queue(&mut t);
+        wr(&mut t, 0x84, 0x10); // descriptor table far above guest RAM
+        wr(
+            &mut t,
+            0x70,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+        );
+        assert_eq!(t.activate_device(), Err(ActivateError::BadQueue(0)));
+    }
+
+    #[test]
+    fn queue_registers_are_ignored_before_features_ok() {
+        let (mut t, _, _) = setup();
+        setup_queue(&mut t);
+        assert_eq!(rd(&mut t, 0x44), 0);
+    }
+
+    #[test]
+    fn writing_zero_status_resets_device_and_transport() {
+        let (mut t, dev, _) = setup();
+        negotiate(&mut t, 1);
+        setup_queue(&mut t);
+        wr(&mut t, 0x70, 0);
+        assert_eq!(rd(&mut t, 0x70), 0);
+        assert_eq!(rd(&mut t, 0x44), 0);
+        assert_eq!(dev.lock().unwrap().resets, 1);
+    }
+
+    #[test]
+    fn clearing_status_bits_is_refused() {
+        let (mut t, _, _) = setup();
+        negotiate(&mut t, 1);
+        wr(&mut t, 0x70, STATUS_ACKNOWLEDGE);
+        assert_ne!(rd(&mut t, 0x70) & STATUS_FEATURES_OK, 0);
+    }
+
+    #[test]
+    fn config_space_reads_reach_the_device_at_any_width() {
+        let (mut t, _, _) = setup();
+        let mut two = [0u8; 2];
+        t.read(0x102, &mut two);
+        assert_eq!(&two, b"cd");
+    }
+
+    #[test]
+    fn interrupt_ack_clears_status_bits() {
+        let (mut t, _, _) = setup();
+        t.notify_config_change();
+        assert_eq!(rd(&mut t, 0x60), INT_CONFIG);
+        assert_eq!(rd(&mut t, 0xfc), 1);
+        wr(&mut t, 0x64, INT_CONFIG);
+        assert_eq!(rd(&mut t, 0x60), 0);
+    }
+
+    #[test]
+    fn narrow_register_access_is_ignored() {
+        let (mut t, _, _) = setup();
+        let mut one = [0xffu8; 1];
+        t.read(0x0, &mut one);
+        assert_eq!(one, [0]);
+        t.write(0x70, &[1]);
+        assert_eq!(rd(&mut t, 0x70), 0);
+    }
+}
