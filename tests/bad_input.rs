@@ -189,3 +189,48 @@ fn dev_kvm_without_permission_is_reported() {
     }
     assert_one_line_error(&out, "cannot open /dev/kvm");
 }
+
+fn config_with_drive(path: &std::path::Path, read_only: bool) -> serde_json::Value {
+    serde_json::json!({
+        "boot-source": {"kernel_image_path": test_guest()},
+        "drives": [{"drive_id": "data", "path_on_host": path, "is_root_device": false,
+                    "is_read_only": read_only}]
+    })
+}
+
+#[test]
+fn missing_drive_file_is_reported() {
+    let out = run_config(
+        &config_with_drive("/nonexistent/disk.img".as_ref(), false),
+        &[],
+        b"",
+    );
+    assert_one_line_error(&out, "drive data: cannot open /nonexistent/disk.img");
+}
+
+#[test]
+fn empty_drive_file_is_reported() {
+    let dir = TempDir::new("emptydisk");
+    let disk = dir.write("disk.img", b"");
+    let out = run_config(&config_with_drive(&disk, false), &[], b"");
+    assert_one_line_error(&out, "is empty");
+}
+
+#[test]
+fn drive_that_is_a_directory_is_reported() {
+    let dir = TempDir::new("dirdisk");
+    let out = run_config(&config_with_drive(&dir.0, true), &[], b"");
+    assert_one_line_error(&out, "not a regular file");
+}
+
+#[test]
+fn drive_locked_by_another_process_is_reported() {
+    let dir = TempDir::new("lockeddisk");
+    let disk = dir.write("disk.img", &[0u8; 4096]);
+    let holder = std::fs::File::open(&disk).unwrap();
+    // SAFETY: flock on a file this test owns.
+    let rc = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&holder), libc::LOCK_EX) };
+    assert_eq!(rc, 0);
+    let out = run_config(&config_with_drive(&disk, false), &[], b"");
+    assert_one_line_error(&out, "locked by another process");
+}

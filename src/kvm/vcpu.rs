@@ -1,9 +1,12 @@
 //! vCPU setup and run loop. Each vCPU runs on its own thread and reaches devices only through the
 //! port and MMIO buses; anything that ends the VM is reported to the VMM thread as a [`VcpuEvent`].
 
+use std::cell::Cell;
+use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Once};
 use std::thread;
+use std::time::Duration;
 
 use kvm_bindings::CpuId;
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -84,6 +87,75 @@ pub fn configure(fd: &VcpuFd, setup: &VcpuSetup) -> Result<(), VcpuError> {
     Ok(())
 }
 
+/// A request from the VMM thread to a vCPU thread.
+#[derive(Debug)]
+pub enum VcpuCommand {
+    Pause,
+    Resume,
+}
+
+/// A vCPU thread's answer to a [`VcpuCommand`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VcpuResponse {
+    Paused,
+    Resumed,
+}
+
+thread_local! {
+    /// This thread's `kvm_run` area, for the kick signal handler.
+    static KVM_RUN: Cell<*mut kvm_bindings::kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let run = KVM_RUN.with(Cell::get);
+    if !run.is_null() {
+        // SAFETY: the pointer is this thread's own mapped kvm_run area, set before the first
+        // KVM_RUN and valid for the thread's life; a byte store is async-signal-safe.
+        unsafe { (*run).immediate_exit = 1 };
+    }
+}
+
+/// The signal that kicks a vCPU thread out of `KVM_RUN`.
+fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+fn install_kick_handler() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        if let Err(e) = vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler) {
+            tracing::error!("cannot install the vCPU kick signal handler: {e}");
+        }
+    });
+}
+
+/// The VMM thread's handle on a running vCPU thread.
+#[derive(Debug)]
+pub struct VcpuHandle {
+    pub index: u8,
+    thread: thread::JoinHandle<()>,
+    commands: mpsc::Sender<VcpuCommand>,
+    responses: mpsc::Receiver<VcpuResponse>,
+}
+
+/// How long a vCPU may take to acknowledge a command.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl VcpuHandle {
+    /// Sends `command`, kicks the thread out of `KVM_RUN`, and waits for its answer.
+    pub fn call(&self, command: VcpuCommand) -> Result<VcpuResponse, String> {
+        self.commands
+            .send(command)
+            .map_err(|_| format!("vCPU {} has stopped", self.index))?;
+        // SAFETY: the thread is alive (it holds the command receiver we just sent to), and the
+        // kick signal has a handler installed before any vCPU thread starts.
+        unsafe { libc::pthread_kill(self.thread.as_pthread_t(), kick_signal()) };
+        self.responses
+            .recv_timeout(COMMAND_TIMEOUT)
+            .map_err(|_| format!("vCPU {} did not answer", self.index))
+    }
+}
+
 /// Everything a vCPU thread needs.
 pub struct Vcpu {
     pub fd: VcpuFd,
@@ -98,23 +170,70 @@ pub struct Vcpu {
 
 impl Vcpu {
     /// Starts the run loop on a new thread.
-    pub fn spawn(self) -> Result<thread::JoinHandle<()>, VcpuError> {
+    pub fn spawn(self) -> Result<VcpuHandle, VcpuError> {
+        install_kick_handler();
         let index = self.index;
-        thread::Builder::new()
+        let (commands, command_rx) = mpsc::channel();
+        let (response_tx, responses) = mpsc::channel();
+        let thread = thread::Builder::new()
             .name(format!("flick_vcpu{index}"))
             .stack_size(256 * 1024)
-            .spawn(move || self.run())
-            .map_err(|e| VcpuError::Spawn(index, e))
+            .spawn(move || self.run(command_rx, response_tx))
+            .map_err(|e| VcpuError::Spawn(index, e))?;
+        Ok(VcpuHandle {
+            index,
+            thread,
+            commands,
+            responses,
+        })
     }
 
-    fn run(mut self) {
+    /// Handles pending commands; while paused, blocks until resumed. `false` when the VMM is
+    /// gone and the thread should end.
+    fn handle_commands(
+        &mut self,
+        commands: &mpsc::Receiver<VcpuCommand>,
+        responses: &mpsc::Sender<VcpuResponse>,
+    ) -> bool {
+        let mut paused = false;
+        loop {
+            let next = if paused {
+                commands
+                    .recv()
+                    .map_err(|_| mpsc::TryRecvError::Disconnected)
+            } else {
+                commands.try_recv()
+            };
+            let answer = match next {
+                Ok(VcpuCommand::Pause) => {
+                    paused = true;
+                    VcpuResponse::Paused
+                }
+                Ok(VcpuCommand::Resume) => {
+                    paused = false;
+                    VcpuResponse::Resumed
+                }
+                Err(mpsc::TryRecvError::Empty) => return true,
+                Err(mpsc::TryRecvError::Disconnected) => return false,
+            };
+            let _ = responses.send(answer);
+        }
+    }
+
+    fn run(mut self, commands: mpsc::Receiver<VcpuCommand>, responses: mpsc::Sender<VcpuResponse>) {
+        let run_area: *mut kvm_bindings::kvm_run = self.fd.get_kvm_run();
+        KVM_RUN.with(|cell| cell.set(run_area));
         let reason = loop {
+            if !self.handle_commands(&commands, &responses) {
+                return;
+            }
             match self.run_once() {
                 Ok(None) => continue,
                 Ok(Some(reason)) => break reason,
                 Err(message) => break StopReason::Fault(message),
             }
         };
+        KVM_RUN.with(|cell| cell.set(std::ptr::null_mut()));
         let _ = self.events.send(VcpuEvent {
             index: self.index,
             reason,
@@ -126,7 +245,10 @@ impl Vcpu {
     fn run_once(&mut self) -> Result<Option<StopReason>, String> {
         let exit = match self.fd.run() {
             Ok(exit) => exit,
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => return Ok(None),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                self.fd.set_kvm_immediate_exit(0);
+                return Ok(None);
+            }
             Err(e) => return Err(format!("KVM_RUN failed: {e}")),
         };
         let stats = &self.stats;

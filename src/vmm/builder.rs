@@ -78,7 +78,7 @@ pub struct RunningVm {
     pub vcpu_wake: EventFd,
     pub vcpu_events: mpsc::Receiver<VcpuEvent>,
     pub vcpu_stats: Vec<Arc<VcpuStats>>,
-    pub vcpu_threads: Vec<std::thread::JoinHandle<()>>,
+    pub vcpus: Vec<vcpu::VcpuHandle>,
     pub cpu_profile: CpuProfile,
     pub cmdline: String,
     pub devices: Attached,
@@ -87,7 +87,7 @@ pub struct RunningVm {
 impl std::fmt::Debug for RunningVm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RunningVm")
-            .field("vcpus", &self.vcpu_threads.len())
+            .field("vcpus", &self.vcpus.len())
             .finish()
     }
 }
@@ -317,9 +317,9 @@ pub fn build(config: &VmConfig, ctx: BuildContext) -> Result<RunningVm, BuildErr
         });
     }
     phases.mark("create and configure vCPUs");
-    let mut vcpu_threads = Vec::new();
+    let mut handles = Vec::new();
     for vcpu in vcpus {
-        vcpu_threads.push(vcpu.spawn()?);
+        handles.push(vcpu.spawn()?);
     }
     phases.mark("spawn vCPU threads");
     Ok(RunningVm {
@@ -331,7 +331,7 @@ pub fn build(config: &VmConfig, ctx: BuildContext) -> Result<RunningVm, BuildErr
         vcpu_wake,
         vcpu_events,
         vcpu_stats,
-        vcpu_threads,
+        vcpus: handles,
         cpu_profile: profile,
         cmdline,
         devices,

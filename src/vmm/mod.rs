@@ -23,7 +23,7 @@ use crate::control::{Action, ControlReceiver, Reply};
 use crate::devices::boot_timer::{process_cpu_us, BootTimes};
 use crate::devices::bus::lock;
 use crate::devices::legacy::SerialOut;
-use crate::kvm::vcpu::StopReason;
+use crate::kvm::vcpu::{StopReason, VcpuCommand};
 use crate::kvm::HostKind;
 use builder::{BuildContext, RunningVm};
 
@@ -196,6 +196,12 @@ impl Vmm {
             Action::PutDrive(drive) => {
                 self.require_not_started("PUT /drives")?;
                 drive.validate().map_err(err)?;
+                // Check the backing file now so a bad path fails this request, not the boot.
+                crate::devices::virtio::block::Backing::open(
+                    &drive.path_on_host,
+                    drive.is_read_only,
+                )
+                .map_err(|e| format!("drive {}: {}", drive.drive_id, crate::error_chain(&e)))?;
                 let drives = &mut self.config.drives;
                 let others = drives.iter().filter(|d| d.drive_id != drive.drive_id);
                 if drive.is_root_device && others.clone().any(|d| d.is_root_device) {
@@ -245,11 +251,17 @@ impl Vmm {
                 self.patch_drive(update)?;
                 Ok(Reply::Empty)
             }
-            Action::PatchNetworkInterface(_)
-            | Action::SendCtrlAltDel
-            | Action::FlushMetrics
-            | Action::Pause
-            | Action::Resume => {
+            Action::Pause => {
+                self.require_started("Pausing")?;
+                self.pause()?;
+                Ok(Reply::Empty)
+            }
+            Action::Resume => {
+                self.require_started("Resuming")?;
+                self.resume()?;
+                Ok(Reply::Empty)
+            }
+            Action::PatchNetworkInterface(_) | Action::SendCtrlAltDel | Action::FlushMetrics => {
                 self.require_started(&format!("{action:?}"))?;
                 Err(format!(
                     "{action:?} is not supported by this build of flick yet"
@@ -285,6 +297,36 @@ impl Vmm {
         );
         self.running = Some(running);
         self.state = VmState::Running;
+        Ok(())
+    }
+
+    fn pause(&mut self) -> Result<(), String> {
+        let Some(vm) = &self.running else {
+            return Err("the VM is not running".into());
+        };
+        if self.state == VmState::Paused {
+            return Ok(());
+        }
+        for vcpu in &vm.vcpus {
+            vcpu.call(VcpuCommand::Pause)?;
+        }
+        self.state = VmState::Paused;
+        tracing::info!("VM paused");
+        Ok(())
+    }
+
+    fn resume(&mut self) -> Result<(), String> {
+        let Some(vm) = &self.running else {
+            return Err("the VM is not running".into());
+        };
+        if self.state == VmState::Running {
+            return Ok(());
+        }
+        for vcpu in &vm.vcpus {
+            vcpu.call(VcpuCommand::Resume)?;
+        }
+        self.state = VmState::Running;
+        tracing::info!("VM resumed");
         Ok(())
     }
 
