@@ -134,14 +134,47 @@ fn main() -> ExitCode {
     run(vmm, api)
 }
 
+/// Signals after which the API socket is removed.
+const TERMINATION_SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
+
 /// Binds the API socket, starts the API thread and arranges for the socket to be removed if a
-/// termination signal ends the process.
+/// termination signal ends the process. The signals stay blocked from before the bind until the
+/// handler is in place, so none can leave the socket behind; the API threads keep them blocked.
 fn start_api(path: &Path, max_payload: usize) -> Result<(ApiServer, ControlReceiver), String> {
     let (handle, control) =
         control::channel().map_err(|e| format!("cannot create the API channel: {e}"))?;
-    let server = api::start(path, max_payload, handle).map_err(|e| error_chain(&e))?;
-    remove_socket_on_signal(server.socket_path());
+    let previous = mask_termination_signals(libc::SIG_BLOCK, None);
+    let started = api::start(path, max_payload, handle);
+    if let Ok(server) = &started {
+        remove_socket_on_signal(server.socket_path());
+    }
+    mask_termination_signals(libc::SIG_SETMASK, previous);
+    let server = started.map_err(|e| error_chain(&e))?;
     Ok((server, control))
+}
+
+/// Blocks the termination signals (`SIG_BLOCK`) or restores a saved mask (`SIG_SETMASK`) for
+/// this thread; returns the mask in force before.
+fn mask_termination_signals(
+    how: libc::c_int,
+    restore: Option<libc::sigset_t>,
+) -> Option<libc::sigset_t> {
+    // SAFETY: sigset_t is plain data; sigemptyset, sigaddset and pthread_sigmask only write to
+    // the sets passed by pointer, which live on this stack frame.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        match restore {
+            Some(saved) => set = saved,
+            None => {
+                libc::sigemptyset(&mut set);
+                for signal in TERMINATION_SIGNALS {
+                    libc::sigaddset(&mut set, signal);
+                }
+            }
+        }
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        (libc::pthread_sigmask(how, &set, &mut old) == 0).then_some(old)
+    }
 }
 
 /// The socket path the signal handler unlinks.
@@ -169,7 +202,7 @@ fn remove_socket_on_signal(path: &Path) {
     if SIGNAL_UNLINK_PATH.set(path).is_err() {
         return;
     }
-    for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+    for signal in TERMINATION_SIGNALS {
         // SAFETY: installs a handler that only calls async-signal-safe functions; the previous
         // action is not needed.
         unsafe {

@@ -68,12 +68,17 @@ impl ApiMetrics {
         }
     }
 
-    /// Counts one answered request and how long it took to answer.
-    pub fn record(&self, endpoint: Endpoint, method: &str, status: u16, elapsed: Duration) {
+    /// Counts one answer to a request that could not be read (no latency: it never started).
+    pub fn count(&self, endpoint: Endpoint, method: &str, status: u16) {
         let index = (endpoint_index(endpoint) * METHODS.len() + method_index(method))
             * STATUSES.len()
             + status_index(status);
         self.requests[index].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts one answered request and how long it took to answer.
+    pub fn record(&self, endpoint: Endpoint, method: &str, status: u16, elapsed: Duration) {
+        self.count(endpoint, method, status);
         let us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
         let bucket = BUCKETS_US
             .iter()
@@ -119,7 +124,7 @@ impl ApiMetrics {
             }
         }
 
-        out.push_str("# HELP flick_api_request_duration_seconds Time from a complete request to its answer written.\n");
+        out.push_str("# HELP flick_api_request_duration_seconds Time from a complete request to its answer, ready to send.\n");
         out.push_str("# TYPE flick_api_request_duration_seconds histogram\n");
         let mut cumulative = 0;
         for (i, bucket) in self.latency_buckets.iter().enumerate() {
@@ -203,6 +208,17 @@ mod tests {
         assert!(text.contains("flick_api_request_duration_seconds_bucket{le=\"+Inf\"} 3\n"));
         assert!(text.contains("flick_api_request_duration_seconds_sum 3.000780\n"));
         assert!(text.contains("flick_api_request_duration_seconds_count 3\n"));
+    }
+
+    #[test]
+    fn unread_requests_are_counted_without_latency() {
+        let metrics = ApiMetrics::new();
+        metrics.count(Endpoint::Other, "other", 411);
+        let text = rendered(&metrics);
+        assert!(text.contains(
+            "flick_api_requests_total{path=\"other\",method=\"other\",status=\"411\"} 1\n"
+        ));
+        assert!(text.contains("flick_api_request_duration_seconds_count 0\n"));
     }
 
     #[test]

@@ -159,25 +159,24 @@ pub fn serve(stream: UnixStream, shared: &Shared) {
             Err(e) => {
                 tracing::debug!("API connection dropped: {}", crate::error_chain(&e));
                 if let Some(response) = e.response() {
-                    let started = Instant::now();
-                    let _ = conn.write_all(&response.encode(false));
                     let status = response.status.code();
-                    let elapsed = started.elapsed();
-                    shared
-                        .metrics
-                        .record(Endpoint::Other, "other", status, elapsed);
+                    shared.metrics.count(Endpoint::Other, "other", status);
+                    let _ = conn.write_all(&response.encode(false));
                 }
                 return;
             }
         };
         let started = Instant::now();
         let response = answer(&request, shared);
-        let sent = conn.write_all(&response.encode(request.keep_alive));
-        let endpoint = Endpoint::of(&request.path);
-        let status = response.status.code();
-        shared
-            .metrics
-            .record(endpoint, &request.method, status, started.elapsed());
+        let wire = response.encode(request.keep_alive);
+        // Counted before the answer leaves, so a client that saw it also sees it counted.
+        shared.metrics.record(
+            Endpoint::of(&request.path),
+            &request.method,
+            response.status.code(),
+            started.elapsed(),
+        );
+        let sent = conn.write_all(&wire);
         if sent.is_err() || !request.keep_alive {
             return;
         }
