@@ -125,14 +125,14 @@ impl RequestReader {
         };
 
         let body_len = head.content_length.unwrap_or(0);
-        if body_len > self.max_payload as u64 {
-            return Err(HttpError::PayloadTooLarge {
-                size: body_len,
-                limit: self.max_payload,
-            });
-        }
-        // Bounded by `max_payload` just above.
-        let total = head.len + body_len as usize;
+        let too_large = HttpError::PayloadTooLarge {
+            size: body_len,
+            limit: self.max_payload,
+        };
+        let total = match usize::try_from(body_len) {
+            Ok(len) if len <= self.max_payload => head.len.checked_add(len).ok_or(too_large)?,
+            _ => return Err(too_large),
+        };
         if head.expect_continue && self.buf.len() < total {
             stream.write_all(CONTINUE).map_err(HttpError::Io)?;
         }
@@ -533,6 +533,15 @@ mod tests {
         ));
         assert!(stream.written.is_empty());
         assert_eq!(err.response().unwrap().status, Status::BadRequest);
+    }
+
+    #[test]
+    fn huge_content_length_with_unlimited_cap_is_refused_not_overflowed() {
+        let mut reader = RequestReader::new(usize::MAX, Duration::from_secs(5));
+        let mut stream =
+            Script::new(&[b"PUT /x HTTP/1.1\r\nContent-Length: 18446744073709551615\r\n\r\n"]);
+        let err = reader.read_request(&mut stream).unwrap_err();
+        assert!(matches!(err, HttpError::PayloadTooLarge { .. }));
     }
 
     #[test]

@@ -5,6 +5,17 @@
 //! [`Action`](crate::control::Action)s by `routes` (pure), and sent to the VMM thread through a
 //! [`ControlHandle`]; the [`Reply`](crate::control::Reply) becomes the HTTP answer. The API
 //! never touches KVM or devices: it imports only `config` and `control`.
+//!
+//! Deliberate differences from Firecracker's server:
+//! - errors of the HTTP layer itself (body over the cap, malformed request) are answered with
+//!   `{"fault_message": ...}` like every other error, then the connection is closed;
+//! - `Transfer-Encoding` (chunked) bodies are refused with `411 Length Required`;
+//! - status lines carry reason phrases, and `Connection: close` is honoured;
+//! - paths with extra segments (`/drives/a/b`) are refused instead of ignoring the rest;
+//! - `GET /metrics` answers Prometheus text (a flick extension), and Firecracker endpoints flick
+//!   lacks (snapshots, balloon, entropy, MMDS, ...) answer 400 saying so;
+//! - a connection idle for 30 s, or a request still incomplete 5 s after its first byte, is
+//!   closed, so silent clients cannot pile up.
 
 pub mod http;
 pub mod metrics;
