@@ -60,20 +60,26 @@ fn scratch_dir(name: &str) -> PathBuf {
     dir
 }
 
-fn spawn(sock: &Path, stdout: Stdio) -> Child {
-    Command::new(FLICK)
+/// A flick process, killed when dropped (also when the bench panics).
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(sock: &Path, stdout: Stdio) -> Running {
+    let child = Command::new(FLICK)
         .arg("--api-sock")
         .arg(sock)
         .stdin(Stdio::null())
         .stdout(stdout)
         .stderr(Stdio::inherit())
         .spawn()
-        .expect("cannot start flick")
-}
-
-fn stop(mut child: Child) {
-    let _ = child.kill();
-    let _ = child.wait();
+        .expect("cannot start flick");
+    Running(child)
 }
 
 fn send(stream: &mut UnixStream, method: &str, path: &str, body: Option<&str>) {
@@ -125,7 +131,7 @@ fn time_to_first_answer(sock: &Path) -> Duration {
         assert!(start.elapsed() < READY_TIMEOUT, "flick never answered");
         thread::sleep(Duration::from_micros(20));
     };
-    stop(child);
+    drop(child);
     let _ = std::fs::remove_file(sock);
     elapsed
 }
@@ -192,7 +198,7 @@ fn bench_requests(requests: usize) {
             us(percentile(&times, 0.99))
         );
     }
-    stop(child);
+    drop(child);
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -292,7 +298,7 @@ fn bench_memory() {
     // Sample for a while, like Firecracker's test does every 10 ms, and keep the largest.
     let mut worst = Rss::default();
     for _ in 0..20 {
-        worst = worst.max(rss_kib(child.id()));
+        worst = worst.max(rss_kib(child.0.id()));
         thread::sleep(Duration::from_millis(10));
     }
     let upper = worst.other + worst.guest.min(worst.guest_surplus);
@@ -305,7 +311,7 @@ fn bench_memory() {
         worst.guest_surplus,
         worst.guest
     );
-    stop(child);
+    drop(child);
     let _ = std::fs::remove_dir_all(dir);
 }
 

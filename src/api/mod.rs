@@ -100,16 +100,32 @@ mod tests {
     use super::*;
     use crate::control;
 
-    fn temp_socket(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("flick-api-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        dir.join("api.sock")
+    /// A fresh directory for one test's socket, removed when the test ends.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(name: &str) -> TempDir {
+            let dir = std::env::temp_dir().join(format!("flick-api-{}-{name}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            TempDir(dir)
+        }
+
+        fn socket(&self) -> PathBuf {
+            self.0.join("api.sock")
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
     }
 
     #[test]
     fn existing_socket_path_is_refused() {
-        let path = temp_socket("exists");
+        let dir = TempDir::new("exists");
+        let path = dir.socket();
         std::fs::write(&path, b"").unwrap();
         let (handle, _control) = control::channel().unwrap();
         let err = start(&path, DEFAULT_MAX_PAYLOAD_BYTES, handle).unwrap_err();
@@ -121,7 +137,8 @@ mod tests {
 
     #[test]
     fn cleanup_removes_the_socket_file() {
-        let path = temp_socket("cleanup");
+        let dir = TempDir::new("cleanup");
+        let path = dir.socket();
         let (handle, _control) = control::channel().unwrap();
         let server = start(&path, DEFAULT_MAX_PAYLOAD_BYTES, handle).unwrap();
         assert!(path.exists());
@@ -131,7 +148,8 @@ mod tests {
 
     #[test]
     fn missing_directory_is_a_bind_error() {
-        let path = temp_socket("missing").with_file_name("no/such/dir/api.sock");
+        let dir = TempDir::new("missing");
+        let path = dir.0.join("no/such/dir/api.sock");
         let (handle, _control) = control::channel().unwrap();
         let err = start(&path, DEFAULT_MAX_PAYLOAD_BYTES, handle).unwrap_err();
         assert!(matches!(err, ApiError::Bind(..)));
