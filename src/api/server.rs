@@ -51,14 +51,21 @@ impl Shared {
     }
 }
 
-/// Accepts connections forever.
+/// Accepts connections forever. A run of failures is logged once, when it starts.
 pub fn accept_loop(listener: UnixListener, shared: Arc<Shared>) {
+    let mut failing = false;
     loop {
         match listener.accept() {
-            Ok((stream, _)) => admit(stream, &shared),
+            Ok((stream, _)) => {
+                failing = false;
+                admit(stream, &shared);
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {
-                tracing::warn!("API socket accept failed: {e}");
+                if !failing {
+                    tracing::warn!("API socket accept failed: {e}");
+                }
+                failing = true;
                 thread::sleep(ACCEPT_BACKOFF);
             }
         }
@@ -212,7 +219,8 @@ mod tests {
     use super::*;
     use crate::control::{self, ControlReceiver};
 
-    /// Answers every action like a VMM that knows only `GetInstanceInfo` and `GetMetrics`.
+    /// Answers like a VMM that serves `GET /`, `GET /metrics` and `PUT /machine-config` and
+    /// refuses everything else.
     fn fake_vmm(control: ControlReceiver) {
         thread::spawn(move || {
             while let Ok(request) = control.receiver.recv() {
