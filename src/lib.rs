@@ -2,12 +2,14 @@
 //!
 //! Layering (each module may import only those listed before it):
 //! `config` → `control` → `logger` → `arch` → `devices` → `kvm` → `boot` → `vmm`.
+//! `api` stands beside them and imports only `config` and `control`; only `main` uses it.
 //! Threads: the VMM thread (event loop in `vmm`), one thread per vCPU (`kvm::vcpu`), and the API
-//! thread (`api`).
+//! threads (`api`: the `flick_api` acceptor and one thread per open connection).
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod api;
 pub mod arch;
 pub mod boot;
 pub mod config;

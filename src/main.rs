@@ -1,13 +1,20 @@
-//! The `flick` binary: command line → configuration, logging, the VMM event loop, exit codes.
+//! The `flick` binary: command line → configuration, logging, the API thread, the VMM event
+//! loop, exit codes. The API socket is bound before anything slow so that clients can connect
+//! early, and removed on every way out: normal returns, `std::process::exit`, and termination
+//! signals.
 
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use clap::Parser;
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 
+use flick::api::{self, ApiServer};
 use flick::config::{LogLevel, LoggerConfig, VmConfig};
-use flick::control::{Action, Reply};
+use flick::control::{self, Action, ControlReceiver, Reply};
 use flick::vmm::{Vmm, VmmOptions, VERSION};
 use flick::{error_chain, logger};
 
@@ -18,16 +25,19 @@ const EXIT_CONFIG_ERROR: u8 = 1;
 #[derive(Debug, Parser)]
 #[command(name = "flick", version = VERSION, disable_version_flag = true)]
 struct Cli {
-    /// Path of the unix socket serving the HTTP API.
+    /// Path of the unix socket serving the HTTP API [default: /run/firecracker.socket].
     #[arg(long, value_name = "PATH")]
     api_sock: Option<String>,
+    /// Largest HTTP request body accepted by the API, in bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = api::DEFAULT_MAX_PAYLOAD_BYTES)]
+    http_api_max_payload_size: usize,
     /// Instance id reported by the API and prefixed to log lines.
     #[arg(long, default_value = "anonymous-instance")]
     id: String,
     /// Configure and boot the VM from this JSON file (Firecracker's config-file shape).
     #[arg(long, value_name = "PATH")]
     config_file: Option<String>,
-    /// Do not serve the HTTP API (requires --config-file).
+    /// Do not serve the HTTP API (requires --config-file; --api-sock is then ignored).
     #[arg(long)]
     no_api: bool,
     /// Log the guest's boot time when it writes the boot-timer byte.
@@ -87,17 +97,20 @@ fn main() -> ExitCode {
     if let Err(e) = logger::configure(&log) {
         return fail(&error_chain(&e));
     }
-    if cli.api_sock.is_some() || !cli.no_api {
-        return fail(
-            "the HTTP API is not available in this build; use --config-file with --no-api",
-        );
-    }
-    let Some(config_path) = cli.config_file.as_deref() else {
-        return fail("--no-api requires --config-file");
+    let config = match cli.config_file.as_deref().map(read_config) {
+        None if cli.no_api => return fail("--no-api requires --config-file"),
+        None => None,
+        Some(Ok(config)) => Some(config),
+        Some(Err(message)) => return fail(&message),
     };
-    let config = match read_config(config_path) {
-        Ok(config) => config,
-        Err(message) => return fail(&message),
+    let (api, control) = if cli.no_api {
+        (None, None)
+    } else {
+        let path = cli.api_sock.as_deref().unwrap_or(api::DEFAULT_SOCKET_PATH);
+        match start_api(Path::new(path), cli.http_api_max_payload_size) {
+            Ok((server, control)) => (Some(server), Some(control)),
+            Err(message) => return fail(&message),
+        }
     };
 
     let options = VmmOptions {
@@ -106,21 +119,103 @@ fn main() -> ExitCode {
         serial_out: None,
         serial_in: true,
     };
-    let mut vmm = Vmm::new(options, None);
+    let mut vmm = Vmm::new(options, control);
     tracing::info!("flick v{VERSION} on {}", vmm.host().describe());
-    for action in Action::from_config(&config)
-        .into_iter()
-        .chain([Action::InstanceStart])
-    {
-        if let Reply::Error(message) = vmm.handle(action) {
-            return fail(&message);
+    if let Some(config) = &config {
+        for action in Action::from_config(config)
+            .into_iter()
+            .chain([Action::InstanceStart])
+        {
+            if let Reply::Error(message) = vmm.handle(action) {
+                return fail(&message);
+            }
         }
     }
-    run(vmm)
+    run(vmm, api)
+}
+
+/// Signals after which the API socket is removed.
+const TERMINATION_SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
+
+/// Binds the API socket, starts the API thread and arranges for the socket to be removed if a
+/// termination signal ends the process. The signals stay blocked from before the bind until the
+/// handler is in place, so none can leave the socket behind; the API threads keep them blocked.
+fn start_api(path: &Path, max_payload: usize) -> Result<(ApiServer, ControlReceiver), String> {
+    let (handle, control) =
+        control::channel().map_err(|e| format!("cannot create the API channel: {e}"))?;
+    let previous = mask_termination_signals(libc::SIG_BLOCK, None);
+    let started = api::start(path, max_payload, handle);
+    if let Ok(server) = &started {
+        remove_socket_on_signal(server.socket_path());
+    }
+    mask_termination_signals(libc::SIG_SETMASK, previous);
+    let server = started.map_err(|e| error_chain(&e))?;
+    Ok((server, control))
+}
+
+/// Blocks the termination signals (`SIG_BLOCK`) or restores a saved mask (`SIG_SETMASK`) for
+/// this thread; returns the mask in force before.
+fn mask_termination_signals(
+    how: libc::c_int,
+    restore: Option<libc::sigset_t>,
+) -> Option<libc::sigset_t> {
+    // SAFETY: sigset_t is plain data; sigemptyset, sigaddset and pthread_sigmask only write to
+    // the sets passed by pointer, which live on this stack frame.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        match restore {
+            Some(saved) => set = saved,
+            None => {
+                libc::sigemptyset(&mut set);
+                for signal in TERMINATION_SIGNALS {
+                    libc::sigaddset(&mut set, signal);
+                }
+            }
+        }
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        (libc::pthread_sigmask(how, &set, &mut old) == 0).then_some(old)
+    }
+}
+
+/// The socket path the signal handler unlinks.
+static SIGNAL_UNLINK_PATH: OnceLock<CString> = OnceLock::new();
+
+extern "C" fn unlink_and_reraise(signal: libc::c_int) {
+    if let Some(path) = SIGNAL_UNLINK_PATH.get() {
+        // SAFETY: unlink is async-signal-safe; `path` is a NUL-terminated string that is never
+        // freed (it lives in a static).
+        unsafe { libc::unlink(path.as_ptr()) };
+    }
+    // SAFETY: signal and raise are async-signal-safe. Restoring the default action and raising
+    // the signal again ends the process the way the signal would have.
+    unsafe {
+        libc::signal(signal, libc::SIG_DFL);
+        libc::raise(signal);
+    }
+}
+
+/// Removes the API socket when SIGTERM, SIGINT or SIGHUP ends the process.
+fn remove_socket_on_signal(path: &Path) {
+    let Ok(path) = CString::new(path.as_os_str().as_bytes()) else {
+        return;
+    };
+    if SIGNAL_UNLINK_PATH.set(path).is_err() {
+        return;
+    }
+    for signal in TERMINATION_SIGNALS {
+        // SAFETY: installs a handler that only calls async-signal-safe functions; the previous
+        // action is not needed.
+        unsafe {
+            libc::signal(
+                signal,
+                unlink_and_reraise as *const () as libc::sighandler_t,
+            );
+        }
+    }
 }
 
 /// Runs the event loop until the VMM decides to exit.
-fn run(vmm: Vmm) -> ExitCode {
+fn run(vmm: Vmm, api: Option<ApiServer>) -> ExitCode {
     let mut events: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
         match EventManager::new() {
             Ok(em) => em,
@@ -146,6 +241,9 @@ fn run(vmm: Vmm) -> ExitCode {
             }
             let code = status.code;
             drop(guard);
+            if let Some(api) = &api {
+                api.cleanup();
+            }
             // vCPU threads may still be inside KVM_RUN; exiting the process ends them.
             std::process::exit(code);
         }

@@ -1,0 +1,686 @@
+//! The HTTP API end to end: the real `flick` binary on a unix socket in a temporary directory,
+//! driven with `curl --unix-socket` and with a small client over `UnixStream`.
+//!
+//! Tests that boot the test guest need /dev/kvm and the guest's sources; without them they fail
+//! when `CI` is set and are skipped (with the reason printed) otherwise.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+use std::thread;
+use std::time::{Duration, Instant};
+
+const FLICK: &str = env!("CARGO_BIN_EXE_flick");
+const READY_TIMEOUT: Duration = Duration::from_secs(5);
+const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Says why a test cannot run: a failure under CI, a printed skip elsewhere.
+fn unavailable(reason: &str) -> bool {
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "required for this test: {reason}"
+    );
+    eprintln!("skipping: {reason}");
+    true
+}
+
+fn kvm_missing() -> bool {
+    !Path::new("/dev/kvm").exists() && unavailable("/dev/kvm does not exist")
+}
+
+/// Builds the test guest once per test run; `None` when it cannot be built.
+fn test_guest() -> Option<PathBuf> {
+    static GUEST: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let built = GUEST.get_or_init(|| {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("resources/guest/test-guest");
+        if !src.join("Makefile").exists() {
+            return Err(format!("test guest sources missing at {}", src.display()));
+        }
+        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("test-guest");
+        let status = Command::new("make")
+            .arg("-s")
+            .arg("-C")
+            .arg(&src)
+            .arg(format!("OUT={}", out.display()))
+            .status()
+            .map_err(|e| format!("cannot run make: {e}"))?;
+        if !status.success() {
+            return Err(format!("building the test guest failed: {status}"));
+        }
+        Ok(out.join("testguest.elf"))
+    });
+    match built {
+        Ok(path) => Some(path.clone()),
+        Err(reason) => {
+            unavailable(reason);
+            None
+        }
+    }
+}
+
+/// Whether `curl` can be run, installing it with apt-get once if it is missing.
+fn curl_missing() -> bool {
+    static PRESENT: OnceLock<bool> = OnceLock::new();
+    let present = *PRESENT.get_or_init(|| {
+        let works = || {
+            Command::new("curl")
+                .arg("--version")
+                .stdout(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        works()
+            || (Command::new("apt-get")
+                .args(["install", "-y", "-q", "curl"])
+                .stdout(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+                && works())
+    });
+    !present && unavailable("curl is not installed and apt-get could not install it")
+}
+
+/// A scratch directory under /tmp (short enough for a unix socket path).
+fn scratch_dir() -> PathBuf {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("flick-api-test-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A running `flick --api-sock DIR/api.sock`; killed and cleaned up on drop.
+struct Flick {
+    child: Child,
+    dir: PathBuf,
+    sock: PathBuf,
+}
+
+impl Flick {
+    fn spawn(args: &[&str]) -> Flick {
+        Flick::spawn_in(scratch_dir(), args)
+    }
+
+    fn spawn_in(dir: PathBuf, args: &[&str]) -> Flick {
+        let sock = dir.join("api.sock");
+        let child = Command::new(FLICK)
+            .arg("--api-sock")
+            .arg(&sock)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(dir.join("stdout")).unwrap())
+            .stderr(std::fs::File::create(dir.join("stderr")).unwrap())
+            .spawn()
+            .unwrap();
+        let flick = Flick { child, dir, sock };
+        flick.wait_ready();
+        flick
+    }
+
+    fn wait_ready(&self) {
+        let start = Instant::now();
+        while UnixStream::connect(&self.sock).is_err() {
+            assert!(
+                start.elapsed() < READY_TIMEOUT,
+                "flick did not listen on {}; stderr: {}",
+                self.sock.display(),
+                self.stderr()
+            );
+            thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.join("stderr")).unwrap_or_default()
+    }
+
+    fn stdout(&self) -> String {
+        std::fs::read_to_string(self.dir.join("stdout")).unwrap_or_default()
+    }
+
+    fn wait_exit(&mut self) -> ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(start.elapsed() < EXIT_TIMEOUT, "flick did not exit");
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn request(&self, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+        let mut stream = UnixStream::connect(&self.sock).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        send(&mut stream, method, path, body);
+        read_response(&mut BufReader::new(stream))
+    }
+
+    fn curl(&self, args: &[&str]) -> Output {
+        Command::new("curl")
+            .args(["-sS", "--max-time", "10", "--unix-socket"])
+            .arg(&self.sock)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// `curl -X method http://localhost{path} [-d body]`: status code and body.
+    fn curl_call(&self, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+        let url = format!("http://localhost{path}");
+        let mut args = vec!["-X", method, "-w", "\n%{http_code}", url.as_str()];
+        if let Some(body) = body {
+            args.extend(["-H", "Content-Type: application/json", "-d", body]);
+        }
+        let out = self.curl(&args);
+        assert!(out.status.success(), "curl failed: {out:?}");
+        let text = String::from_utf8(out.stdout).unwrap();
+        let (body, code) = text.rsplit_once('\n').unwrap();
+        (code.parse().unwrap(), body.to_string())
+    }
+
+    fn state(&self) -> String {
+        let (status, body) = self.request("GET", "/", None);
+        assert_eq!(status, 200, "{body}");
+        let info: serde_json::Value = serde_json::from_str(&body).unwrap();
+        info["state"].as_str().unwrap().to_string()
+    }
+
+    /// Configures the test guest through the API (Firecracker's getting-started sequence) and
+    /// starts it.
+    fn boot(&self, kernel: &Path, boot_args: &str) {
+        let boot = serde_json::json!({
+            "kernel_image_path": kernel,
+            "boot_args": boot_args,
+        });
+        for (method, path, body) in [
+            ("PUT", "/boot-source", boot.to_string()),
+            (
+                "PUT",
+                "/machine-config",
+                r#"{"vcpu_count": 1, "mem_size_mib": 128}"#.to_string(),
+            ),
+            (
+                "PUT",
+                "/actions",
+                r#"{"action_type": "InstanceStart"}"#.to_string(),
+            ),
+        ] {
+            let (status, answer) = self.curl_call(method, path, Some(&body));
+            assert_eq!(status, 204, "{method} {path}: {answer}");
+        }
+    }
+}
+
+impl Drop for Flick {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn send(stream: &mut UnixStream, method: &str, path: &str, body: Option<&str>) {
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\n");
+    if let Some(body) = body {
+        request.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ));
+    } else {
+        request.push_str("\r\n");
+    }
+    stream.write_all(request.as_bytes()).unwrap();
+}
+
+/// Reads one response: status code and body (framed by Content-Length, absent on 204).
+fn read_response(reader: &mut impl BufRead) -> (u16, String) {
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    let status = line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line {line:?}"));
+    let mut length = 0;
+    loop {
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+        if line == "\r\n" || line.is_empty() {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':') {
+            if name.eq_ignore_ascii_case("content-length") {
+                length = value.trim().parse().unwrap();
+            }
+        }
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).unwrap();
+    (status, String::from_utf8(body).unwrap())
+}
+
+fn fault_message(body: &str) -> String {
+    let value: serde_json::Value = serde_json::from_str(body).unwrap();
+    value["fault_message"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn get_root_over_curl_reports_not_started() {
+    if curl_missing() {
+        return;
+    }
+    let flick = Flick::spawn(&[]);
+    let (status, body) = flick.curl_call("GET", "/", None);
+    let info: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(info["state"], "Not started");
+    assert_eq!(info["id"], "anonymous-instance");
+}
+
+#[test]
+fn getting_started_sequence_boots_the_guest() {
+    if curl_missing() || kvm_missing() {
+        return;
+    }
+    let Some(guest) = test_guest() else { return };
+    let flick = Flick::spawn(&[]);
+    flick.boot(&guest, "console=ttyS0 tg.exit=halt");
+    assert_eq!(flick.state(), "Running");
+    let start = Instant::now();
+    while !flick.stdout().contains("testguest: done") && start.elapsed() < EXIT_TIMEOUT {
+        thread::sleep(Duration::from_millis(5));
+    }
+    assert!(flick.stdout().contains("testguest: done"));
+    assert_eq!(flick.state(), "Running");
+}
+
+#[test]
+fn pre_boot_calls_after_boot_are_refused() {
+    if curl_missing() || kvm_missing() {
+        return;
+    }
+    let Some(guest) = test_guest() else { return };
+    let flick = Flick::spawn(&[]);
+    flick.boot(&guest, "tg.exit=halt");
+    for (path, body) in [
+        (
+            "/machine-config",
+            r#"{"vcpu_count": 2, "mem_size_mib": 256}"#,
+        ),
+        ("/boot-source", r#"{"kernel_image_path": "/k"}"#),
+        (
+            "/drives/rootfs",
+            r#"{"drive_id": "rootfs", "path_on_host": "/r", "is_root_device": true, "is_read_only": true}"#,
+        ),
+        ("/actions", r#"{"action_type": "InstanceStart"}"#),
+    ] {
+        let (status, answer) = flick.request("PUT", path, Some(body));
+        assert_eq!(status, 400, "PUT {path}: {answer}");
+        assert!(!fault_message(&answer).is_empty());
+    }
+    assert_eq!(flick.state(), "Running");
+}
+
+#[test]
+fn runtime_calls_before_boot_are_refused() {
+    let flick = Flick::spawn(&[]);
+    for (method, path, body) in [
+        ("PATCH", "/vm", r#"{"state": "Paused"}"#),
+        ("PUT", "/actions", r#"{"action_type": "SendCtrlAltDel"}"#),
+        ("PUT", "/actions", r#"{"action_type": "FlushMetrics"}"#),
+        ("PATCH", "/drives/rootfs", r#"{"drive_id": "rootfs"}"#),
+    ] {
+        let (status, answer) = flick.request(method, path, Some(body));
+        assert_eq!(status, 400, "{method} {path}: {answer}");
+        assert!(
+            fault_message(&answer).contains("after the VM starts"),
+            "{answer}"
+        );
+    }
+    assert_eq!(flick.state(), "Not started");
+}
+
+#[test]
+fn existing_socket_path_makes_flick_exit_with_one_line_error() {
+    let dir = scratch_dir();
+    let sock = dir.join("api.sock");
+    std::fs::write(&sock, b"").unwrap();
+    let out = Command::new(FLICK)
+        .arg("--api-sock")
+        .arg(&sock)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        stderr,
+        format!(
+            "flick: error: socket path {} already exists\n",
+            sock.display()
+        )
+    );
+    assert!(sock.exists(), "the existing file must be left alone");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn socket_is_removed_when_the_guest_resets() {
+    if curl_missing() || kvm_missing() {
+        return;
+    }
+    let Some(guest) = test_guest() else { return };
+    let mut flick = Flick::spawn(&[]);
+    flick.boot(&guest, "tg.exit=reboot");
+    let status = flick.wait_exit();
+    assert_eq!(status.code(), Some(0), "stderr: {}", flick.stderr());
+    assert!(!flick.sock.exists());
+}
+
+#[test]
+fn socket_is_removed_on_sigterm() {
+    let mut flick = Flick::spawn(&[]);
+    // SAFETY: sends a signal to a child process this test owns.
+    let rc = unsafe { libc::kill(flick.child.id() as i32, libc::SIGTERM) };
+    assert_eq!(rc, 0);
+    let status = flick.wait_exit();
+    assert!(!status.success());
+    assert!(!flick.sock.exists());
+}
+
+#[test]
+fn socket_is_removed_when_a_config_error_ends_flick() {
+    let dir = scratch_dir();
+    let config = dir.join("vm.json");
+    std::fs::write(
+        &config,
+        r#"{"boot-source": {"kernel_image_path": "/no/such/kernel"}}"#,
+    )
+    .unwrap();
+    let sock = dir.join("api.sock");
+    let out = Command::new(FLICK)
+        .arg("--api-sock")
+        .arg(&sock)
+        .arg("--config-file")
+        .arg(&config)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(!sock.exists());
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn config_file_with_api_boots_and_keeps_serving() {
+    if kvm_missing() {
+        return;
+    }
+    let Some(guest) = test_guest() else { return };
+    let dir = scratch_dir();
+    let config = dir.join("vm.json");
+    let text = serde_json::json!({
+        "boot-source": {"kernel_image_path": guest, "boot_args": "tg.exit=halt"},
+        "machine-config": {"vcpu_count": 1, "mem_size_mib": 64},
+    });
+    std::fs::write(&config, text.to_string()).unwrap();
+    let config = config.to_str().unwrap().to_string();
+    let flick = Flick::spawn_in(dir, &["--config-file", &config]);
+    assert_eq!(flick.state(), "Running");
+    let (status, body) = flick.request("GET", "/machine-config", None);
+    assert_eq!(status, 200);
+    assert!(body.contains("\"mem_size_mib\":64"), "{body}");
+}
+
+#[test]
+fn silent_client_does_not_block_another() {
+    let flick = Flick::spawn(&[]);
+    let _silent = UnixStream::connect(&flick.sock).unwrap();
+    let start = Instant::now();
+    let (status, _) = flick.request("GET", "/", None);
+    assert_eq!(status, 200);
+    assert!(start.elapsed() < Duration::from_secs(1));
+}
+
+#[test]
+fn half_request_does_not_block_another() {
+    let flick = Flick::spawn(&[]);
+    let mut half = UnixStream::connect(&flick.sock).unwrap();
+    half.write_all(b"PUT /machine-config HTTP/1.1\r\nContent-Len")
+        .unwrap();
+    let start = Instant::now();
+    let (status, _) = flick.request("GET", "/version", None);
+    assert_eq!(status, 200);
+    assert!(start.elapsed() < Duration::from_secs(1));
+}
+
+#[test]
+fn fifty_concurrent_clients_all_get_answers() {
+    let flick = Flick::spawn(&[]);
+    let sock = flick.sock.clone();
+    let clients: Vec<_> = (0..50)
+        .map(|_| {
+            let sock = sock.clone();
+            thread::spawn(move || {
+                let mut stream = UnixStream::connect(&sock).unwrap();
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(10)))
+                    .unwrap();
+                send(&mut stream, "GET", "/", None);
+                read_response(&mut BufReader::new(stream)).0
+            })
+        })
+        .collect();
+    let statuses: Vec<u16> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    assert_eq!(statuses, vec![200; 50]);
+}
+
+#[test]
+fn client_disconnecting_mid_request_leaves_the_server_serving() {
+    let flick = Flick::spawn(&[]);
+    for partial in [
+        &b"PUT /machine-config HTTP/1.1\r\nContent-Length: 100\r\n\r\n{\"vcpu"[..],
+        b"GET / HT",
+    ] {
+        let mut stream = UnixStream::connect(&flick.sock).unwrap();
+        stream.write_all(partial).unwrap();
+        drop(stream);
+    }
+    let (status, _) = flick.request("GET", "/", None);
+    assert_eq!(status, 200);
+}
+
+#[test]
+fn keep_alive_connection_serves_many_requests() {
+    let flick = Flick::spawn(&[]);
+    let stream = UnixStream::connect(&flick.sock).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let mut reader = BufReader::new(stream);
+    for i in 0..20 {
+        let body = format!(r#"{{"vcpu_count": 1, "mem_size_mib": {}}}"#, 64 + i);
+        send(&mut writer, "PUT", "/machine-config", Some(&body));
+        assert_eq!(read_response(&mut reader).0, 204);
+        send(&mut writer, "GET", "/machine-config", None);
+        let (status, answer) = read_response(&mut reader);
+        assert_eq!(status, 200);
+        assert!(answer.contains(&format!("\"mem_size_mib\":{}", 64 + i)));
+    }
+}
+
+#[test]
+fn bad_requests_get_400_with_a_fault_message() {
+    let flick = Flick::spawn(&[]);
+    for (method, path, body, expected) in [
+        ("GET", "/nope", None, "Invalid request method and/or path"),
+        (
+            "DELETE",
+            "/machine-config",
+            None,
+            "Invalid request method and/or path",
+        ),
+        (
+            "PUT",
+            "/machine-config",
+            Some("{"),
+            "deserializing the json body",
+        ),
+        (
+            "PUT",
+            "/machine-config",
+            Some(r#"{"vcpu_count": 1, "mem_size_mib": 128, "x": 1}"#),
+            "unknown field `x`",
+        ),
+        ("PUT", "/drives/a-b", Some("{}"), "alphanumeric characters"),
+        (
+            "PATCH",
+            "/drives/a",
+            Some(r#"{"drive_id": "b"}"#),
+            "does not match",
+        ),
+        ("PUT", "/machine-config", None, "Empty PUT request."),
+    ] {
+        let (status, answer) = flick.request(method, path, body);
+        assert_eq!(status, 400, "{method} {path}");
+        assert!(fault_message(&answer).contains(expected), "{answer}");
+    }
+}
+
+#[test]
+fn curl_body_over_the_cap_is_refused() {
+    if curl_missing() {
+        return;
+    }
+    let flick = Flick::spawn(&[]);
+    let body = format!(
+        r#"{{"kernel_image_path": "/k", "boot_args": "{}"}}"#,
+        "x".repeat(60_000)
+    );
+    let (status, answer) = flick.curl_call("PUT", "/boot-source", Some(&body));
+    assert_eq!(status, 400);
+    assert!(fault_message(&answer).contains("larger than the limit of 51200"));
+    assert_eq!(flick.state(), "Not started");
+}
+
+#[test]
+fn curl_large_body_with_expect_continue_does_not_stall() {
+    if curl_missing() {
+        return;
+    }
+    let flick = Flick::spawn(&["--http-api-max-payload-size", "4000000"]);
+    let body_path = flick.dir.join("body.json");
+    let body = format!(
+        r#"{{"kernel_image_path": "/k", "boot_args": "{}"}}"#,
+        "x".repeat(2 * 1024 * 1024)
+    );
+    std::fs::write(&body_path, body).unwrap();
+    let data = format!("@{}", body_path.display());
+    let start = Instant::now();
+    let out = flick.curl(&[
+        "-v",
+        "-X",
+        "PUT",
+        "-H",
+        "Content-Type: application/json",
+        "--data-binary",
+        &data,
+        "-w",
+        "%{http_code}",
+        "http://localhost/boot-source",
+    ]);
+    let elapsed = start.elapsed();
+    let trace = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "204");
+    assert!(trace.contains("Expect: 100-continue"), "{trace}");
+    assert!(trace.contains("100 Continue"), "{trace}");
+    assert!(elapsed < Duration::from_millis(900), "took {elapsed:?}");
+}
+
+#[test]
+fn chunked_upload_is_refused_with_411() {
+    if curl_missing() {
+        return;
+    }
+    let flick = Flick::spawn(&[]);
+    let out = flick.curl(&[
+        "-X",
+        "PUT",
+        "-H",
+        "Transfer-Encoding: chunked",
+        "-d",
+        r#"{"action_type": "InstanceStart"}"#,
+        "-w",
+        "\n%{http_code}",
+        "http://localhost/actions",
+    ]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.ends_with("\n411"), "{text}");
+    assert_eq!(flick.state(), "Not started");
+}
+
+#[test]
+fn connections_over_the_limit_are_told_to_come_back() {
+    let flick = Flick::spawn(&[]);
+    // Let the connection that probed for readiness end and free its slot.
+    thread::sleep(Duration::from_millis(100));
+    let held: Vec<UnixStream> = (0..64)
+        .map(|_| UnixStream::connect(&flick.sock).unwrap())
+        .collect();
+    let mut extra = UnixStream::connect(&flick.sock).unwrap();
+    extra
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    // The server may answer and close before the request is written: ignore a broken pipe.
+    let _ = extra.write_all(b"GET / HTTP/1.1\r\n\r\n");
+    let (status, answer) = read_response(&mut BufReader::new(extra));
+    assert_eq!(status, 503);
+    assert!(fault_message(&answer).contains("Too many open connections"));
+    drop(held);
+    let start = Instant::now();
+    while flick.request("GET", "/", None).0 != 200 {
+        assert!(start.elapsed() < Duration::from_secs(5));
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn metrics_list_vmm_and_api_lines() {
+    let flick = Flick::spawn(&[]);
+    flick.request("GET", "/", None);
+    let (status, body) = flick.request("GET", "/metrics", None);
+    assert_eq!(status, 200);
+    assert!(body.contains("flick_boot_time_us "), "{body}");
+    assert!(
+        body.contains("flick_api_requests_total{path=\"/\",method=\"GET\",status=\"200\"} 1"),
+        "{body}"
+    );
+    assert!(body.contains("flick_api_request_duration_seconds_count "));
+}
+
+#[test]
+fn version_flag_prints_the_version_without_serving() {
+    let out = Command::new(FLICK).arg("--version").output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        format!("flick v{}\n", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn no_api_without_config_file_is_refused() {
+    let out = Command::new(FLICK).arg("--no-api").output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8(out.stderr)
+        .unwrap()
+        .contains("--no-api requires --config-file"));
+}
