@@ -173,7 +173,12 @@ mod tests {
         let (handle, rx) = channel().unwrap();
         let vmm = std::thread::spawn(move || {
             let req = rx.receiver.recv().unwrap();
-            assert_eq!(rx.wake.read().unwrap(), 1);
+            // The caller signals the eventfd right after queueing the request.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while rx.wake.read().is_err() {
+                assert!(std::time::Instant::now() < deadline, "no wake-up signalled");
+                std::thread::yield_now();
+            }
             req.reply
                 .send(Reply::Json(format!("{:?}", req.action)))
                 .unwrap();

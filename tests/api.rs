@@ -684,3 +684,91 @@ fn no_api_without_config_file_is_refused() {
         .unwrap()
         .contains("--no-api requires --config-file"));
 }
+
+/// Waits until the guest's console output stops or keeps growing, for pause tests.
+fn output_grows(flick: &Flick, over: Duration) -> bool {
+    let before = flick.stdout().len();
+    thread::sleep(over);
+    flick.stdout().len() > before
+}
+
+#[test]
+fn pause_stops_the_guest_and_resume_continues_it() {
+    if curl_missing() || kvm_missing() {
+        return;
+    }
+    let Some(guest) = test_guest() else { return };
+    let flick = Flick::spawn(&[]);
+    flick.boot(
+        &guest,
+        "tg.smp=0 tg.count=1000000 tg.delay_ms=2 tg.exit=halt",
+    );
+    let start = Instant::now();
+    while !flick.stdout().contains("count: 5\n") && start.elapsed() < EXIT_TIMEOUT {
+        thread::sleep(Duration::from_millis(5));
+    }
+    assert!(
+        output_grows(&flick, Duration::from_millis(200)),
+        "guest is not counting"
+    );
+
+    let (status, body) = flick.curl_call("PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
+    assert_eq!(status, 204, "{body}");
+    assert_eq!(flick.state(), "Paused");
+    thread::sleep(Duration::from_millis(50));
+    assert!(
+        !output_grows(&flick, Duration::from_millis(300)),
+        "guest ran while paused"
+    );
+
+    let (status, body) = flick.curl_call("PATCH", "/vm", Some(r#"{"state": "Resumed"}"#));
+    assert_eq!(status, 204, "{body}");
+    assert_eq!(flick.state(), "Running");
+    assert!(
+        output_grows(&flick, Duration::from_millis(300)),
+        "guest did not resume"
+    );
+}
+
+#[test]
+fn pausing_twice_and_resuming_a_running_vm_are_harmless() {
+    if curl_missing() || kvm_missing() {
+        return;
+    }
+    let Some(guest) = test_guest() else { return };
+    let flick = Flick::spawn(&[]);
+    flick.boot(&guest, "tg.smp=0 tg.exit=halt");
+    for state in ["Resumed", "Paused", "Paused", "Resumed"] {
+        let body = format!(r#"{{"state": "{state}"}}"#);
+        let (status, answer) = flick.curl_call("PATCH", "/vm", Some(&body));
+        assert_eq!(status, 204, "{state}: {answer}");
+    }
+    assert_eq!(flick.state(), "Running");
+}
+
+#[test]
+fn pause_of_a_multi_vcpu_guest_stops_every_vcpu() {
+    if curl_missing() || kvm_missing() {
+        return;
+    }
+    let Some(guest) = test_guest() else { return };
+    let flick = Flick::spawn(&[]);
+    let boot = serde_json::json!({"kernel_image_path": guest, "boot_args": "tg.exit=halt"});
+    let (status, body) = flick.curl_call("PUT", "/boot-source", Some(&boot.to_string()));
+    assert_eq!(status, 204, "{body}");
+    let (status, body) = flick.curl_call(
+        "PUT",
+        "/machine-config",
+        Some(r#"{"vcpu_count": 4, "mem_size_mib": 64}"#),
+    );
+    assert_eq!(status, 204, "{body}");
+    let (status, body) = flick.curl_call(
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "InstanceStart"}"#),
+    );
+    assert_eq!(status, 204, "{body}");
+    let (status, body) = flick.curl_call("PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
+    assert_eq!(status, 204, "{body}");
+    assert_eq!(flick.state(), "Paused");
+}

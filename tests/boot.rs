@@ -10,11 +10,9 @@ fn linux64_guest_boots_sees_its_cmdline_and_resets_cleanly() {
     if !kvm_available() {
         return;
     }
-    let out = run_config(
-        &guest_config(&test_guest(), "tg.count=2 hello=world", 1, 64),
-        &[],
-        b"",
-    );
+    let mut config = guest_config(&test_guest(), "tg.count=2 hello=world", 1, 64);
+    config["machine-config"]["cpu_profile"] = "host".into();
+    let out = run_config(&config, &[], b"");
     out.assert_clean_exit();
     assert_eq!(
         out.line_starting("testguest: start"),
@@ -209,4 +207,18 @@ fn log_path_receives_the_log_instead_of_stderr() {
     assert!(text.contains("[vm_7:"), "{text}");
     assert!(text.contains("Guest-boot-time"), "{text}");
     assert!(!out.stderr.contains("Guest-boot-time"), "{out:#?}");
+}
+
+#[test]
+fn conservative_profile_on_pvm_hides_features_on_the_command_line() {
+    if !kvm_available() {
+        return;
+    }
+    let mut config = guest_config(&test_guest(), "tg.smp=0", 1, 64);
+    config["machine-config"]["cpu_profile"] = "conservative".into();
+    let out = run_config(&config, &[], b"");
+    out.assert_clean_exit();
+    let cmdline = out.line_starting("cmdline:").unwrap_or_default();
+    let on_pvm = std::path::Path::new("/sys/module/kvm_pvm").exists();
+    assert_eq!(cmdline.contains("noxsave clearcpuid="), on_pvm, "{out:#?}");
 }
