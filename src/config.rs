@@ -361,6 +361,79 @@ pub struct VsockConfig {
     pub uds_path: String,
 }
 
+/// Kind of snapshot to create.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SnapshotType {
+    #[default]
+    Full,
+    Diff,
+}
+
+/// `PUT /snapshot/create` body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotCreateConfig {
+    pub snapshot_path: String,
+    pub mem_file_path: String,
+    #[serde(default)]
+    pub snapshot_type: SnapshotType,
+}
+
+/// Where a snapshot's memory comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemBackendType {
+    File,
+    Uffd,
+}
+
+/// `mem_backend` of `PUT /snapshot/load`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemBackendConfig {
+    pub backend_type: MemBackendType,
+    pub backend_path: String,
+}
+
+/// One entry of `network_overrides`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkOverride {
+    pub iface_id: String,
+    pub host_dev_name: String,
+}
+
+/// `PUT /snapshot/load` body. `mem_file_path` is Firecracker's older spelling of a File backend.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotLoadConfig {
+    pub snapshot_path: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_backend: Option<MemBackendConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_file_path: Option<String>,
+    #[serde(default)]
+    pub enable_diff_snapshots: bool,
+    #[serde(default)]
+    pub track_dirty_pages: bool,
+    #[serde(default)]
+    pub resume_vm: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub network_overrides: Vec<NetworkOverride>,
+}
+
+impl SnapshotLoadConfig {
+    /// The memory file to map, from either spelling.
+    pub fn mem_file(&self) -> Result<&str, String> {
+        match (&self.mem_backend, &self.mem_file_path) {
+            (Some(b), None) if b.backend_type == MemBackendType::File => Ok(&b.backend_path),
+            (Some(_), None) => Err("mem_backend Uffd is not supported by flick yet".into()),
+            (None, Some(path)) => Ok(path),
+            (Some(_), Some(_)) => Err("give either mem_backend or mem_file_path, not both".into()),
+            (None, None) => Err("missing mem_backend".into()),
+        }
+    }
+}
+
 /// The whole VM configuration: the config file's shape and `GET /vm/config`'s answer.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]

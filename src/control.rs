@@ -11,7 +11,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::config::{
     BootSourceConfig, DriveConfig, LoggerConfig, MachineConfig, MachineConfigUpdate, MetricsConfig,
-    NetConfig, RateLimiterConfig, VmConfig, VsockConfig,
+    NetConfig, RateLimiterConfig, SnapshotCreateConfig, SnapshotLoadConfig, VmConfig, VsockConfig,
 };
 
 /// `PATCH /drives/{id}` body.
@@ -59,6 +59,8 @@ pub enum Action {
     FlushMetrics,
     Pause,
     Resume,
+    CreateSnapshot(SnapshotCreateConfig),
+    LoadSnapshot(SnapshotLoadConfig),
 }
 
 impl Action {

@@ -17,6 +17,7 @@ pub mod control;
 pub mod devices;
 pub mod kvm;
 pub mod logger;
+pub mod snapshot;
 pub mod vmm;
 
 /// Renders an error and its sources as one line: `outer: inner: innermost`.

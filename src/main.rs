@@ -13,7 +13,9 @@ use clap::Parser;
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 
 use flick::api::{self, ApiServer};
-use flick::config::{LogLevel, LoggerConfig, VmConfig};
+use flick::config::{
+    LogLevel, LoggerConfig, MemBackendConfig, MemBackendType, SnapshotLoadConfig, VmConfig,
+};
 use flick::control::{self, Action, ControlReceiver, Reply};
 use flick::vmm::{Vmm, VmmOptions, VERSION};
 use flick::{error_chain, logger};
@@ -37,9 +39,24 @@ struct Cli {
     /// Configure and boot the VM from this JSON file (Firecracker's config-file shape).
     #[arg(long, value_name = "PATH")]
     config_file: Option<String>,
-    /// Do not serve the HTTP API (requires --config-file; --api-sock is then ignored).
+    /// Do not serve the HTTP API (requires --config-file or --restore-snapshot; --api-sock is
+    /// then ignored).
     #[arg(long)]
     no_api: bool,
+    /// Restore the VM from this snapshot state file (as `PUT /snapshot/load` does).
+    #[arg(
+        long,
+        value_name = "PATH",
+        conflicts_with = "config_file",
+        requires = "restore_mem"
+    )]
+    restore_snapshot: Option<String>,
+    /// The memory file of the snapshot given with --restore-snapshot.
+    #[arg(long, value_name = "PATH", requires = "restore_snapshot")]
+    restore_mem: Option<String>,
+    /// Run the restored VM at once instead of leaving it paused.
+    #[arg(long, requires = "restore_snapshot")]
+    resume: bool,
     /// Log the guest's boot time when it writes the boot-timer byte.
     #[arg(long)]
     boot_timer: bool,
@@ -98,7 +115,9 @@ fn main() -> ExitCode {
         return fail(&error_chain(&e));
     }
     let config = match cli.config_file.as_deref().map(read_config) {
-        None if cli.no_api => return fail("--no-api requires --config-file"),
+        None if cli.no_api && cli.restore_snapshot.is_none() => {
+            return fail("--no-api requires --config-file or --restore-snapshot")
+        }
         None => None,
         Some(Ok(config)) => Some(config),
         Some(Err(message)) => return fail(&message),
@@ -129,6 +148,23 @@ fn main() -> ExitCode {
             if let Reply::Error(message) = vmm.handle(action) {
                 return fail(&message);
             }
+        }
+    }
+    if let (Some(state), Some(mem)) = (&cli.restore_snapshot, &cli.restore_mem) {
+        let load = SnapshotLoadConfig {
+            snapshot_path: state.clone(),
+            mem_backend: Some(MemBackendConfig {
+                backend_type: MemBackendType::File,
+                backend_path: mem.clone(),
+            }),
+            mem_file_path: None,
+            enable_diff_snapshots: false,
+            track_dirty_pages: false,
+            resume_vm: cli.resume,
+            network_overrides: Vec::new(),
+        };
+        if let Reply::Error(message) = vmm.handle(Action::LoadSnapshot(load)) {
+            return fail(&message);
         }
     }
     run(vmm, api)

@@ -9,7 +9,8 @@ use serde::Deserialize;
 
 use crate::config::{
     describe_json_error, validate_id, BootSourceConfig, DriveConfig, LoggerConfig, MachineConfig,
-    MachineConfigUpdate, MetricsConfig, NetConfig, VsockConfig,
+    MachineConfigUpdate, MetricsConfig, NetConfig, SnapshotCreateConfig, SnapshotLoadConfig,
+    VsockConfig,
 };
 use crate::control::{Action, DriveUpdate, NetUpdate};
 
@@ -182,6 +183,8 @@ fn put(segments: &[&str], body: &[u8]) -> Option<Result<Action, String>> {
         ["logger"] => parse::<LoggerConfig>(body).map(Action::PutLogger),
         ["metrics"] => parse::<MetricsConfig>(body).map(Action::PutMetrics),
         ["vsock"] => parse::<VsockConfig>(body).map(Action::PutVsock),
+        ["snapshot", "create"] => parse::<SnapshotCreateConfig>(body).map(Action::CreateSnapshot),
+        ["snapshot", "load"] => parse::<SnapshotLoadConfig>(body).map(Action::LoadSnapshot),
         _ => return None,
     };
     Some(result)
@@ -208,8 +211,7 @@ fn patch(segments: &[&str], body: &[u8]) -> Option<Result<Action, String>> {
 fn firecracker_only(segments: &[&str]) -> bool {
     matches!(
         segments,
-        ["snapshot", ..]
-            | ["balloon", ..]
+        ["balloon", ..]
             | ["entropy"]
             | ["serial"]
             | ["mmds", ..]
@@ -494,8 +496,8 @@ mod tests {
 
     #[test]
     fn firecracker_endpoints_flick_lacks_say_so() {
-        let err = route("PUT", "/snapshot/create", b"{}").unwrap_err();
-        assert_eq!(err, "PUT /snapshot/create is not supported by flick yet.");
+        let err = route("PUT", "/balloon", b"{}").unwrap_err();
+        assert_eq!(err, "PUT /balloon is not supported by flick yet.");
     }
 
     #[test]

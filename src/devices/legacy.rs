@@ -11,6 +11,21 @@ use super::EventFdTrigger;
 /// Where guest serial output goes.
 pub type SerialOut = Box<dyn Write + Send>;
 
+/// The UART's registers and pending input, for snapshots.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialSnapshot {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
+
 /// Signals the VMM when the guest has drained the receive FIFO, so more input can be queued.
 #[derive(Debug)]
 pub struct InputDrained(pub EventFdTrigger);
@@ -47,6 +62,49 @@ impl SerialDevice {
             inner,
             lost_bytes: 0,
         }
+    }
+
+    pub fn snapshot(&self) -> SerialSnapshot {
+        let s = self.inner.state();
+        SerialSnapshot {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// A serial device continuing from `snap`.
+    pub fn restored(
+        snap: &SerialSnapshot,
+        interrupt: EventFdTrigger,
+        drained: EventFdTrigger,
+        out: SerialOut,
+    ) -> Result<Self, String> {
+        let state = vm_superio::serial::SerialState {
+            baud_divisor_low: snap.baud_divisor_low,
+            baud_divisor_high: snap.baud_divisor_high,
+            interrupt_enable: snap.interrupt_enable,
+            interrupt_identification: snap.interrupt_identification,
+            line_control: snap.line_control,
+            line_status: snap.line_status,
+            modem_control: snap.modem_control,
+            modem_status: snap.modem_status,
+            scratch: snap.scratch,
+            in_buffer: snap.in_buffer.clone(),
+        };
+        let inner = Serial::from_state(&state, interrupt, InputDrained(drained), out)
+            .map_err(|e| format!("invalid serial state: {e:?}"))?;
+        Ok(SerialDevice {
+            inner,
+            lost_bytes: 0,
+        })
     }
 
     /// Queues host input for the guest; returns how many bytes fit in the receive FIFO.

@@ -3,6 +3,7 @@
 //! Imports `arch` for register and CPUID setup and `devices::bus` to dispatch exits; never the
 //! API or the VMM's lifecycle.
 
+pub mod state;
 pub mod vcpu;
 pub mod vm;
 

@@ -15,6 +15,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::current::regs::{self, EntryMode};
 use crate::devices::bus::Bus;
+use crate::kvm::state::VcpuState;
 
 const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
 const KVM_SYSTEM_EVENT_RESET: u32 = 2;
@@ -92,13 +93,16 @@ pub fn configure(fd: &VcpuFd, setup: &VcpuSetup) -> Result<(), VcpuError> {
 pub enum VcpuCommand {
     Pause,
     Resume,
+    /// Capture the vCPU's state (only meaningful while paused), trying these MSRs.
+    SaveState(Arc<Vec<u32>>),
 }
 
 /// A vCPU thread's answer to a [`VcpuCommand`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum VcpuResponse {
     Paused,
     Resumed,
+    State(Result<Box<VcpuState>, String>),
 }
 
 thread_local! {
@@ -160,6 +164,10 @@ impl VcpuHandle {
 pub struct Vcpu {
     pub fd: VcpuFd,
     pub index: u8,
+    /// The CPUID this vCPU was given, saved with its state.
+    pub cpuid: CpuId,
+    /// Start parked, waiting for a Resume command (restored snapshots).
+    pub start_paused: bool,
     pub pio: Arc<Bus>,
     pub mmio: Arc<Bus>,
     pub mem: GuestMemoryMmap,
@@ -195,7 +203,7 @@ impl Vcpu {
         commands: &mpsc::Receiver<VcpuCommand>,
         responses: &mpsc::Sender<VcpuResponse>,
     ) -> bool {
-        let mut paused = false;
+        let mut paused = std::mem::take(&mut self.start_paused);
         loop {
             let next = if paused {
                 commands
@@ -207,8 +215,14 @@ impl Vcpu {
             let answer = match next {
                 Ok(VcpuCommand::Pause) => {
                     paused = true;
+                    self.complete_pending_io();
                     VcpuResponse::Paused
                 }
+                Ok(VcpuCommand::SaveState(msrs)) => VcpuResponse::State(
+                    VcpuState::capture(&self.fd, &self.cpuid, &msrs)
+                        .map(Box::new)
+                        .map_err(|e| format!("vCPU {}: {}", self.index, crate::error_chain(&e))),
+                ),
                 Ok(VcpuCommand::Resume) => {
                     paused = false;
                     VcpuResponse::Resumed
@@ -239,6 +253,14 @@ impl Vcpu {
             reason,
         });
         let _ = self.wake.write(1);
+    }
+
+    /// Lets KVM finish an I/O exit we already answered, without running guest code, so saved
+    /// state is complete.
+    fn complete_pending_io(&mut self) {
+        self.fd.set_kvm_immediate_exit(1);
+        let _ = self.fd.run();
+        self.fd.set_kvm_immediate_exit(0);
     }
 
     /// Runs the guest until one exit; `Some` when the vCPU must stop.

@@ -132,3 +132,10 @@ impl Vm {
             .map_err(|e| VmError::Setup("ioeventfd", e))
     }
 }
+
+impl Vm {
+    /// MSR indices KVM knows on this host, to try when saving vCPU state.
+    pub fn msr_candidates(&self) -> Result<Vec<u32>, crate::kvm::state::StateError> {
+        crate::kvm::state::msr_candidates(&self.kvm)
+    }
+}

@@ -69,6 +69,8 @@ pub struct BuildContext {
 pub struct RunningVm {
     pub vm: Vm,
     pub mem: GuestMemoryMmap,
+    /// Guest RAM ranges `(start, size)`.
+    pub ram: Vec<(u64, u64)>,
     pub serial: Arc<Mutex<SerialDevice>>,
     /// Signalled when the guest drains the serial receive FIFO.
     pub serial_drained: EventFd,
@@ -92,7 +94,7 @@ impl std::fmt::Debug for RunningVm {
     }
 }
 
-fn eventfd() -> Result<EventFd, BuildError> {
+pub(crate) fn eventfd() -> Result<EventFd, BuildError> {
     EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)
 }
 
@@ -105,14 +107,14 @@ fn host_memory_mib() -> u64 {
 }
 
 /// Times the build's phases for the debug log.
-struct Phases(Instant);
+pub(crate) struct Phases(Instant);
 
 impl Phases {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Phases(Instant::now())
     }
 
-    fn mark(&mut self, what: &str) {
+    pub(crate) fn mark(&mut self, what: &str) {
         let now = Instant::now();
         tracing::debug!("build phase: {what}: {} us", (now - self.0).as_micros());
         self.0 = now;
@@ -195,6 +197,126 @@ fn write_boot_info(
     regs::write_boot_tables(mem, kernel.mode).map_err(BuildError::GuestMemory)
 }
 
+/// Creates the KVM VM around `mem`: memory slots first, then irqchip and PIT.
+pub(crate) fn create_vm(
+    mem: &GuestMemoryMmap,
+    vcpus: u8,
+    phases: &mut Phases,
+) -> Result<Vm, BuildError> {
+    let vm = Vm::new()?;
+    phases.mark("create VM");
+    vm.check_vcpu_count(vcpus)?;
+    vm.register_memory(mem)?;
+    phases.mark("register memory");
+    vm.create_irqchip()?;
+    phases.mark("irqchip and PIT");
+    Ok(vm)
+}
+
+/// Legacy devices on their buses.
+pub(crate) struct Legacy {
+    pub serial: Arc<Mutex<SerialDevice>>,
+    pub serial_drained: EventFd,
+    pub reset: EventFd,
+    pub pio: Bus,
+}
+
+/// Creates serial (through `make_serial(interrupt, drained)`), i8042 and boot timer, and puts
+/// them on the port bus and (boot timer) on `mmio`.
+pub(crate) fn legacy_devices(
+    vm: &Vm,
+    mmio: &mut Bus,
+    timer: BootTimer,
+    make_serial: impl FnOnce(EventFdTrigger, EventFdTrigger) -> Result<SerialDevice, BuildError>,
+) -> Result<Legacy, BuildError> {
+    let serial_irq = eventfd()?;
+    vm.register_irqfd(&serial_irq, SERIAL_IRQ)?;
+    let serial_drained = eventfd()?;
+    let drained = EventFdTrigger(serial_drained.try_clone().map_err(BuildError::EventFd)?);
+    let serial = Arc::new(Mutex::new(make_serial(
+        EventFdTrigger(serial_irq),
+        drained,
+    )?));
+    let reset = eventfd()?;
+    let i8042 = Arc::new(Mutex::new(I8042::new(EventFdTrigger(
+        reset.try_clone().map_err(BuildError::EventFd)?,
+    ))));
+    let timer = Arc::new(Mutex::new(timer));
+    let mut pio = Bus::new();
+    pio.insert(serial.clone(), u64::from(SERIAL_PORT), 8)
+        .map_err(BuildError::Bus)?;
+    pio.insert(i8042, I8042_PORT, I8042_PORT_LEN)
+        .map_err(BuildError::Bus)?;
+    pio.insert(timer.clone(), LEGACY_BOOT_TIMER_PORT, 1)
+        .map_err(BuildError::Bus)?;
+    mmio.insert(timer, BOOT_TIMER_START, MMIO_SLOT_SIZE)
+        .map_err(BuildError::Bus)?;
+    Ok(Legacy {
+        serial,
+        serial_drained,
+        reset,
+        pio,
+    })
+}
+
+/// Running vCPU threads and what the VMM needs to watch them.
+pub(crate) struct Vcpus {
+    pub handles: Vec<vcpu::VcpuHandle>,
+    pub stats: Vec<Arc<VcpuStats>>,
+    pub events: mpsc::Receiver<VcpuEvent>,
+    pub wake: EventFd,
+}
+
+/// Starts one thread per configured vCPU (`(fd, cpuid)` in index order).
+pub(crate) fn start_vcpus(
+    configured: Vec<(kvm_ioctls::VcpuFd, kvm_bindings::CpuId)>,
+    mem: &GuestMemoryMmap,
+    pio: Bus,
+    mmio: Bus,
+    start_paused: bool,
+) -> Result<Vcpus, BuildError> {
+    let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
+    let (events_tx, events) = mpsc::channel();
+    let wake = eventfd()?;
+    let mut stats = Vec::new();
+    let mut handles = Vec::new();
+    for (index, (fd, cpuid)) in configured.into_iter().enumerate() {
+        let vcpu_stats = Arc::new(VcpuStats::default());
+        stats.push(vcpu_stats.clone());
+        let vcpu = Vcpu {
+            fd,
+            index: index as u8,
+            cpuid,
+            start_paused,
+            pio: pio.clone(),
+            mmio: mmio.clone(),
+            mem: mem.clone(),
+            stats: vcpu_stats,
+            events: events_tx.clone(),
+            wake: wake.try_clone().map_err(BuildError::EventFd)?,
+        };
+        handles.push(vcpu.spawn()?);
+    }
+    Ok(Vcpus {
+        handles,
+        stats,
+        events,
+        wake,
+    })
+}
+
+/// Checks the memory size against the host.
+pub(crate) fn check_memory(mem_size_mib: usize) -> Result<(), BuildError> {
+    let host_mib = host_memory_mib();
+    if mem_size_mib as u64 > host_mib {
+        return Err(BuildError::MemoryTooLarge {
+            requested: mem_size_mib,
+            host: host_mib,
+        });
+    }
+    Ok(())
+}
+
 /// Builds the VM described by `config` and starts its vCPUs.
 pub fn build(config: &VmConfig, ctx: BuildContext) -> Result<RunningVm, BuildError> {
     let boot_source = config
@@ -203,13 +325,7 @@ pub fn build(config: &VmConfig, ctx: BuildContext) -> Result<RunningVm, BuildErr
         .ok_or(BuildError::NoBootSource)?;
     check_supported(config)?;
     let machine = &config.machine_config;
-    let host_mib = host_memory_mib();
-    if machine.mem_size_mib as u64 > host_mib {
-        return Err(BuildError::MemoryTooLarge {
-            requested: machine.mem_size_mib,
-            host: host_mib,
-        });
-    }
+    check_memory(machine.mem_size_mib)?;
     let drives = attach::open_drives(&config.drives)?;
     let ram = layout::ram_ranges((machine.mem_size_mib as u64) << 20);
     let ranges: Vec<_> = ram
@@ -220,13 +336,7 @@ pub fn build(config: &VmConfig, ctx: BuildContext) -> Result<RunningVm, BuildErr
         .map_err(|e| BuildError::Memory(machine.mem_size_mib, e))?;
 
     let mut phases = Phases::new();
-    let vm = Vm::new()?;
-    phases.mark("create VM");
-    vm.check_vcpu_count(machine.vcpu_count)?;
-    vm.register_memory(&mem)?;
-    phases.mark("register memory");
-    vm.create_irqchip()?;
-    phases.mark("irqchip and PIT");
+    let vm = create_vm(&mem, machine.vcpu_count, &mut phases)?;
 
     let kernel = boot::load_kernel(&mem, &boot_source.kernel_image_path)?;
     let low_ram_end = ram[0].1;
@@ -253,48 +363,25 @@ pub fn build(config: &VmConfig, ctx: BuildContext) -> Result<RunningVm, BuildErr
     write_boot_info(&mem, &kernel, &info, &ram, machine.vcpu_count)?;
     phases.mark("load kernel, initrd, boot structures");
 
-    // Legacy devices.
-    let serial_irq = eventfd()?;
-    vm.register_irqfd(&serial_irq, SERIAL_IRQ)?;
-    let serial_drained = eventfd()?;
-    let serial = Arc::new(Mutex::new(SerialDevice::new(
-        EventFdTrigger(serial_irq),
-        EventFdTrigger(serial_drained.try_clone().map_err(BuildError::EventFd)?),
-        ctx.serial_out,
-    )));
-    let reset = eventfd()?;
-    let i8042 = Arc::new(Mutex::new(I8042::new(EventFdTrigger(
-        reset.try_clone().map_err(BuildError::EventFd)?,
-    ))));
-    let timer = Arc::new(Mutex::new(BootTimer::new(
+    let timer = BootTimer::new(
         ctx.started,
         ctx.started_cpu_us,
         ctx.boot_times.clone(),
         ctx.boot_timer_log,
-    )));
-    let mut pio = Bus::new();
-    pio.insert(serial.clone(), u64::from(SERIAL_PORT), 8)
-        .map_err(BuildError::Bus)?;
-    pio.insert(i8042, I8042_PORT, I8042_PORT_LEN)
-        .map_err(BuildError::Bus)?;
-    pio.insert(timer.clone(), LEGACY_BOOT_TIMER_PORT, 1)
-        .map_err(BuildError::Bus)?;
-    mmio.insert(timer, BOOT_TIMER_START, MMIO_SLOT_SIZE)
-        .map_err(BuildError::Bus)?;
-    let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
+    );
+    let serial_out = ctx.serial_out;
+    let legacy = legacy_devices(&vm, &mut mmio, timer, |irq, drained| {
+        Ok(SerialDevice::new(irq, drained, serial_out))
+    })?;
     phases.mark("devices");
 
-    // vCPUs.
     let supported = vm.supported_cpuid()?;
     phases.mark("supported CPUID");
     let topo = cpuid::Topology {
         vcpu_count: machine.vcpu_count,
         threads_per_core: if machine.smt { 2 } else { 1 },
     };
-    let (events_tx, vcpu_events) = mpsc::channel();
-    let vcpu_wake = eventfd()?;
-    let mut vcpu_stats = Vec::new();
-    let mut vcpus = Vec::new();
+    let mut configured = Vec::new();
     for index in 0..machine.vcpu_count {
         let fd = vm.create_vcpu(index)?;
         let setup = VcpuSetup {
@@ -303,35 +390,22 @@ pub fn build(config: &VmConfig, ctx: BuildContext) -> Result<RunningVm, BuildErr
             entry: (index == 0).then_some((kernel.mode, kernel.entry)),
         };
         vcpu::configure(&fd, &setup)?;
-        let stats = Arc::new(VcpuStats::default());
-        vcpu_stats.push(stats.clone());
-        vcpus.push(Vcpu {
-            fd,
-            index,
-            pio: pio.clone(),
-            mmio: mmio.clone(),
-            mem: mem.clone(),
-            stats,
-            events: events_tx.clone(),
-            wake: vcpu_wake.try_clone().map_err(BuildError::EventFd)?,
-        });
+        configured.push((fd, setup.cpuid));
     }
     phases.mark("create and configure vCPUs");
-    let mut handles = Vec::new();
-    for vcpu in vcpus {
-        handles.push(vcpu.spawn()?);
-    }
+    let vcpus = start_vcpus(configured, &mem, legacy.pio, mmio, false)?;
     phases.mark("spawn vCPU threads");
     Ok(RunningVm {
         vm,
         mem,
-        serial,
-        serial_drained,
-        reset,
-        vcpu_wake,
-        vcpu_events,
-        vcpu_stats,
-        vcpus: handles,
+        ram,
+        serial: legacy.serial,
+        serial_drained: legacy.serial_drained,
+        reset: legacy.reset,
+        vcpu_wake: vcpus.wake,
+        vcpu_events: vcpus.events,
+        vcpu_stats: vcpus.stats,
+        vcpus: vcpus.handles,
         cpu_profile: profile,
         cmdline,
         devices,

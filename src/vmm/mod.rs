@@ -8,6 +8,7 @@
 
 pub mod attach;
 pub mod builder;
+pub mod snapshot;
 
 use std::io::Read;
 use std::os::fd::AsRawFd;
@@ -261,6 +262,24 @@ impl Vmm {
                 self.resume()?;
                 Ok(Reply::Empty)
             }
+            Action::CreateSnapshot(params) => {
+                if self.state != VmState::Paused {
+                    return Err("snapshots can only be created while the VM is paused".into());
+                }
+                let Some(vm) = &self.running else {
+                    return Err("the VM is not running".into());
+                };
+                snapshot::create(vm, &self.config, &params).map_err(|e| crate::error_chain(&e))?;
+                Ok(Reply::Empty)
+            }
+            Action::LoadSnapshot(params) => {
+                self.require_not_started("Loading a snapshot")?;
+                if self.config.boot_source.is_some() || !self.config.drives.is_empty() {
+                    return Err("a snapshot must be loaded into a fresh flick, before any boot-source or drive is configured".into());
+                }
+                self.load_snapshot(&params)?;
+                Ok(Reply::Empty)
+            }
             Action::PatchNetworkInterface(_) | Action::SendCtrlAltDel | Action::FlushMetrics => {
                 self.require_started(&format!("{action:?}"))?;
                 Err(format!(
@@ -270,22 +289,46 @@ impl Vmm {
         }
     }
 
-    fn start(&mut self) -> Result<(), String> {
-        let started = Instant::now();
+    fn build_context(&mut self, started: Instant) -> BuildContext {
         let started_cpu_us = process_cpu_us();
         let serial_out = self
             .options
             .serial_out
             .take()
             .unwrap_or_else(|| Box::new(std::io::stdout()));
-        let ctx = BuildContext {
+        BuildContext {
             host: self.host,
             serial_out,
             boot_timer_log: self.options.boot_timer,
             started,
             started_cpu_us,
             boot_times: self.boot_times.clone(),
+        }
+    }
+
+    fn load_snapshot(&mut self, params: &crate::config::SnapshotLoadConfig) -> Result<(), String> {
+        let started = Instant::now();
+        let ctx = self.build_context(started);
+        let (running, snap) = snapshot::load(params, ctx).map_err(|e| crate::error_chain(&e))?;
+        tracing::info!(
+            "snapshot loaded in {} us ({} vCPU(s), {} MiB)",
+            started.elapsed().as_micros(),
+            snap.vcpus.len(),
+            snap.config.machine_config.mem_size_mib
+        );
+        self.config = snap.config;
+        self.running = Some(running);
+        self.state = if params.resume_vm {
+            VmState::Running
+        } else {
+            VmState::Paused
         };
+        Ok(())
+    }
+
+    fn start(&mut self) -> Result<(), String> {
+        let started = Instant::now();
+        let ctx = self.build_context(started);
         let running = builder::build(&self.config, ctx).map_err(|e| crate::error_chain(&e))?;
         tracing::info!(
             "VM started: {} vCPU(s), {} MiB, CPU profile {:?} on {} in {} us",
@@ -308,7 +351,7 @@ impl Vmm {
             return Ok(());
         }
         for vcpu in &vm.vcpus {
-            vcpu.call(VcpuCommand::Pause)?;
+            let _ = vcpu.call(VcpuCommand::Pause)?;
         }
         self.state = VmState::Paused;
         tracing::info!("VM paused");
@@ -323,7 +366,7 @@ impl Vmm {
             return Ok(());
         }
         for vcpu in &vm.vcpus {
-            vcpu.call(VcpuCommand::Resume)?;
+            let _ = vcpu.call(VcpuCommand::Resume)?;
         }
         self.state = VmState::Running;
         tracing::info!("VM resumed");

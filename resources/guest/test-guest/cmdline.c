@@ -1,4 +1,7 @@
-/* The guest's "tg." command-line keys. Unknown keys and other words are ignored. */
+/*
+ * The guest's "tg." command-line keys and the "virtio_mmio.device=" entries. Unknown
+ * keys and other words are ignored.
+ */
 #include "tg.h"
 
 static int is_space(char c)
@@ -32,6 +35,67 @@ static void set_u64(const char *val, size_t vlen, u64 *out)
 		*out = v;
 }
 
+/*
+ * Leading number of s[*pos..len): decimal, or hex with 0x, plus an optional K/M/G
+ * suffix when with_suffix is set (Linux memparse()). Returns 0 on success.
+ */
+static int scan_num(const char *s, size_t len, size_t *pos, int with_suffix, u64 *out)
+{
+	size_t i = *pos, start = i;
+	int hex = len - i >= 2 && s[i] == '0' && (s[i + 1] == 'x' || s[i + 1] == 'X');
+
+	if (hex)
+		i += 2;
+	while (i < len && ((s[i] >= '0' && s[i] <= '9') ||
+			   (hex && ((s[i] >= 'a' && s[i] <= 'f') || (s[i] >= 'A' && s[i] <= 'F')))))
+		i++;
+	if (parse_u64(s + start, i - start, out) != 0)
+		return -1;
+	if (with_suffix && i < len) {
+		unsigned shift = 0;
+		switch (s[i]) {
+		case 'k': case 'K': shift = 10; break;
+		case 'm': case 'M': shift = 20; break;
+		case 'g': case 'G': shift = 30; break;
+		}
+		if (shift) {
+			if (*out > (~0UL >> shift))
+				return -1;
+			*out <<= shift;
+			i++;
+		}
+	}
+	*pos = i;
+	return 0;
+}
+
+/*
+ * "virtio_mmio.device=<size>@<base>:<irq>[:<id>]", as Linux's virtio_mmio driver reads
+ * it: size and base take K/M/G suffixes (4K, 0x1000, 4096, 512 all work), the optional
+ * platform device id is ignored. Each valid entry is a new slot, in command-line order.
+ */
+static void add_virtio_slot(const char *val, size_t vlen, struct tg_opts *o)
+{
+	struct virtio_slot sl;
+	size_t i = 0;
+	u64 irq, id;
+
+	if (o->nr_virtio >= MAX_VIRTIO_SLOTS)
+		return;
+	if (scan_num(val, vlen, &i, 1, &sl.size) || sl.size == 0 || i >= vlen || val[i++] != '@')
+		return;
+	if (scan_num(val, vlen, &i, 1, &sl.base) || i >= vlen || val[i++] != ':')
+		return;
+	if (scan_num(val, vlen, &i, 0, &irq) || irq > 0xffffffffUL)
+		return;
+	if (i < vlen && (val[i++] != ':' || scan_num(val, vlen, &i, 0, &id)))
+		return;
+	if (i != vlen)
+		return;
+	sl.irq = (u32)irq;
+	o->virtio_slots[o->nr_virtio++] = sl;
+}
+
 static void apply(const char *tok, size_t len, struct tg_opts *o)
 {
 	size_t klen = 0;
@@ -63,7 +127,35 @@ static void apply(const char *tok, size_t len, struct tg_opts *o)
 			o->exit_mode = EXIT_HALT;
 		else if (val_is(val, vlen, "fault"))
 			o->exit_mode = EXIT_FAULT;
-	}
+	} else if (key_is(tok, klen, "tg.virtio"))
+		set_bool(val, vlen, &o->virtio);
+	else if (key_is(tok, klen, "tg.blk")) {
+		static const struct {
+			const char *name;
+			enum blk_mode mode;
+		} modes[] = {
+			{ "off", BLK_OFF }, { "check", BLK_CHECK }, { "read", BLK_READ },
+			{ "write", BLK_WRITE }, { "bench", BLK_BENCH }, { "hostile", BLK_HOSTILE },
+		};
+		for (size_t i = 0; i < ARRAY_SIZE(modes); i++)
+			if (val_is(val, vlen, modes[i].name))
+				o->blk = modes[i].mode;
+	} else if (key_is(tok, klen, "tg.blk_seed"))
+		set_u64(val, vlen, &o->blk_seed);
+	else if (key_is(tok, klen, "tg.blk_sector"))
+		set_u64(val, vlen, &o->blk_sector);
+	else if (key_is(tok, klen, "tg.blk_count"))
+		set_u64(val, vlen, &o->blk_count);
+	else if (key_is(tok, klen, "tg.blk_ops"))
+		set_u64(val, vlen, &o->blk_ops);
+	else if (key_is(tok, klen, "tg.blk_mib"))
+		set_u64(val, vlen, &o->blk_mib);
+	else if (key_is(tok, klen, "tg.blk_dev"))
+		set_u64(val, vlen, &o->blk_dev);
+	else if (key_is(tok, klen, "tg.blk_timeout_ms"))
+		set_u64(val, vlen, &o->blk_timeout_ms);
+	else if (key_is(tok, klen, "virtio_mmio.device"))
+		add_virtio_slot(val, vlen, o);
 }
 
 void opts_parse(const char *cmdline, u32 len, struct tg_opts *o)
@@ -76,6 +168,16 @@ void opts_parse(const char *cmdline, u32 len, struct tg_opts *o)
 	o->echo = 0;
 	o->quiet = 0;
 	o->exit_mode = EXIT_REBOOT;
+	o->virtio = 0;
+	o->blk = BLK_OFF;
+	o->blk_seed = 1;
+	o->blk_sector = 0;
+	o->blk_count = 8;
+	o->blk_ops = 2000;
+	o->blk_mib = 16;
+	o->blk_dev = 0;
+	o->blk_timeout_ms = 5000;
+	o->nr_virtio = 0; /* virtio_slots[] is written up to nr_virtio */
 
 	u32 i = 0;
 	while (i < len) {

@@ -2,7 +2,8 @@
  * Busy-wait delays on the TSC. The TSC frequency comes, in this order, from the
  * hypervisor timing leaf (CPUID 0x40000010), KVM's paravirtual clock, CPUID leaf 0x15,
  * a short measurement against PIT channel 2, CPUID leaf 0x16, or else an assumed 2 GHz.
- * Precision does not matter here; every wait is bounded.
+ * Precision does not matter for the waits, which are all bounded; the virtio-blk
+ * benchmark prints the frequency and its source next to its timings.
  */
 #include "tg.h"
 
@@ -15,6 +16,8 @@
 #define TSC_KHZ_MAX 10000000UL	/* 10 GHz */
 
 static u64 cached_khz;
+static const char *khz_source;
+static int khz_reported;
 
 static int plausible(u64 khz)
 {
@@ -167,20 +170,67 @@ static u64 khz_from_pit(void)
 u64 tsc_khz(void)
 {
 	if (!cached_khz) {
+		const char *src = "hypervisor-leaf";
 		u64 khz = khz_from_hypervisor_leaf();
-		if (!khz)
+		if (!khz) {
+			src = "kvmclock";
 			khz = khz_from_kvmclock();
-		if (!khz)
+		}
+		if (!khz) {
+			src = "cpuid-15";
 			khz = khz_from_cpuid_15();
-		if (!khz)
+		}
+		if (!khz) {
+			src = "pit";
 			khz = khz_from_pit();
-		if (!khz)
+		}
+		if (!khz) {
+			src = "cpuid-16";
 			khz = khz_from_cpuid_16();
-		if (!khz)
+		}
+		if (!khz) {
+			src = "assumed";
 			khz = TSC_KHZ_FALLBACK;
+		}
+		khz_source = src;
 		cached_khz = khz;
 	}
 	return cached_khz;
+}
+
+/* Where tsc_khz() got its value: hypervisor-leaf, kvmclock, cpuid-15, pit, cpuid-16, assumed. */
+const char *tsc_source(void)
+{
+	tsc_khz();
+	return khz_source;
+}
+
+/* Print "tsc: khz=<n> source=<s>" the first time it is called. */
+void tsc_report(void)
+{
+	if (khz_reported)
+		return;
+	khz_reported = 1;
+	u64 khz = tsc_khz();
+	tg_printf("tsc: khz=%lu source=%s\n", khz, khz_source);
+}
+
+/* TSC value after us microseconds from now; see tsc_passed(). */
+u64 tsc_deadline_us(u64 us)
+{
+	return rdtsc() + us * tsc_khz() / 1000;
+}
+
+int tsc_passed(u64 deadline)
+{
+	return (i64)(rdtsc() - deadline) >= 0;
+}
+
+u64 tsc_cycles_to_us(u64 cycles)
+{
+	u64 khz = tsc_khz();
+	/* cycles * 1000 / khz without overflowing for long intervals */
+	return cycles / khz * 1000 + cycles % khz * 1000 / khz;
 }
 
 void delay_us(u64 us)

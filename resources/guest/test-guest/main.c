@@ -5,8 +5,9 @@
 #include "tg.h"
 
 /* Not zeroed at start-up (large; bootinfo_parse() sets what is read). */
-static struct bootinfo bi __attribute__((section(".noinit")));
-static struct tg_opts opts;
+static struct bootinfo bi NOINIT;
+/* opts_parse() sets every field (virtio_slots[] up to nr_virtio). */
+static struct tg_opts opts NOINIT;
 static struct mp_info mp;
 
 static void __attribute__((noreturn)) halt_forever(void)
@@ -125,6 +126,11 @@ void tg_main(u32 protocol, u64 info)
 	mptable_find(&mp);
 	mptable_print(&mp);
 	smp_boot(&bi, &mp, &opts);
+
+	if (opts.virtio || opts.blk != BLK_OFF)
+		virtio_probe_all(&opts);
+	if (opts.blk != BLK_OFF)
+		virtio_blk_run(&opts);
 
 	count();
 	if (opts.echo)

@@ -15,6 +15,12 @@ typedef unsigned long size_t;
 #define NULL ((void *)0)
 #define ARRAY_SIZE(a) (sizeof(a) / sizeof((a)[0]))
 
+/*
+ * Not zeroed at start-up (linker.ld): for state that is set before use. .bss is
+ * cleared before the boot-timer write, so large objects there delay that write.
+ */
+#define NOINIT __attribute__((section(".noinit")))
+
 /* ---- port and memory-mapped I/O ---- */
 
 static inline void outb(u16 port, u8 v)
@@ -137,6 +143,17 @@ void bootinfo_add_reserved(struct bootinfo *bi, u64 start, u64 len);
 
 /* ---- cmdline.c ---- */
 enum exit_mode { EXIT_REBOOT, EXIT_HALT, EXIT_FAULT };
+enum blk_mode { BLK_OFF, BLK_CHECK, BLK_READ, BLK_WRITE, BLK_BENCH, BLK_HOSTILE };
+
+/* Most virtio_mmio.device= entries kept from the command line. */
+#define MAX_VIRTIO_SLOTS 16
+
+/* One "virtio_mmio.device=<size>@<base>:<irq>[:<id>]" entry. */
+struct virtio_slot {
+	u64 base;
+	u64 size;
+	u32 irq;
+};
 
 struct tg_opts {
 	int timer;          /* tg.timer: write the boot-timer byte (default 1) */
@@ -147,6 +164,17 @@ struct tg_opts {
 	int echo;           /* tg.echo */
 	int quiet;          /* tg.quiet: only the count, echo and final lines */
 	enum exit_mode exit_mode; /* tg.exit */
+	int virtio;         /* tg.virtio: print every announced virtio-mmio device */
+	enum blk_mode blk;  /* tg.blk */
+	u64 blk_seed;       /* tg.blk_seed: data pattern seed (default 1) */
+	u64 blk_sector;     /* tg.blk_sector: first sector of check/read/write (default 0) */
+	u64 blk_count;      /* tg.blk_count: sectors of check/read/write (default 8) */
+	u64 blk_ops;        /* tg.blk_ops: random 4 KiB reads of the benchmark (default 2000) */
+	u64 blk_mib;        /* tg.blk_mib: MiB of the sequential benchmark (default 16) */
+	u64 blk_dev;        /* tg.blk_dev: block device for bench and hostile (default 0) */
+	u64 blk_timeout_ms; /* tg.blk_timeout_ms: longest wait for one request (default 5000) */
+	u32 nr_virtio;      /* virtio_mmio.device= entries, in command-line order */
+	struct virtio_slot virtio_slots[MAX_VIRTIO_SLOTS];
 };
 
 void opts_parse(const char *cmdline, u32 len, struct tg_opts *o);
@@ -155,6 +183,11 @@ int opts_timer_disabled(const char *cmdline, u32 len);
 /* ---- delay.c ---- */
 int is_hypervisor(void);
 u64 tsc_khz(void);
+const char *tsc_source(void);
+void tsc_report(void);
+u64 tsc_deadline_us(u64 us);
+int tsc_passed(u64 deadline);
+u64 tsc_cycles_to_us(u64 cycles);
 void delay_us(u64 us);
 void delay_ms(u64 ms);
 
@@ -171,6 +204,10 @@ struct mp_info {
 void mptable_find(struct mp_info *mp);
 void mptable_print(const struct mp_info *mp);
 void smp_boot(struct bootinfo *bi, const struct mp_info *mp, const struct tg_opts *o);
+
+/* ---- virtio_mmio.c, virtio_blk.c ---- */
+void virtio_probe_all(const struct tg_opts *o);
+void virtio_blk_run(const struct tg_opts *o);
 
 /* ---- main.c ---- */
 void tg_main(u32 protocol, u64 info);

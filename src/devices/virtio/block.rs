@@ -408,6 +408,13 @@ impl VirtioDevice for Block {
         self.active = None;
     }
 
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        self.active
+            .iter()
+            .map(|(_, queue, _)| queue.state())
+            .collect()
+    }
+
     fn process_queue(&mut self, _index: usize) {
         let Some((mem, mut queue, interrupt)) = self.active.take() else {
             return;

@@ -5,7 +5,8 @@
 
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueT};
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -24,6 +25,65 @@ pub const STATUS_DRIVER_OK: u32 = 4;
 pub const STATUS_FEATURES_OK: u32 = 8;
 pub const STATUS_NEEDS_RESET: u32 = 0x40;
 pub const STATUS_FAILED: u32 = 0x80;
+
+/// A queue's registers and progress, for snapshots.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueSnapshot {
+    pub max_size: u16,
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+    pub next_avail: u16,
+    pub next_used: u16,
+    pub event_idx_enabled: bool,
+}
+
+impl From<QueueState> for QueueSnapshot {
+    fn from(q: QueueState) -> Self {
+        QueueSnapshot {
+            max_size: q.max_size,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+        }
+    }
+}
+
+impl From<&QueueSnapshot> for QueueState {
+    fn from(q: &QueueSnapshot) -> Self {
+        QueueState {
+            max_size: q.max_size,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+        }
+    }
+}
+
+/// The transport's registers, for snapshots.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransportSnapshot {
+    pub features_select: u32,
+    pub acked_features_select: u32,
+    pub acked_features: u64,
+    pub queue_select: u32,
+    pub status: u32,
+    pub config_generation: u32,
+    pub interrupt_status: u32,
+    pub queues: Vec<QueueSnapshot>,
+}
 
 /// One device's transport state.
 pub struct MmioTransport {
@@ -78,6 +138,61 @@ impl MmioTransport {
 
     pub fn status(&self) -> u32 {
         self.status
+    }
+
+    /// Captures the registers and, for an active device, its live queue progress.
+    pub fn snapshot(&self) -> TransportSnapshot {
+        let live = lock(&self.device).queue_states();
+        let queues = if live.len() == self.queues.len() {
+            live.into_iter().map(QueueSnapshot::from).collect()
+        } else {
+            self.queues
+                .iter()
+                .map(|q| QueueSnapshot::from(q.state()))
+                .collect()
+        };
+        TransportSnapshot {
+            features_select: self.features_select,
+            acked_features_select: self.acked_features_select,
+            acked_features: self.acked_features,
+            queue_select: self.queue_select,
+            status: self.status,
+            config_generation: self.config_generation,
+            interrupt_status: self
+                .interrupt
+                .status
+                .load(std::sync::atomic::Ordering::SeqCst),
+            queues,
+        }
+    }
+
+    /// Restores registers and queues; re-activates the device if the driver had started it.
+    pub fn restore(&mut self, snap: &TransportSnapshot) -> Result<(), ActivateError> {
+        if snap.queues.len() != self.queues.len() {
+            return Err(ActivateError::QueueCount {
+                expected: self.queues.len(),
+                found: snap.queues.len(),
+            });
+        }
+        let queues = snap
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(i, q)| {
+                Queue::try_from(QueueState::from(q)).map_err(|_| ActivateError::BadQueue(i))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        self.queues = queues;
+        self.features_select = snap.features_select;
+        self.acked_features_select = snap.acked_features_select;
+        self.acked_features = snap.acked_features;
+        self.queue_select = snap.queue_select;
+        self.status = snap.status;
+        self.config_generation = snap.config_generation;
+        self.interrupt
+            .status
+            .store(snap.interrupt_status, std::sync::atomic::Ordering::SeqCst);
+        self.activate_device()
     }
 
     /// Tells the driver the configuration changed (e.g. new disk capacity).
@@ -334,6 +449,9 @@ mod tests {
             self.resets += 1;
         }
         fn process_queue(&mut self, _: usize) {}
+        fn queue_states(&self) -> Vec<QueueState> {
+            Vec::new()
+        }
     }
 
     fn setup() -> (MmioTransport, Arc<Mutex<Dummy>>, EventFd) {

@@ -93,6 +93,8 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self);
     /// Processes queue `index` after the driver notified it. Runs on the VMM thread.
     fn process_queue(&mut self, index: usize);
+    /// The live state of the device's queues while active (for snapshots); empty otherwise.
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState>;
 }
 
 /// A device shared between its transport and its event-loop subscriber.

@@ -114,6 +114,22 @@ quit
 
 	run "$proto: tg.count/tg.delay_ms" 0 $flag --cmdline "tg.count=3 tg.delay_ms=20" "$img" &&
 		has "$proto: tg.count/tg.delay_ms" "count: 1" "count: 2" "count: 3"
+
+	# kvm-boot has no virtio device (MMIO reads return 0): this checks the parsing.
+	run "$proto: virtio_mmio.device entries" 0 $flag --cmdline "tg.virtio=1 tg.blk=check \
+virtio_mmio.device=4K@0xc0001000:5 virtio_mmio.device=0x200@0xc0002000:6:1 \
+virtio_mmio.device=4096@3221237760:7 virtio_mmio.device=4K@0x100000000:8 \
+virtio_mmio.device=16@0xc0005000:9 virtio_mmio.device=4K@0xc0006000 virtio_mmio.device=4K" "$img" &&
+		has "$proto: virtio_mmio.device entries" \
+			"virtio: slot=0 base=0xc0001000 irq=5 error=bad-magic magic=0x0" \
+			"virtio: slot=1 base=0xc0002000 irq=6 error=bad-magic magic=0x0" \
+			"virtio: slot=2 base=0xc0003000 irq=7 error=bad-magic magic=0x0" \
+			"virtio: slot=3 base=0x100000000 irq=8 error=unmapped" \
+			"virtio: slot=4 base=0xc0005000 irq=9 error=too-small size=0x10" \
+			"blk: none" "testguest: done"
+
+	run "$proto: tg.virtio=1 without devices" 0 $flag --cmdline "tg.virtio=1" "$img" &&
+		has "$proto: tg.virtio=1 without devices" "virtio: none" "testguest: done"
 done
 
 # The Linux-protocol image must not carry the PVH note; the PVH one is also a valid vmlinux.

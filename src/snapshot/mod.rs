@@ -1,0 +1,276 @@
+//! Snapshot files: a versioned, checksummed state file (JSON payload) and a memory file holding
+//! guest RAM followed by a one-page trailer that ties it to its state file.
+//!
+//! State file layout: magic `FLICKSNP` (8 bytes), format version (u32 LE), payload length (u64
+//! LE), CRC-32 of the payload (u32 LE), payload (JSON). Memory file: guest RAM regions back to
+//! back, then a 4 KiB trailer: magic `FLICKMEM`, format version, snapshot id (u64), RAM bytes
+//! (u64). Pure I/O and format checks; the VMM builds and applies the state.
+
+pub mod state;
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::Path;
+
+const STATE_MAGIC: &[u8; 8] = b"FLICKSNP";
+const MEM_MAGIC: &[u8; 8] = b"FLICKMEM";
+/// Bumped whenever the state layout changes incompatibly.
+pub const FORMAT_VERSION: u32 = 1;
+const HEADER_BYTES: usize = 8 + 4 + 8 + 4;
+/// Size of the memory file's trailer.
+pub const MEM_TRAILER_BYTES: u64 = 4096;
+/// Largest state payload accepted (a sanity bound against corrupted lengths).
+const MAX_PAYLOAD_BYTES: u64 = 64 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("cannot read {0}")]
+    Read(String, #[source] std::io::Error),
+    #[error("cannot write {0}")]
+    Write(String, #[source] std::io::Error),
+    #[error("{0} is not a flick snapshot state file")]
+    NotAState(String),
+    #[error(
+        "{path} has snapshot format version {found}; this flick reads version {FORMAT_VERSION}"
+    )]
+    Version { path: String, found: u32 },
+    #[error("{0} is truncated")]
+    Truncated(String),
+    #[error("{0} is corrupted (checksum mismatch)")]
+    Checksum(String),
+    #[error("{0} has an invalid state payload: {1}")]
+    Payload(String, String),
+    #[error("{0} is not a flick snapshot memory file")]
+    NotAMemFile(String),
+    #[error("memory file {mem} does not belong to state file {state}")]
+    Mismatch { mem: String, state: String },
+    #[error("memory file {path} holds {found} bytes of RAM; the snapshot needs {expected}")]
+    MemSize {
+        path: String,
+        found: u64,
+        expected: u64,
+    },
+}
+
+/// CRC-32 (IEEE), bitwise; state payloads are small.
+pub fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = 0xffff_ffffu32;
+    for &b in bytes {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            let mask = (crc & 1).wrapping_neg();
+            crc = (crc >> 1) ^ (0xedb8_8320 & mask);
+        }
+    }
+    !crc
+}
+
+/// Encodes a state payload with its header.
+pub fn encode_state(payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_BYTES + payload.len());
+    out.extend_from_slice(STATE_MAGIC);
+    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    out.extend_from_slice(&crc32(payload).to_le_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Checks a state file's header and checksum; returns the payload.
+pub fn decode_state<'a>(name: &str, bytes: &'a [u8]) -> Result<&'a [u8], SnapshotError> {
+    if bytes.len() < 8 || &bytes[..8] != STATE_MAGIC {
+        return Err(SnapshotError::NotAState(name.into()));
+    }
+    if bytes.len() < HEADER_BYTES {
+        return Err(SnapshotError::Truncated(name.into()));
+    }
+    let version = u32::from_le_bytes(bytes[8..12].try_into().unwrap_or_default());
+    if version != FORMAT_VERSION {
+        return Err(SnapshotError::Version {
+            path: name.into(),
+            found: version,
+        });
+    }
+    let len = u64::from_le_bytes(bytes[12..20].try_into().unwrap_or_default());
+    let crc = u32::from_le_bytes(bytes[20..24].try_into().unwrap_or_default());
+    if len > MAX_PAYLOAD_BYTES {
+        return Err(SnapshotError::Checksum(name.into()));
+    }
+    let payload = &bytes[HEADER_BYTES..];
+    if (payload.len() as u64) < len {
+        return Err(SnapshotError::Truncated(name.into()));
+    }
+    let payload = &payload[..len as usize];
+    if crc32(payload) != crc {
+        return Err(SnapshotError::Checksum(name.into()));
+    }
+    Ok(payload)
+}
+
+/// Writes `payload` as a state file at `path` (via a temporary file and rename).
+pub fn write_state_file(path: &Path, payload: &[u8]) -> Result<(), SnapshotError> {
+    let name = path.display().to_string();
+    let tmp = path.with_extension("partial");
+    let write = || -> std::io::Result<()> {
+        let mut file = File::create(&tmp)?;
+        file.write_all(&encode_state(payload))?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        SnapshotError::Write(name, e)
+    })
+}
+
+/// Reads and checks a state file; returns its payload.
+pub fn read_state_file(path: &Path) -> Result<Vec<u8>, SnapshotError> {
+    let name = path.display().to_string();
+    let mut bytes = Vec::new();
+    File::open(path)
+        .and_then(|mut f| f.read_to_end(&mut bytes))
+        .map_err(|e| SnapshotError::Read(name.clone(), e))?;
+    decode_state(&name, &bytes).map(<[u8]>::to_vec)
+}
+
+/// The memory file's trailer.
+pub fn mem_trailer(snapshot_id: u64, ram_bytes: u64) -> Vec<u8> {
+    let mut page = vec![0u8; MEM_TRAILER_BYTES as usize];
+    page[..8].copy_from_slice(MEM_MAGIC);
+    page[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    page[12..20].copy_from_slice(&snapshot_id.to_le_bytes());
+    page[20..28].copy_from_slice(&ram_bytes.to_le_bytes());
+    page
+}
+
+/// Checks that the memory file at `path` (opened as `file`) belongs to snapshot `snapshot_id`
+/// and holds `ram_bytes` of RAM.
+pub fn check_mem_file(
+    file: &File,
+    path: &str,
+    state: &str,
+    snapshot_id: u64,
+    ram_bytes: u64,
+) -> Result<(), SnapshotError> {
+    use std::os::unix::fs::FileExt;
+    let size = file
+        .metadata()
+        .map_err(|e| SnapshotError::Read(path.into(), e))?
+        .len();
+    if size < MEM_TRAILER_BYTES {
+        return Err(SnapshotError::NotAMemFile(path.into()));
+    }
+    let mut page = vec![0u8; MEM_TRAILER_BYTES as usize];
+    file.read_exact_at(&mut page, size - MEM_TRAILER_BYTES)
+        .map_err(|e| SnapshotError::Read(path.into(), e))?;
+    if &page[..8] != MEM_MAGIC {
+        return Err(SnapshotError::NotAMemFile(path.into()));
+    }
+    let id = u64::from_le_bytes(page[12..20].try_into().unwrap_or_default());
+    let recorded = u64::from_le_bytes(page[20..28].try_into().unwrap_or_default());
+    if id != snapshot_id {
+        return Err(SnapshotError::Mismatch {
+            mem: path.into(),
+            state: state.into(),
+        });
+    }
+    let found = size - MEM_TRAILER_BYTES;
+    if recorded != ram_bytes || found != ram_bytes {
+        return Err(SnapshotError::MemSize {
+            path: path.into(),
+            found,
+            expected: ram_bytes,
+        });
+    }
+    Ok(())
+}
+
+/// A fresh snapshot id: time and process mixed through a 64-bit hash step.
+pub fn new_snapshot_id() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let mut x = nanos ^ (u64::from(std::process::id()) << 32);
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    x
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crc32_matches_the_standard_check_value() {
+        assert_eq!(crc32(b"123456789"), 0xcbf4_3926);
+    }
+
+    #[test]
+    fn state_round_trips_through_the_header() {
+        let bytes = encode_state(b"{\"a\":1}");
+        assert_eq!(decode_state("s", &bytes).unwrap(), b"{\"a\":1}");
+    }
+
+    #[test]
+    fn flipped_payload_byte_is_a_checksum_error() {
+        let mut bytes = encode_state(b"{\"a\":1}");
+        let last = bytes.len() - 2;
+        bytes[last] ^= 1;
+        assert!(matches!(
+            decode_state("s", &bytes),
+            Err(SnapshotError::Checksum(_))
+        ));
+    }
+
+    #[test]
+    fn truncated_state_is_reported() {
+        let bytes = encode_state(b"{\"a\":1}");
+        assert!(matches!(
+            decode_state("s", &bytes[..bytes.len() - 1]),
+            Err(SnapshotError::Truncated(_))
+        ));
+        assert!(matches!(
+            decode_state("s", &bytes[..10]),
+            Err(SnapshotError::Truncated(_))
+        ));
+    }
+
+    #[test]
+    fn foreign_version_is_reported() {
+        let mut bytes = encode_state(b"{}");
+        bytes[8] = 99;
+        assert!(matches!(
+            decode_state("s", &bytes),
+            Err(SnapshotError::Version { found: 99, .. })
+        ));
+    }
+
+    #[test]
+    fn other_files_are_not_states() {
+        assert!(matches!(
+            decode_state("s", b"hello world, not a snapshot"),
+            Err(SnapshotError::NotAState(_))
+        ));
+    }
+
+    #[test]
+    fn mem_trailer_identifies_its_snapshot() {
+        let path = std::env::temp_dir().join(format!("flick-memtrailer-{}", std::process::id()));
+        let mut bytes = vec![7u8; 8192];
+        bytes.extend_from_slice(&mem_trailer(42, 8192));
+        std::fs::write(&path, &bytes).unwrap();
+        let file = File::open(&path).unwrap();
+        assert!(check_mem_file(&file, "m", "s", 42, 8192).is_ok());
+        assert!(matches!(
+            check_mem_file(&file, "m", "s", 43, 8192),
+            Err(SnapshotError::Mismatch { .. })
+        ));
+        assert!(matches!(
+            check_mem_file(&file, "m", "s", 42, 4096),
+            Err(SnapshotError::MemSize { .. })
+        ));
+        let _ = std::fs::remove_file(path);
+    }
+}

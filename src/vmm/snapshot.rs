@@ -1,0 +1,274 @@
+//! Snapshot create and load: capture a paused VM into a state file and a memory file, and build a
+//! VM from them in a fresh process with guest RAM mapped privately from the memory file (pages
+//! load lazily on first touch).
+
+use std::fs::File;
+use std::io::{Seek, SeekFrom, Write};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+
+use super::attach::{self, Attached};
+use super::builder::{self, BuildContext, BuildError, Phases, RunningVm};
+use crate::config::{SnapshotCreateConfig, SnapshotLoadConfig, SnapshotType};
+use crate::devices::boot_timer::BootTimer;
+use crate::devices::bus::{lock, Bus};
+use crate::devices::legacy::SerialDevice;
+use crate::kvm::state::VmState;
+use crate::kvm::vcpu::{VcpuCommand, VcpuResponse};
+use crate::snapshot::state::VmSnapshot;
+use crate::snapshot::{self, SnapshotError};
+
+const PAGE: usize = 4096;
+const CHUNK: usize = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotOpError {
+    #[error(transparent)]
+    File(#[from] SnapshotError),
+    #[error("{0}")]
+    Refused(String),
+    #[error("cannot capture VM state")]
+    Capture(#[source] crate::kvm::state::StateError),
+    #[error("cannot restore VM state")]
+    Restore(#[source] crate::kvm::state::StateError),
+    #[error(transparent)]
+    Build(#[from] BuildError),
+    #[error("cannot map the memory file {0}")]
+    Map(String, #[source] std::io::Error),
+}
+
+/// Writes guest RAM to `file`, leaving all-zero pages as holes, then the trailer.
+fn write_memory(
+    mem: &GuestMemoryMmap,
+    ram: &[(u64, u64)],
+    file: &mut File,
+    id: u64,
+) -> std::io::Result<()> {
+    let mut buf = vec![0u8; CHUNK];
+    let mut offset = 0u64;
+    for &(start, size) in ram {
+        let mut done = 0u64;
+        while done < size {
+            let n = (size - done).min(CHUNK as u64) as usize;
+            mem.read_slice(&mut buf[..n], GuestAddress(start + done))
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            for page in buf[..n].chunks(PAGE) {
+                if page.iter().all(|&b| b == 0) {
+                    file.seek(SeekFrom::Current(page.len() as i64))?;
+                } else {
+                    file.write_all(page)?;
+                }
+            }
+            done += n as u64;
+        }
+        offset += size;
+    }
+    file.set_len(offset)?;
+    file.seek(SeekFrom::Start(offset))?;
+    file.write_all(&snapshot::mem_trailer(id, offset))?;
+    file.sync_all()
+}
+
+/// Captures `vm` (paused) into the files named by `params`.
+pub fn create(
+    vm: &RunningVm,
+    config: &crate::config::VmConfig,
+    params: &SnapshotCreateConfig,
+) -> Result<(), SnapshotOpError> {
+    if params.snapshot_type == SnapshotType::Diff {
+        return Err(SnapshotOpError::Refused(
+            "Diff snapshots are not supported by flick yet".into(),
+        ));
+    }
+    let started = Instant::now();
+    let candidates = Arc::new(vm.vm.msr_candidates().map_err(SnapshotOpError::Capture)?);
+    let mut vcpus = Vec::with_capacity(vm.vcpus.len());
+    for handle in &vm.vcpus {
+        match handle.call(VcpuCommand::SaveState(candidates.clone())) {
+            Ok(VcpuResponse::State(Ok(state))) => vcpus.push(*state),
+            Ok(VcpuResponse::State(Err(message))) | Err(message) => {
+                return Err(SnapshotOpError::Refused(message))
+            }
+            Ok(other) => {
+                return Err(SnapshotOpError::Refused(format!(
+                    "unexpected vCPU answer {other:?}"
+                )))
+            }
+        }
+    }
+    let snapshot = VmSnapshot {
+        snapshot_id: snapshot::new_snapshot_id(),
+        config: config.clone(),
+        ram: vm.ram.clone(),
+        cpu_profile: vm.cpu_profile,
+        kvm: VmState::capture(vm.vm.fd()).map_err(SnapshotOpError::Capture)?,
+        vcpus,
+        serial: lock(&vm.serial).snapshot(),
+        drives: vm
+            .devices
+            .drives
+            .iter()
+            .map(|d| (d.id.clone(), lock(&d.transport).snapshot()))
+            .collect(),
+    };
+    let payload = serde_json::to_vec(&snapshot)
+        .map_err(|e| SnapshotOpError::Refused(format!("cannot encode the snapshot: {e}")))?;
+
+    let mem_path = Path::new(&params.mem_file_path);
+    let mem_tmp = mem_path.with_extension("partial");
+    let mem_name = mem_path.display().to_string();
+    let written = File::create(&mem_tmp)
+        .and_then(|mut f| write_memory(&vm.mem, &vm.ram, &mut f, snapshot.snapshot_id))
+        .and_then(|()| std::fs::rename(&mem_tmp, mem_path));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&mem_tmp);
+        return Err(SnapshotError::Write(mem_name, e).into());
+    }
+    snapshot::write_state_file(Path::new(&params.snapshot_path), &payload)?;
+    tracing::info!("snapshot created in {} us", started.elapsed().as_micros());
+    Ok(())
+}
+
+/// Maps the memory file's RAM privately (copy-on-write, loaded on first touch).
+fn map_memory(
+    file: &File,
+    path: &str,
+    ram: &[(u64, u64)],
+) -> Result<GuestMemoryMmap, SnapshotOpError> {
+    let mut regions = Vec::with_capacity(ram.len());
+    let mut offset = 0u64;
+    for &(start, size) in ram {
+        let map_err = |e: &dyn std::fmt::Display| {
+            SnapshotOpError::Map(path.into(), std::io::Error::other(e.to_string()))
+        };
+        let clone = file
+            .try_clone()
+            .map_err(|e| SnapshotOpError::Map(path.into(), e))?;
+        let region = MmapRegionBuilder::new(size as usize)
+            .with_file_offset(FileOffset::new(clone, offset))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|e| map_err(&e))?;
+        let region = GuestRegionMmap::new(region, GuestAddress(start))
+            .ok_or_else(|| map_err(&"region does not fit the guest address space"))?;
+        regions.push(region);
+        offset += size;
+    }
+    GuestMemoryMmap::from_regions(regions)
+        .map_err(|e| SnapshotOpError::Map(path.into(), std::io::Error::other(e.to_string())))
+}
+
+/// Builds a VM from the snapshot named by `params`. vCPUs start paused unless `resume_vm`.
+pub fn load(
+    params: &SnapshotLoadConfig,
+    ctx: BuildContext,
+) -> Result<(RunningVm, VmSnapshot), SnapshotOpError> {
+    if !params.network_overrides.is_empty() {
+        return Err(SnapshotOpError::Refused(
+            "network_overrides: the snapshot has no network interfaces to retarget".into(),
+        ));
+    }
+    let mem_path = params.mem_file().map_err(SnapshotOpError::Refused)?;
+    let state_name = params.snapshot_path.clone();
+    let payload = snapshot::read_state_file(Path::new(&params.snapshot_path))?;
+    let snap: VmSnapshot = serde_json::from_slice(&payload)
+        .map_err(|e| SnapshotError::Payload(state_name.clone(), e.to_string()))?;
+    let vcpu_count = snap.vcpus.len();
+    if vcpu_count == 0 || vcpu_count != usize::from(snap.config.machine_config.vcpu_count) {
+        return Err(SnapshotError::Payload(
+            state_name,
+            "vCPU count does not match its configuration".into(),
+        )
+        .into());
+    }
+    let mem_file = File::open(mem_path).map_err(|e| SnapshotError::Read(mem_path.into(), e))?;
+    snapshot::check_mem_file(
+        &mem_file,
+        mem_path,
+        &state_name,
+        snap.snapshot_id,
+        snap.ram_bytes(),
+    )?;
+    builder::check_memory(snap.config.machine_config.mem_size_mib)?;
+    let drives = attach::open_drives(&snap.config.drives).map_err(BuildError::from)?;
+
+    let mut phases = Phases::new();
+    let mem = map_memory(&mem_file, mem_path, &snap.ram)?;
+    phases.mark("map memory file");
+    let vm = builder::create_vm(&mem, vcpu_count as u8, &mut phases)?;
+    snap.kvm
+        .restore(vm.fd())
+        .map_err(SnapshotOpError::Restore)?;
+
+    let mut mmio = Bus::new();
+    let mut devices = Attached::default();
+    attach::attach_drives(&vm, &mem, &mut mmio, &mut devices, drives).map_err(BuildError::from)?;
+    if devices.drives.len() != snap.drives.len() {
+        return Err(SnapshotError::Payload(
+            state_name,
+            "drive list does not match its configuration".into(),
+        )
+        .into());
+    }
+    for (drive, (id, transport)) in devices.drives.iter().zip(&snap.drives) {
+        if &drive.id != id {
+            return Err(
+                SnapshotError::Payload(state_name, format!("drive {id} is out of order")).into(),
+            );
+        }
+        lock(&drive.transport)
+            .restore(transport)
+            .map_err(|e| SnapshotOpError::Refused(format!("drive {id}: {e}")))?;
+        // Requests the guest queued just before the snapshot get processed now.
+        let mut device = lock(&drive.device);
+        if crate::devices::virtio::VirtioDevice::is_active(&*device) {
+            crate::devices::virtio::VirtioDevice::process_queue(&mut *device, 0);
+        }
+    }
+    let timer = BootTimer::new(
+        ctx.started,
+        ctx.started_cpu_us,
+        ctx.boot_times.clone(),
+        false,
+    );
+    let serial_out = ctx.serial_out;
+    let serial_snap = snap.serial.clone();
+    let legacy = builder::legacy_devices(&vm, &mut mmio, timer, |irq, drained| {
+        SerialDevice::restored(&serial_snap, irq, drained, serial_out)
+            .map_err(|e| BuildError::Unsupported(Box::leak(e.into_boxed_str())))
+    })?;
+    phases.mark("devices");
+
+    let mut configured = Vec::with_capacity(vcpu_count);
+    for (index, state) in snap.vcpus.iter().enumerate() {
+        let fd = vm.create_vcpu(index as u8).map_err(BuildError::from)?;
+        state.restore(&fd).map_err(SnapshotOpError::Restore)?;
+        let cpuid = kvm_bindings::CpuId::from_entries(&state.cpuid)
+            .map_err(|_| SnapshotError::Payload(state_name.clone(), "invalid CPUID".into()))?;
+        configured.push((fd, cpuid));
+    }
+    phases.mark("restore vCPUs");
+    let vcpus = builder::start_vcpus(configured, &mem, legacy.pio, mmio, !params.resume_vm)?;
+    phases.mark("spawn vCPU threads");
+    let running = RunningVm {
+        vm,
+        mem,
+        ram: snap.ram.clone(),
+        serial: legacy.serial,
+        serial_drained: legacy.serial_drained,
+        reset: legacy.reset,
+        vcpu_wake: vcpus.wake,
+        vcpu_events: vcpus.events,
+        vcpu_stats: vcpus.stats,
+        vcpus: vcpus.handles,
+        cpu_profile: snap.cpu_profile,
+        cmdline: String::new(),
+        devices,
+    };
+    Ok((running, snap))
+}
