@@ -1,0 +1,376 @@
+#!/usr/bin/env bash
+# Builds the guest artifacts for flick's Linux-guest tests, or finds them in
+# the cache:
+#   - a Linux 6.1 kernel (vmlinux ELF with the PVH note, and bzImage) from
+#     Debian's linux-source-6.1, tinyconfig + resources/guest/linux/config.fragment
+#     + resources/guest/linux/patches/*.patch;
+#   - a busybox-static root file system whose /init is resources/guest/rootfs/init,
+#     as an ext4 image and as an uncompressed newc cpio initramfs.
+#
+# Prints shell assignments on stdout, progress on stderr:
+#   eval "$(scripts/guest-artifacts.sh)"
+#
+# See docs/guest-artifacts.md.
+set -euo pipefail
+
+usage() {
+	cat <<'EOF'
+Usage: scripts/guest-artifacts.sh [--kernel-only | --rootfs-only] [--force]
+
+Builds (or finds in the cache) the guest kernel and root file system used by
+flick's Linux-guest tests and prints their paths:
+
+  FLICK_KERNEL_VMLINUX=...   vmlinux (ELF, PVH entry note)
+  FLICK_KERNEL_BZIMAGE=...   bzImage
+  FLICK_ROOTFS_EXT4=...      ext4 image (label flickroot)
+  FLICK_INITRAMFS=...        uncompressed newc cpio
+
+Use it as:  eval "$(scripts/guest-artifacts.sh)"
+
+Options:
+  --kernel-only   only the kernel
+  --rootfs-only   only the root file system images
+  --force         rebuild even if the cache has the artifacts
+  -h, --help      this text
+
+Environment:
+  FLICK_CACHE_DIR   cache root (default: $HOME/.cache/flick); artifacts go to
+                    $FLICK_CACHE_DIR/guest/{kernel,rootfs}-<hash of inputs>/
+
+Missing Debian packages are installed with apt-get (needs root).
+EOF
+}
+
+want_kernel=1
+want_rootfs=1
+force=0
+while (($#)); do
+	case $1 in
+	--kernel-only) want_rootfs=0 ;;
+	--rootfs-only) want_kernel=0 ;;
+	--force) force=1 ;;
+	-h | --help)
+		usage
+		exit 0
+		;;
+	*)
+		echo "guest-artifacts: unknown argument: $1" >&2
+		usage >&2
+		exit 2
+		;;
+	esac
+	shift
+done
+if ((!want_kernel && !want_rootfs)); then
+	echo "guest-artifacts: --kernel-only and --rootfs-only exclude each other" >&2
+	exit 2
+fi
+
+SCRIPT=$(readlink -f "${BASH_SOURCE[0]}")
+REPO=$(cd "$(dirname "$SCRIPT")/.." && pwd)
+GUEST_SRC=$REPO/resources/guest
+FRAGMENT=$GUEST_SRC/linux/config.fragment
+PATCH_DIR=$GUEST_SRC/linux/patches
+INIT_SCRIPT=$GUEST_SRC/rootfs/init
+LINUX_TARBALL=/usr/src/linux-source-6.1.tar.xz
+BUSYBOX=/bin/busybox
+ROOTFS_SIZE_MIB=32
+ROOTFS_LABEL=flickroot
+
+CACHE=${FLICK_CACHE_DIR:-${HOME:-/root}/.cache/flick}/guest
+
+START=$SECONDS
+say() { printf '[guest-artifacts %4ds] %s\n' $((SECONDS - START)) "$*" >&2; }
+die() {
+	printf '[guest-artifacts %4ds] ERROR: %s\n' $((SECONDS - START)) "$*" >&2
+	exit 1
+}
+
+# Temporary build directories; removed on any exit, so an interrupted or
+# failed build never leaves anything that looks like a finished artifact.
+TMP_DIRS=()
+cleanup() {
+	local d
+	for d in "${TMP_DIRS[@]}"; do
+		[[ -n $d && -e $d ]] && rm -rf -- "$d"
+	done
+	return 0
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+[[ $(uname -m) == x86_64 ]] || die "the guest kernel is x86_64 only; this host is $(uname -m)"
+
+# ---------------------------------------------------------------------------
+# Debian packages
+# ---------------------------------------------------------------------------
+pkgs=()
+if ((want_kernel)); then
+	pkgs+=(linux-source-6.1 build-essential patch flex bison bc libelf-dev xz-utils lz4)
+fi
+if ((want_rootfs)); then
+	pkgs+=(busybox-static e2fsprogs cpio)
+fi
+
+missing=()
+installed=$(dpkg-query -W -f='${Package} ${db:Status-Abbrev}\n' "${pkgs[@]}" 2>/dev/null || true)
+for p in "${pkgs[@]}"; do
+	grep -q "^$p ii" <<<"$installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+	((EUID == 0)) || die "missing Debian packages (run as root to install them): ${missing[*]}"
+	say "installing Debian packages: ${missing[*]}"
+	export DEBIAN_FRONTEND=noninteractive
+	apt-get update -q >&2
+	apt-get install -y -q --no-install-recommends "${missing[@]}" >&2
+fi
+
+pkg_version() { dpkg-query -W -f='${Version}' "$1"; }
+
+hash_inputs() { sha256sum | cut -c1-16; }
+
+mkdir -p "$CACHE"
+
+# Removes temporary directories left behind by builds that were killed
+# (their process id is the last part of the name and no longer runs).
+prune_stale() {
+	local d pid
+	for d in "$CACHE"/.tmp-*; do
+		[[ -e $d ]] || continue
+		pid=${d##*.}
+		[[ $pid =~ ^[0-9]+$ ]] || continue
+		kill -0 "$pid" 2>/dev/null || rm -rf -- "$d"
+	done
+}
+
+# publish STAGING FINAL: moves a finished staging directory into place with a
+# rename, so FINAL either does not exist or is complete.
+publish() {
+	local staging=$1 final=$2 old
+	if [[ -e $final ]]; then
+		old=$CACHE/.tmp-old-$(basename "$final").$$
+		TMP_DIRS+=("$old")
+		mv -T -- "$final" "$old"
+	fi
+	mv -T -- "$staging" "$final"
+}
+
+# ---------------------------------------------------------------------------
+# Kernel
+# ---------------------------------------------------------------------------
+build_kernel() {
+	local dir=$1 key=$2 log=$3 tmp src out p opt val line bad=()
+	tmp=$CACHE/.tmp-kernel-$key.$$
+	TMP_DIRS+=("$tmp")
+	rm -rf -- "$tmp"
+	mkdir -p "$tmp/out" "$(dirname "$log")"
+	src=$tmp/linux-source-6.1
+	out=$tmp/out
+	: >"$log"
+	say "kernel: build log: $log"
+
+	say "kernel: extracting $LINUX_TARBALL"
+	tar -xJf "$LINUX_TARBALL" -C "$tmp"
+	[[ -f $src/Makefile ]] || die "kernel: $LINUX_TARBALL did not contain linux-source-6.1/"
+
+	shopt -s nullglob
+	local patches=("$PATCH_DIR"/*.patch)
+	shopt -u nullglob
+	for p in "${patches[@]}"; do
+		say "kernel: applying $(basename "$p")"
+		echo "=== patch -p1 < $p" >>"$log"
+		if ! patch -d "$src" -p1 --forward --batch <"$p" >>"$log" 2>&1; then
+			tail -n 20 "$log" >&2
+			die "kernel: patch $(basename "$p") does not apply to linux-source-6.1 $(pkg_version linux-source-6.1)"
+		fi
+	done
+
+	say "kernel: configuring (tinyconfig + $(basename "$FRAGMENT"))"
+	if ! {
+		echo "=== make tinyconfig" &&
+			make -C "$src" tinyconfig &&
+			echo "=== merge_config.sh -m .config $FRAGMENT" &&
+			(cd "$src" && scripts/kconfig/merge_config.sh -m .config "$FRAGMENT") &&
+			echo "=== make olddefconfig" &&
+			make -C "$src" olddefconfig
+	} >>"$log" 2>&1; then
+		tail -n 40 "$log" >&2
+		die "kernel: configuration failed (log: $log)"
+	fi
+
+	# Every option of the fragment must have survived olddefconfig: an option
+	# whose dependencies are not met is dropped silently otherwise.
+	while IFS= read -r line; do
+		if [[ $line =~ ^(CONFIG_[A-Za-z0-9_]+)=(.*)$ ]]; then
+			opt=${BASH_REMATCH[1]}
+			val=${BASH_REMATCH[2]}
+			grep -qxF -- "$opt=$val" "$src/.config" ||
+				bad+=("$opt=$val (got: $(grep -E "^(# )?$opt[= ]" "$src/.config" || echo unset))")
+		elif [[ $line =~ ^#\ (CONFIG_[A-Za-z0-9_]+)\ is\ not\ set$ ]]; then
+			opt=${BASH_REMATCH[1]}
+			if grep -qE "^$opt=" "$src/.config"; then
+				bad+=("$opt off (got: $(grep -E "^$opt=" "$src/.config"))")
+			fi
+		fi
+	done <"$FRAGMENT"
+	if ((${#bad[@]})); then
+		for line in "${bad[@]}"; do
+			echo "  $line" >&2
+		done
+		die "kernel: ${#bad[@]} option(s) of $(basename "$FRAGMENT") did not survive olddefconfig (see above)"
+	fi
+
+	say "kernel: make -j$(nproc) vmlinux bzImage (a few minutes)"
+	local next=$((SECONDS + 30)) last=
+	if ! make -C "$src" -j"$(nproc)" KBUILD_BUILD_USER=flick KBUILD_BUILD_HOST=flick \
+		vmlinux bzImage 2>&1 | while IFS= read -r line; do
+			printf '%s\n' "$line" >>"$log"
+			last=$line
+			if ((SECONDS >= next)); then
+				say "kernel: building... ${last:0:100}"
+				next=$((SECONDS + 30))
+			fi
+		done; then
+		echo "--- last lines of $log:" >&2
+		tail -n 40 "$log" >&2
+		die "kernel: build failed (log: $log)"
+	fi
+
+	cp "$src/vmlinux" "$out/vmlinux"
+	cp "$src/arch/x86/boot/bzImage" "$out/bzImage"
+	cp "$src/.config" "$out/config"
+	cp "$src/System.map" "$out/System.map"
+	# XEN_ELFNOTE_PHYS32_ENTRY (type 18) is the PVH entry point.
+	if ! readelf -n "$out/vmlinux" | grep -qiE '^[[:space:]]*Xen[[:space:]].*(0x00000012|PHYS32_ENTRY)'; then
+		die "kernel: vmlinux has no Xen PVH entry note (CONFIG_PVH)"
+	fi
+	cp "$log" "$out/build.log"
+	publish "$out" "$dir"
+	rm -rf -- "$tmp"
+}
+
+kernel() {
+	local key dir log
+	key=$(
+		{
+			echo "kernel"
+			sha256sum "$SCRIPT" "$FRAGMENT" | cut -d' ' -f1
+			(cd "$PATCH_DIR" 2>/dev/null && shopt -s nullglob && for f in *.patch; do
+				echo "$f $(sha256sum <"$f" | cut -d' ' -f1)"
+			done)
+			pkg_version linux-source-6.1
+			echo
+			gcc -dumpfullversion
+		} | hash_inputs
+	)
+	dir=$CACHE/kernel-$key
+	log=$CACHE/logs/kernel-$key.log
+	if ((force)) || [[ ! -s $dir/vmlinux || ! -s $dir/bzImage ]]; then
+		exec 8>"$CACHE/.lock-kernel"
+		flock -n 8 || { say "kernel: waiting for another build to finish"; flock 8; }
+		if ((force)) || [[ ! -s $dir/vmlinux || ! -s $dir/bzImage ]]; then
+			prune_stale
+			say "kernel: building into $dir"
+			build_kernel "$dir" "$key" "$log"
+			say "kernel: done"
+		else
+			say "kernel: built by another process: $dir"
+		fi
+		exec 8>&-
+	else
+		say "kernel: cached: $dir"
+	fi
+	KERNEL_DIR=$dir
+}
+
+# ---------------------------------------------------------------------------
+# Root file system
+# ---------------------------------------------------------------------------
+build_rootfs() {
+	local dir=$1 key=$2 tmp root out a applets
+	tmp=$CACHE/.tmp-rootfs-$key.$$
+	TMP_DIRS+=("$tmp")
+	rm -rf -- "$tmp"
+	root=$tmp/root
+	out=$tmp/out
+	mkdir -p "$out" "$root"/{bin,sbin,usr/bin,usr/sbin,dev,proc,sys,tmp,root,etc}
+	chmod 1777 "$root/tmp"
+	chmod 700 "$root/root"
+
+	say "rootfs: busybox $(pkg_version busybox-static)"
+	applets=$("$BUSYBOX" --list)
+	for a in sh mount devmem poweroff reboot setsid cttyhack cat; do
+		grep -qx "$a" <<<"$applets" || die "rootfs: $BUSYBOX has no '$a' applet"
+	done
+	cp "$BUSYBOX" "$root/bin/busybox"
+	while IFS= read -r a; do
+		case $a in "" | bin/busybox | sbin/init | linuxrc) continue ;; esac
+		mkdir -p "$root/$(dirname "$a")"
+		[[ -e $root/$a || -L $root/$a ]] || ln -s /bin/busybox "$root/$a"
+	done < <("$BUSYBOX" --list-full)
+	install -m 0755 "$INIT_SCRIPT" "$root/init"
+	ln -s ../init "$root/sbin/init"
+	# The kernel opens /dev/console for init before anything mounts devtmpfs
+	# when it boots from the initramfs.
+	mknod -m 600 "$root/dev/console" c 5 1 ||
+		say "rootfs: warning: cannot create /dev/console (not root?)"
+	chown -R 0:0 "$root" 2>/dev/null || true
+
+	say "rootfs: ext4 image (${ROOTFS_SIZE_MIB} MiB, label $ROOTFS_LABEL)"
+	mkfs.ext4 -q -F -b 4096 -L "$ROOTFS_LABEL" -d "$root" "$out/rootfs.ext4" "${ROOTFS_SIZE_MIB}M" >/dev/null
+	e2fsck -fn "$out/rootfs.ext4" >/dev/null 2>&1 || die "rootfs: e2fsck found errors in the new ext4 image"
+
+	say "rootfs: uncompressed newc cpio initramfs"
+	(cd "$root" && find . -mindepth 1 | LC_ALL=C sort |
+		cpio --quiet -o -H newc -R 0:0 --reproducible) >"$out/initramfs.cpio"
+	cpio --quiet -it <"$out/initramfs.cpio" | grep -qx init || die "rootfs: the initramfs has no /init"
+
+	publish "$out" "$dir"
+	rm -rf -- "$tmp"
+}
+
+rootfs() {
+	local key dir
+	key=$(
+		{
+			echo "rootfs"
+			sha256sum "$SCRIPT" "$INIT_SCRIPT" | cut -d' ' -f1
+			pkg_version busybox-static
+			echo
+			pkg_version e2fsprogs
+			echo
+			pkg_version cpio
+			echo
+		} | hash_inputs
+	)
+	dir=$CACHE/rootfs-$key
+	if ((force)) || [[ ! -s $dir/rootfs.ext4 || ! -s $dir/initramfs.cpio ]]; then
+		exec 9>"$CACHE/.lock-rootfs"
+		flock -n 9 || { say "rootfs: waiting for another build to finish"; flock 9; }
+		if ((force)) || [[ ! -s $dir/rootfs.ext4 || ! -s $dir/initramfs.cpio ]]; then
+			prune_stale
+			say "rootfs: building into $dir"
+			build_rootfs "$dir" "$key"
+			say "rootfs: done"
+		else
+			say "rootfs: built by another process: $dir"
+		fi
+		exec 9>&-
+	else
+		say "rootfs: cached: $dir"
+	fi
+	ROOTFS_DIR=$dir
+}
+
+if ((want_kernel)); then kernel; fi
+if ((want_rootfs)); then rootfs; fi
+
+if ((want_kernel)); then
+	echo "FLICK_KERNEL_VMLINUX=$KERNEL_DIR/vmlinux"
+	echo "FLICK_KERNEL_BZIMAGE=$KERNEL_DIR/bzImage"
+fi
+if ((want_rootfs)); then
+	echo "FLICK_ROOTFS_EXT4=$ROOTFS_DIR/rootfs.ext4"
+	echo "FLICK_INITRAMFS=$ROOTFS_DIR/initramfs.cpio"
+fi
