@@ -25,6 +25,11 @@ if [[ ! -e /dev/kvm ]]; then
     echo "test.sh: /dev/kvm is missing; KVM tests will be skipped" >&2
 fi
 
+echo "== guest artifacts (Linux kernel + rootfs; built once, then cached)" >&2
+artifacts=$(scripts/guest-artifacts.sh)
+eval "$artifacts"
+export FLICK_KERNEL_VMLINUX FLICK_KERNEL_BZIMAGE FLICK_ROOTFS_EXT4 FLICK_INITRAMFS
+
 echo "== cargo fmt --check" >&2
 cargo fmt --check
 echo "== cargo clippy" >&2

@@ -124,8 +124,8 @@ impl Phases {
 /// On PVM hosts the guest kernel's CPUID instructions are not intercepted, so a CPUID profile
 /// alone cannot hide features the instruction emulator lacks; Linux guests are told on their
 /// command line instead (measured: without these a 6.1 guest stops on `xrstor` at FPU init).
-pub const PVM_FEATURE_ARGS: &str = "noxsave clearcpuid=smap,smep,popcnt,rdrand,rdseed,fsgsbase,\
-avx,avx2,bmi1,bmi2,movbe,xsaveopt,xsavec,xsaves,pcid,invpcid,rdpid,umip,pku,ospke";
+pub const PVM_FEATURE_ARGS: &str = "clearcpuid=xsave,xsaveopt,xsavec,xsaves,smap,smep,popcnt,\
+rdrand,rdseed,fsgsbase,avx,avx2,bmi1,bmi2,movbe,pcid,invpcid,rdpid,umip,pku,ospke";
 
 /// Resolves `auto` for this host.
 pub fn effective_profile(profile: CpuProfile, host: HostKind) -> CpuProfile {

@@ -1,0 +1,175 @@
+//! Linux guests: the project's kernel and busybox root file system (built and cached by
+//! `scripts/guest-artifacts.sh`, which `scripts/test.sh` runs first and whose paths arrive in
+//! `FLICK_KERNEL_*`/`FLICK_ROOTFS_EXT4`/`FLICK_INITRAMFS`).
+//!
+//! On a PVM host (KVM emulating guest kernel code) Linux gets as far as starting init: user space
+//! cannot make system calls there, so init dies, the kernel panics and (panic=1, reboot=k) resets
+//! through the i8042, and flick exits 0. On hosts where user space works, init prints READY.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const LINUX_TIMEOUT: Duration = Duration::from_secs(300);
+
+fn artifact(var: &str) -> Option<PathBuf> {
+    match std::env::var_os(var) {
+        Some(path) => Some(PathBuf::from(path)),
+        None if std::env::var_os("CI").is_some() => {
+            panic!("{var} is not set: run the suite through scripts/test.sh")
+        }
+        None => {
+            eprintln!("skipping: {var} is not set (run scripts/test.sh or eval scripts/guest-artifacts.sh)");
+            None
+        }
+    }
+}
+
+fn on_pvm() -> bool {
+    std::path::Path::new("/sys/module/kvm_pvm").exists()
+}
+
+/// Runs a Linux VM to its end (or the timeout), returning exit code and console.
+fn run_linux(config: &serde_json::Value) -> (Option<i32>, String, String, Duration) {
+    let dir = TempDir::new("linux");
+    let path = dir.write("vm.json", config.to_string().as_bytes());
+    let start = Instant::now();
+    let mut child = Command::new(flick_bin())
+        .args([
+            "--no-api",
+            "--level",
+            "Info",
+            "--boot-timer",
+            "--config-file",
+        ])
+        .arg(&path)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(dir.path("console")).unwrap())
+        .stderr(std::fs::File::create(dir.path("log")).unwrap())
+        .spawn()
+        .unwrap();
+    let code = wait_with_timeout(&mut child, LINUX_TIMEOUT);
+    let console = std::fs::read_to_string(dir.path("console")).unwrap_or_default();
+    let log = std::fs::read_to_string(dir.path("log")).unwrap_or_default();
+    (code, console, log, start.elapsed())
+}
+
+/// ext4 superblock mount count (offset 1024 + 0x34).
+fn ext4_mount_count(image: &std::path::Path) -> u16 {
+    let bytes = std::fs::read(image).unwrap();
+    u16::from_le_bytes([bytes[1024 + 0x34], bytes[1024 + 0x35]])
+}
+
+#[test]
+fn linux_mounts_ext4_root_from_virtio_blk_and_starts_init() {
+    if !kvm_available() {
+        return;
+    }
+    let (Some(kernel), Some(rootfs)) = (
+        artifact("FLICK_KERNEL_VMLINUX"),
+        artifact("FLICK_ROOTFS_EXT4"),
+    ) else {
+        return;
+    };
+    let dir = TempDir::new("linuxroot");
+    let image = dir.path("rootfs.ext4");
+    std::fs::copy(&rootfs, &image).unwrap();
+    let mounts_before = ext4_mount_count(&image);
+    let config = serde_json::json!({
+        "boot-source": {"kernel_image_path": kernel,
+                        "boot_args": "console=ttyS0 reboot=k panic=1 flick.init=reboot"},
+        "drives": [{"drive_id": "rootfs", "path_on_host": image, "is_root_device": true,
+                    "is_read_only": false}],
+        "machine-config": {"vcpu_count": 1, "mem_size_mib": 256}
+    });
+    let (code, console, log, elapsed) = run_linux(&config);
+    eprintln!("Linux run took {elapsed:?}");
+    assert!(
+        console.contains("virtio_blk virtio0: [vda]"),
+        "{console}\n{log}"
+    );
+    assert!(
+        console.contains("VFS: Mounted root (ext4 filesystem)"),
+        "{console}\n{log}"
+    );
+    assert!(
+        console.contains("Run /sbin/init as init process"),
+        "{console}\n{log}"
+    );
+    assert_eq!(
+        code,
+        Some(0),
+        "flick did not exit cleanly: {console}\n{log}"
+    );
+    assert!(
+        ext4_mount_count(&image) > mounts_before,
+        "ext4 mount count did not go up"
+    );
+    if on_pvm() {
+        // Documented limit of this host: init cannot make system calls.
+        assert!(console.contains("Attempted to kill init"), "{console}");
+    } else {
+        assert!(console.contains("READY uptime="), "{console}");
+        assert!(log.contains("Guest-boot-time"), "{log}");
+    }
+}
+
+#[test]
+fn linux_bzimage_boots_an_initramfs() {
+    if !kvm_available() {
+        return;
+    }
+    let (Some(kernel), Some(initrd)) = (
+        artifact("FLICK_KERNEL_BZIMAGE"),
+        artifact("FLICK_INITRAMFS"),
+    ) else {
+        return;
+    };
+    let config = serde_json::json!({
+        "boot-source": {"kernel_image_path": kernel, "initrd_path": initrd,
+                        "boot_args": "console=ttyS0 reboot=k panic=1 flick.init=reboot"},
+        "machine-config": {"vcpu_count": 1, "mem_size_mib": 256}
+    });
+    let (code, console, log, elapsed) = run_linux(&config);
+    eprintln!("Linux run took {elapsed:?}");
+    assert!(
+        console.contains("Run /init as init process"),
+        "{console}\n{log}"
+    );
+    assert_eq!(
+        code,
+        Some(0),
+        "flick did not exit cleanly: {console}\n{log}"
+    );
+    if !on_pvm() {
+        assert!(console.contains("READY uptime="), "{console}");
+    }
+}
+
+#[test]
+fn emulation_failure_is_reported_with_rip_and_instruction_bytes() {
+    if !kvm_available() || !on_pvm() {
+        eprintln!("skipping: only a PVM host's emulator refuses the guest's XSAVE instructions");
+        return;
+    }
+    let Some(kernel) = artifact("FLICK_KERNEL_VMLINUX") else {
+        return;
+    };
+    // The host profile does not hide XSAVE, which the emulator cannot run.
+    let config = serde_json::json!({
+        "boot-source": {"kernel_image_path": kernel, "boot_args": "console=ttyS0 panic=1"},
+        "machine-config": {"vcpu_count": 1, "mem_size_mib": 128, "cpu_profile": "host"}
+    });
+    let (code, console, log, _) = run_linux(&config);
+    assert_eq!(code, Some(3), "{console}\n{log}");
+    let line = log
+        .lines()
+        .find(|l| l.contains("emulation failure"))
+        .unwrap_or_default();
+    assert!(line.contains("RIP 0xffffffff"), "{log}");
+    assert!(line.contains("instruction bytes: "), "{log}");
+}
