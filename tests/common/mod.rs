@@ -200,3 +200,64 @@ pub fn guest_config(
         "machine-config": {"vcpu_count": vcpus, "mem_size_mib": mem_mib}
     })
 }
+
+/// One HTTP request over the API socket; returns status and body.
+pub fn api_call(sock: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    use std::io::BufRead;
+    let mut stream = std::os::unix::net::UnixStream::connect(sock).expect("connect to the API");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let body = body.unwrap_or("");
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut reader = std::io::BufReader::new(stream);
+    let mut status_line = String::new();
+    reader.read_line(&mut status_line).unwrap();
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let mut rest = String::new();
+    let _ = reader.read_to_string(&mut rest);
+    let body = rest
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Waits until `sock` accepts connections.
+pub fn wait_for_socket(sock: &Path) {
+    let start = Instant::now();
+    while std::os::unix::net::UnixStream::connect(sock).is_err() {
+        assert!(
+            start.elapsed() < VM_TIMEOUT,
+            "API socket {} never came up",
+            sock.display()
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Polls `file` until it contains `needle`.
+pub fn wait_for_text(file: &Path, needle: &str) -> String {
+    let start = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(file).unwrap_or_default();
+        if text.contains(needle) {
+            return text;
+        }
+        assert!(
+            start.elapsed() < VM_TIMEOUT,
+            "{needle:?} never appeared in {}: {text}",
+            file.display()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}

@@ -152,6 +152,8 @@ static void apply(const char *tok, size_t len, struct tg_opts *o)
 		set_u64(val, vlen, &o->blk_mib);
 	else if (key_is(tok, klen, "tg.blk_dev"))
 		set_u64(val, vlen, &o->blk_dev);
+	else if (key_is(tok, klen, "tg.blk_late"))
+		set_bool(val, vlen, &o->blk_late);
 	else if (key_is(tok, klen, "tg.blk_timeout_ms"))
 		set_u64(val, vlen, &o->blk_timeout_ms);
 	else if (key_is(tok, klen, "virtio_mmio.device"))
@@ -176,6 +178,7 @@ void opts_parse(const char *cmdline, u32 len, struct tg_opts *o)
 	o->blk_ops = 2000;
 	o->blk_mib = 16;
 	o->blk_dev = 0;
+	o->blk_late = 0;
 	o->blk_timeout_ms = 5000;
 	o->nr_virtio = 0; /* virtio_slots[] is written up to nr_virtio */
 

@@ -129,10 +129,12 @@ void tg_main(u32 protocol, u64 info)
 
 	if (opts.virtio || opts.blk != BLK_OFF)
 		virtio_probe_all(&opts);
-	if (opts.blk != BLK_OFF)
+	if (opts.blk != BLK_OFF && !opts.blk_late)
 		virtio_blk_run(&opts);
 
 	count();
+	if (opts.blk != BLK_OFF && opts.blk_late)
+		virtio_blk_run(&opts);
 	if (opts.echo)
 		echo();
 	finish();

@@ -172,6 +172,7 @@ struct tg_opts {
 	u64 blk_ops;        /* tg.blk_ops: random 4 KiB reads of the benchmark (default 2000) */
 	u64 blk_mib;        /* tg.blk_mib: MiB of the sequential benchmark (default 16) */
 	u64 blk_dev;        /* tg.blk_dev: block device for bench and hostile (default 0) */
+	int blk_late;       /* tg.blk_late=1: run the tg.blk mode after counting, not before */
 	u64 blk_timeout_ms; /* tg.blk_timeout_ms: longest wait for one request (default 5000) */
 	u32 nr_virtio;      /* virtio_mmio.device= entries, in command-line order */
 	struct virtio_slot virtio_slots[MAX_VIRTIO_SLOTS];

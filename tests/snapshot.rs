@@ -1,0 +1,276 @@
+//! Snapshots: pause a counting test guest, snapshot it, kill flick, restore in a new process and
+//! check it continues; bad snapshot files are refused without touching anything.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use common::*;
+
+/// A snapshot taken of a counting guest, and the last count it printed before the pause.
+struct Taken {
+    dir: TempDir,
+    state: PathBuf,
+    mem: PathBuf,
+    last_count: u64,
+}
+
+fn spawn_api(dir: &TempDir, tag: &str) -> (Child, PathBuf, PathBuf) {
+    let sock = dir.path(&format!("{tag}.sock"));
+    let stdout = dir.path(&format!("{tag}.out"));
+    let child = Command::new(flick_bin())
+        .arg("--api-sock")
+        .arg(&sock)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&stdout).unwrap())
+        .stderr(std::fs::File::create(dir.path(&format!("{tag}.err"))).unwrap())
+        .spawn()
+        .unwrap();
+    wait_for_socket(&sock);
+    (child, sock, stdout)
+}
+
+fn put(sock: &Path, path: &str, body: &serde_json::Value) {
+    let (status, answer) = api_call(sock, "PUT", path, Some(&body.to_string()));
+    assert_eq!(status, 204, "PUT {path}: {answer}");
+}
+
+fn last_count(text: &str) -> u64 {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("count: "))
+        .filter_map(|n| n.trim().parse().ok())
+        .next_back()
+        .unwrap_or(0)
+}
+
+fn take_snapshot(guest_args: &str, drive: Option<&Path>) -> Taken {
+    let dir = TempDir::new("snap");
+    let (mut child, sock, stdout) = spawn_api(&dir, "source");
+    let args = format!("tg.smp=0 tg.quiet=1 tg.delay_ms=10 {guest_args}");
+    put(
+        &sock,
+        "/boot-source",
+        &serde_json::json!({"kernel_image_path": test_guest(), "boot_args": args}),
+    );
+    put(
+        &sock,
+        "/machine-config",
+        &serde_json::json!({"vcpu_count": 1, "mem_size_mib": 64}),
+    );
+    if let Some(disk) = drive {
+        put(
+            &sock,
+            "/drives/disk",
+            &serde_json::json!({"drive_id": "disk", "path_on_host": disk,
+                                "is_root_device": false, "is_read_only": false,
+                                "cache_type": "Writeback"}),
+        );
+    }
+    put(
+        &sock,
+        "/actions",
+        &serde_json::json!({"action_type": "InstanceStart"}),
+    );
+    wait_for_text(&stdout, "count: 5\n");
+    let (status, answer) = api_call(&sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
+    assert_eq!(status, 204, "{answer}");
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let last = last_count(&std::fs::read_to_string(&stdout).unwrap());
+    let state = dir.path("vm.state");
+    let mem = dir.path("vm.mem");
+    put(
+        &sock,
+        "/snapshot/create",
+        &serde_json::json!({"snapshot_path": state, "mem_file_path": mem}),
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    Taken {
+        dir,
+        state,
+        mem,
+        last_count: last,
+    }
+}
+
+/// `flick --no-api --restore-snapshot ... --resume`, output to files in `dir`.
+fn restore(dir: &TempDir, tag: &str, state: &Path, mem: &Path) -> (Child, PathBuf) {
+    let stdout = dir.path(&format!("{tag}.out"));
+    let child = Command::new(flick_bin())
+        .args(["--no-api", "--resume", "--restore-snapshot"])
+        .arg(state)
+        .arg("--restore-mem")
+        .arg(mem)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&stdout).unwrap())
+        .stderr(std::fs::File::create(dir.path(&format!("{tag}.err"))).unwrap())
+        .spawn()
+        .unwrap();
+    (child, stdout)
+}
+
+#[test]
+fn restored_guest_continues_counting_where_it_stopped() {
+    if !kvm_available() {
+        return;
+    }
+    let snap = take_snapshot("tg.count=100000 tg.exit=halt", None);
+    let (mut child, stdout) = restore(&snap.dir, "restored", &snap.state, &snap.mem);
+    let next = snap.last_count + 1;
+    let text = wait_for_text(&stdout, &format!("count: {}\n", next + 2));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let first = text
+        .lines()
+        .find_map(|l| l.strip_prefix("count: "))
+        .unwrap_or_default();
+    assert_eq!(first, next.to_string(), "restored output: {text}");
+}
+
+#[test]
+fn the_same_snapshot_restored_twice_at_once_gives_two_independent_vms() {
+    if !kvm_available() {
+        return;
+    }
+    let snap = take_snapshot("tg.count=100000 tg.exit=halt", None);
+    let (mut a, out_a) = restore(&snap.dir, "a", &snap.state, &snap.mem);
+    let (mut b, out_b) = restore(&snap.dir, "b", &snap.state, &snap.mem);
+    let target = format!("count: {}\n", snap.last_count + 5);
+    let text_a = wait_for_text(&out_a, &target);
+    let text_b = wait_for_text(&out_b, &target);
+    for child in [&mut a, &mut b] {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    let first = format!("count: {}\n", snap.last_count + 1);
+    assert!(text_a.starts_with(&first), "{text_a}");
+    assert!(text_b.starts_with(&first), "{text_b}");
+}
+
+#[test]
+fn disk_keeps_working_after_restore() {
+    if !kvm_available() {
+        return;
+    }
+    let disk_dir = TempDir::new("snapdisk");
+    let disk = disk_dir.write("disk.img", &vec![0u8; 64 * 512]);
+    let snap = take_snapshot(
+        "tg.count=40 tg.blk=check tg.blk_late=1 tg.exit=reboot",
+        Some(&disk),
+    );
+    let (mut child, stdout) = restore(&snap.dir, "restored", &snap.state, &snap.mem);
+    let code = wait_with_timeout(&mut child, VM_TIMEOUT);
+    let text = std::fs::read_to_string(&stdout).unwrap();
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("blk0: write ok"), "{text}");
+    assert!(text.contains("blk0: readback ok"), "{text}");
+    assert!(text.contains("testguest: done"), "{text}");
+}
+
+fn assert_restore_refused(state: &Path, mem: &Path, needle: &str) {
+    let before = (
+        std::fs::read(state).unwrap(),
+        std::fs::metadata(mem).unwrap().len(),
+    );
+    let mem_head = std::fs::read(mem).unwrap();
+    let mut cmd = Command::new(flick_bin());
+    cmd.args(["--no-api", "--resume", "--restore-snapshot"])
+        .arg(state)
+        .arg("--restore-mem")
+        .arg(mem);
+    let out = run_command(cmd, b"");
+    assert_eq!(out.code, Some(1), "{out:#?}");
+    let errors: Vec<_> = out
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("flick: error:"))
+        .collect();
+    assert_eq!(errors.len(), 1, "{out:#?}");
+    assert!(
+        errors[0].contains(needle),
+        "expected {needle:?} in {}",
+        errors[0]
+    );
+    assert_eq!(
+        std::fs::read(state).unwrap(),
+        before.0,
+        "state file modified"
+    );
+    assert_eq!(
+        std::fs::read(mem).unwrap(),
+        mem_head,
+        "memory file modified"
+    );
+}
+
+#[test]
+fn bad_snapshot_files_are_refused_and_left_untouched() {
+    if !kvm_available() {
+        return;
+    }
+    let snap = take_snapshot("tg.count=100000 tg.exit=halt", None);
+    let good = std::fs::read(&snap.state).unwrap();
+
+    let corrupted = snap.dir.path("corrupted.state");
+    let mut bytes = good.clone();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x40;
+    std::fs::write(&corrupted, &bytes).unwrap();
+    assert_restore_refused(&corrupted, &snap.mem, "corrupted (checksum mismatch)");
+
+    let truncated = snap.dir.path("truncated.state");
+    std::fs::write(&truncated, &good[..good.len() / 3]).unwrap();
+    assert_restore_refused(&truncated, &snap.mem, "is truncated");
+
+    let foreign = snap.dir.path("foreign.state");
+    let mut bytes = good.clone();
+    bytes[8..12].copy_from_slice(&77u32.to_le_bytes());
+    std::fs::write(&foreign, &bytes).unwrap();
+    assert_restore_refused(&foreign, &snap.mem, "format version 77");
+
+    let not_a_snapshot = snap
+        .dir
+        .write("garbage.state", b"this is not a snapshot at all");
+    assert_restore_refused(
+        &not_a_snapshot,
+        &snap.mem,
+        "not a flick snapshot state file",
+    );
+
+    // A memory file from another snapshot.
+    let other = take_snapshot("tg.count=100000 tg.exit=halt", None);
+    assert_restore_refused(&snap.state, &other.mem, "does not belong to state file");
+
+    // State and memory swapped.
+    assert_restore_refused(&snap.mem, &snap.state, "not a flick snapshot state file");
+}
+
+#[test]
+fn snapshot_of_a_running_vm_and_load_into_a_configured_vmm_are_refused() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("snaprefuse");
+    let (mut child, sock, _) = spawn_api(&dir, "vm");
+    let boot = serde_json::json!({"kernel_image_path": test_guest(), "boot_args": "tg.exit=halt"});
+    put(&sock, "/boot-source", &boot);
+    let load = serde_json::json!({"snapshot_path": dir.path("x"),
+        "mem_backend": {"backend_type": "File", "backend_path": dir.path("y")}});
+    let (status, body) = api_call(&sock, "PUT", "/snapshot/load", Some(&load.to_string()));
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("fresh flick"), "{body}");
+    put(
+        &sock,
+        "/actions",
+        &serde_json::json!({"action_type": "InstanceStart"}),
+    );
+    let create =
+        serde_json::json!({"snapshot_path": dir.path("s"), "mem_file_path": dir.path("m")});
+    let (status, body) = api_call(&sock, "PUT", "/snapshot/create", Some(&create.to_string()));
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("paused"), "{body}");
+    assert!(!dir.path("s").exists() && !dir.path("m").exists());
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
