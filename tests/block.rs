@@ -282,3 +282,129 @@ fn swapped_backing_file_is_seen_by_the_guest_as_a_new_capacity() {
     out.assert_clean_exit();
     assert!(out.stdout.contains("blk0: capacity=100 "), "{out:#?}");
 }
+
+fn bench_us(out: &Outcome, what: &str) -> f64 {
+    let line = out
+        .line_starting(&format!("blkbench: {what}"))
+        .unwrap_or_default();
+    let us = line
+        .split("us=")
+        .nth(1)
+        .and_then(|v| v.split_whitespace().next());
+    us.and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {what} result: {out:#?}"))
+}
+
+#[test]
+fn ops_rate_limit_slows_random_reads_to_the_configured_rate() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("blkrl");
+    let image = disk(&dir, "rl.img", 2048, 0);
+    let args = "tg.blk=bench tg.blk_ops=300 tg.blk_mib=1";
+    let unlimited = run_config(&config(args, vec![drive("rl", &image, true)]), &[], b"");
+    unlimited.assert_clean_exit();
+    let mut limited_drive = drive("rl", &image, true);
+    // 50 ops per 100 ms = 500 ops/s; the first 50 come from the full bucket.
+    limited_drive["rate_limiter"] = serde_json::json!({"ops": {"size": 50, "refill_time": 100}});
+    let limited = run_config(&config(args, vec![limited_drive]), &[], b"");
+    limited.assert_clean_exit();
+    let fast = bench_us(&unlimited, "randread4k");
+    let slow = bench_us(&limited, "randread4k");
+    eprintln!("randread4k: unlimited {fast} us, limited {slow} us");
+    // 250 throttled ops at 500/s take at least 0.5 s.
+    assert!(slow >= 450_000.0, "limited run too fast: {slow} us");
+    assert!(
+        slow <= 5_000_000.0,
+        "limited run far slower than configured: {slow} us"
+    );
+    assert!(
+        slow > fast * 2.0,
+        "limit had no visible effect: {fast} vs {slow}"
+    );
+}
+
+#[test]
+fn bandwidth_rate_limit_slows_sequential_reads() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("blkbw");
+    let image = disk(&dir, "bw.img", 8192, 0);
+    let args = "tg.blk=bench tg.blk_ops=1 tg.blk_mib=3";
+    let mut limited_drive = drive("bw", &image, true);
+    // 1 MiB per 250 ms = 4 MiB/s; 3 MiB with a full 1 MiB bucket takes >= 0.5 s.
+    limited_drive["rate_limiter"] =
+        serde_json::json!({"bandwidth": {"size": 1048576, "refill_time": 250}});
+    let limited = run_config(&config(args, vec![limited_drive]), &[], b"");
+    limited.assert_clean_exit();
+    let slow = bench_us(&limited, "seqread");
+    eprintln!("seqread 3 MiB limited to 4 MiB/s: {slow} us");
+    assert!(slow >= 450_000.0, "limited run too fast: {slow} us");
+    assert!(
+        slow <= 5_000_000.0,
+        "limited run far slower than configured: {slow} us"
+    );
+}
+
+#[test]
+fn patch_drive_swaps_the_backing_file_under_a_running_guest() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("blkpatch");
+    let old = disk(&dir, "old.img", 64, 0x00);
+    let mut new_content = vec![0u8; 128 * SECTOR];
+    new_content[..8 * SECTOR].copy_from_slice(&pattern(4, 0, 8));
+    let new = dir.write("new.img", &new_content);
+    let sock = dir.path("api.sock");
+    let stdout = dir.path("out");
+    let mut child = Command::new(flick_bin())
+        .arg("--api-sock")
+        .arg(&sock)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&stdout).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_socket(&sock);
+    let args = "tg.smp=0 tg.quiet=1 tg.count=30 tg.delay_ms=20 tg.blk=read tg.blk_late=1 \
+                tg.blk_count=8 tg.exit=halt";
+    let calls = [
+        (
+            "/boot-source",
+            serde_json::json!({"kernel_image_path": test_guest(), "boot_args": args}),
+        ),
+        (
+            "/drives/d",
+            serde_json::json!({"drive_id": "d", "path_on_host": old,
+                                         "is_root_device": false, "is_read_only": true}),
+        ),
+        (
+            "/actions",
+            serde_json::json!({"action_type": "InstanceStart"}),
+        ),
+    ];
+    for (path, body) in calls {
+        let (status, answer) = api_call(&sock, "PUT", path, Some(&body.to_string()));
+        assert_eq!(status, 204, "{path}: {answer}");
+    }
+    wait_for_text(&stdout, "count: 2\n");
+    let missing = serde_json::json!({"drive_id": "d", "path_on_host": dir.path("nope.img")});
+    let (status, answer) = api_call(&sock, "PATCH", "/drives/d", Some(&missing.to_string()));
+    assert_eq!(status, 400, "{answer}");
+    assert!(answer.contains("cannot open"), "{answer}");
+    let swap = serde_json::json!({"drive_id": "d", "path_on_host": new});
+    let (status, answer) = api_call(&sock, "PATCH", "/drives/d", Some(&swap.to_string()));
+    assert_eq!(status, 204, "{answer}");
+    let text = wait_for_text(&stdout, "blk0: read sectors=");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let crc = crc32(&new_content[..8 * SECTOR]);
+    let expected = format!("blk0: read sectors=0-7 crc={crc:#010x}");
+    assert!(
+        text.lines().any(|l| l == expected),
+        "want {expected} in {text}"
+    );
+}

@@ -7,6 +7,7 @@
 pub mod boot_timer;
 pub mod bus;
 pub mod legacy;
+pub mod rate_limiter;
 pub mod virtio;
 
 use vm_superio::Trigger;

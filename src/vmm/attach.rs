@@ -9,6 +9,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::arch::current::layout::{mmio_slot, FIRST_DEVICE_IRQ, LAST_DEVICE_IRQ, MMIO_SLOT_SIZE};
 use crate::config::{CacheType, DriveConfig};
 use crate::devices::bus::Bus;
+use crate::devices::rate_limiter::RateLimiter;
 use crate::devices::virtio::block::{Backing, Block, BlockError};
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::{Interrupt, SharedVirtioDevice, VirtioSlot};
@@ -141,11 +142,10 @@ pub fn attach_drives(
                 .push(if config.is_read_only { "ro" } else { "rw" }.into());
         }
         let writeback = config.cache_type == CacheType::Writeback;
-        let block = Arc::new(Mutex::new(Block::new(
-            config.drive_id.clone(),
-            drive.backing,
-            writeback,
-        )));
+        let limiter =
+            RateLimiter::new(config.rate_limiter.as_ref()).map_err(AttachError::EventFd)?;
+        let block = Block::new(config.drive_id.clone(), drive.backing, writeback, limiter);
+        let block = Arc::new(Mutex::new(block));
         let transport = attach_device(vm, mem, mmio, attached, block.clone())?;
         attached.drives.push(AttachedDrive {
             id: config.drive_id,

@@ -385,8 +385,16 @@ impl Vmm {
             .iter()
             .find(|d| d.id == update.drive_id)
             .ok_or_else(|| format!("unknown drive {:?}", update.drive_id))?;
-        if update.rate_limiter.is_some() {
-            return Err("drive rate limiters are not supported by this build of flick yet".into());
+        if let Some(limits) = &update.rate_limiter {
+            lock(&drive.device).set_rate_limiter(Some(limits));
+            let cfg = self
+                .config
+                .drives
+                .iter_mut()
+                .find(|d| d.drive_id == update.drive_id);
+            if let Some(cfg) = cfg {
+                cfg.rate_limiter = Some(*limits);
+            }
         }
         let Some(path) = update.path_on_host else {
             return Ok(());

@@ -10,8 +10,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::devices::rate_limiter::RateLimiter;
 
 use super::{
     ActivateError, Activation, Interrupt, VirtioDevice, INT_VRING, TYPE_BLOCK, VIRTIO_F_VERSION_1,
@@ -204,6 +206,7 @@ fn decode(mem: &GuestMemoryMmap, descs: &[Descriptor], capacity: u64) -> Result<
 pub struct Block {
     pub id: String,
     backing: Backing,
+    limiter: RateLimiter,
     flush_on_request: bool,
     features: u64,
     queue_sizes: [u16; 1],
@@ -222,7 +225,7 @@ impl std::fmt::Debug for Block {
 
 impl Block {
     /// `writeback`: offer FLUSH and fdatasync on flush requests (cache_type Writeback).
-    pub fn new(id: String, backing: Backing, writeback: bool) -> Block {
+    pub fn new(id: String, backing: Backing, writeback: bool, limiter: RateLimiter) -> Block {
         let mut features = VIRTIO_F_VERSION_1;
         if backing.read_only {
             features |= VIRTIO_BLK_F_RO;
@@ -233,6 +236,7 @@ impl Block {
         Block {
             id,
             backing,
+            limiter,
             flush_on_request: writeback,
             features,
             queue_sizes: [QUEUE_SIZE],
@@ -243,6 +247,11 @@ impl Block {
 
     pub fn capacity_sectors(&self) -> u64 {
         self.backing.capacity_sectors
+    }
+
+    /// Replaces the rate limits (PATCH /drives).
+    pub fn set_rate_limiter(&mut self, config: Option<&crate::config::RateLimiterConfig>) {
+        self.limiter.update(config);
     }
 
     pub fn backing_read_only(&self) -> bool {
@@ -415,6 +424,19 @@ impl VirtioDevice for Block {
             .collect()
     }
 
+    fn event_fds(&self) -> Vec<(std::os::fd::RawFd, vmm_sys_util::epoll::EventSet)> {
+        vec![(self.limiter.timer_fd(), vmm_sys_util::epoll::EventSet::IN)]
+    }
+
+    fn process_fd(&mut self, fd: std::os::fd::RawFd) {
+        if fd == self.limiter.timer_fd() {
+            self.limiter.timer_fired();
+            if self.is_active() {
+                self.process_queue(0);
+            }
+        }
+    }
+
     fn process_queue(&mut self, _index: usize) {
         let Some((mem, mut queue, interrupt)) = self.active.take() else {
             return;
@@ -423,6 +445,12 @@ impl VirtioDevice for Block {
         while let Some(chain) = queue.pop_descriptor_chain(&mem) {
             let head = chain.head_index();
             let descs: Vec<Descriptor> = chain.collect();
+            let bytes: u64 = descs.iter().skip(1).map(|d| u64::from(d.len())).sum();
+            if !self.limiter.consume(bytes.saturating_sub(1)) {
+                // Throttled: leave the request for when the limiter's timer fires.
+                queue.go_to_previous_position();
+                break;
+            }
             let completion = self.execute(&mem, &descs);
             if queue.add_used(&mem, head, completion.used_len).is_err() {
                 self.stats.invalid_requests.fetch_add(1, Ordering::Relaxed);
@@ -456,7 +484,12 @@ mod tests {
         std::fs::write(&path, content).unwrap();
         let backing = Backing::open(path.to_str().unwrap(), read_only).unwrap();
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
-        (Block::new("disk_0".into(), backing, true), mem, path)
+        let limiter = RateLimiter::new(None).unwrap();
+        (
+            Block::new("disk_0".into(), backing, true, limiter),
+            mem,
+            path,
+        )
     }
 
     fn header(mem: &GuestMemoryMmap, addr: u64, kind: u32, sector: u64) {

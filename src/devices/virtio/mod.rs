@@ -8,7 +8,7 @@
 pub mod block;
 pub mod mmio;
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -95,6 +95,13 @@ pub trait VirtioDevice: Send {
     fn process_queue(&mut self, index: usize);
     /// The live state of the device's queues while active (for snapshots); empty otherwise.
     fn queue_states(&self) -> Vec<virtio_queue::QueueState>;
+    /// Other fds the device needs watched on the VMM thread (a TAP, rate-limiter timers), with
+    /// the events to watch. Asked once, when the device is added to the event loop.
+    fn event_fds(&self) -> Vec<(RawFd, EventSet)> {
+        Vec::new()
+    }
+    /// One of [`VirtioDevice::event_fds`] is ready.
+    fn process_fd(&mut self, _fd: RawFd) {}
 }
 
 /// A device shared between its transport and its event-loop subscriber.
@@ -145,7 +152,9 @@ impl MutEventSubscriber for VirtioSlot {
             if device.is_active() {
                 device.process_queue(index);
             }
+            return;
         }
+        lock(&self.device).process_fd(fd);
     }
 
     fn init(&mut self, ops: &mut EventOps) {
@@ -153,6 +162,11 @@ impl MutEventSubscriber for VirtioSlot {
         for evt in fds {
             if let Err(e) = ops.add(Events::new(evt, EventSet::IN)) {
                 tracing::error!("cannot watch a virtio eventfd: {e:?}");
+            }
+        }
+        for (fd, set) in lock(&self.device).event_fds() {
+            if let Err(e) = ops.add(Events::new_raw(fd, set)) {
+                tracing::error!("cannot watch a device fd: {e:?}");
             }
         }
     }
