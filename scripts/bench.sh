@@ -3,7 +3,7 @@
 # namespaces (unshare) and a plain fork+exec, on this host.
 #
 #   scripts/bench.sh [--runs N] [--vmm NAME=/path/to/vmm]... [--only a,b,...] [--with-linux]
-#                    [--linux-runs N] [--warmup N] [--no-smaps] [--out DIR] [--flick PATH]
+#                    [--linux-runs N] [--warmup N] [--no-smaps] [--settle S] [--out DIR] [--flick PATH]
 #
 # Installs what it needs from Debian (busybox-static, util-linux, crun, runc, qemu-system-x86,
 # fonts-dejavu-core; podman is optional: if it cannot be installed, that variant is skipped),
@@ -29,7 +29,7 @@ flick=""
 args=()
 while (($#)); do
 	case $1 in
-	--only | --runs | --vmm | --out | --linux-runs | --warmup | --flick)
+	--only | --runs | --vmm | --out | --linux-runs | --warmup | --settle | --flick)
 		[[ $# -ge 2 ]] || { echo "bench.sh: $1 needs a value" >&2; exit 2; }
 		case $1 in
 		--only) only=$2 ;;

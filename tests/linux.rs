@@ -173,3 +173,79 @@ fn emulation_failure_is_reported_with_rip_and_instruction_bytes() {
     assert!(line.contains("RIP 0xffffffff"), "{log}");
     assert!(line.contains("instruction bytes: "), "{log}");
 }
+
+#[test]
+fn linux_gets_a_dhcp_lease_over_virtio_net_and_sends_netconsole() {
+    if !kvm_available() || !netns_available() {
+        return;
+    }
+    let (Some(kernel), Some(rootfs)) = (
+        artifact("FLICK_KERNEL_VMLINUX"),
+        artifact("FLICK_ROOTFS_EXT4"),
+    ) else {
+        return;
+    };
+    let dir = TempDir::new("linuxnet");
+    let image = dir.path("rootfs.ext4");
+    std::fs::copy(&rootfs, &image).unwrap();
+    let mut ns = NetNs::new("lnx", 7);
+    ns.start_dhcp(&dir.path("dnsmasq.log"));
+    let console_rx = ns.udp_socket(6666);
+    console_rx
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .unwrap();
+    let boot_args = format!(
+        "console=ttyS0 reboot=k panic=1 flick.init=reboot ip=dhcp \
+         netconsole=6665@{}/eth0,6666@{}/",
+        ns.guest_ip, ns.host_ip
+    );
+    let config = serde_json::json!({
+        "boot-source": {"kernel_image_path": kernel, "boot_args": boot_args},
+        "drives": [{"drive_id": "rootfs", "path_on_host": image, "is_root_device": true,
+                    "is_read_only": false}],
+        "network-interfaces": [{"iface_id": "eth0", "host_dev_name": ns.tap,
+                                "guest_mac": "06:00:0a:00:07:02"}],
+        "machine-config": {"vcpu_count": 1, "mem_size_mib": 256}
+    });
+    let path = dir.write("vm.json", config.to_string().as_bytes());
+    let flick = format!(
+        "{} --no-api --level Info --config-file {}",
+        flick_bin(),
+        path.display()
+    );
+    let mut child = ns
+        .command(&["sh", "-c", &format!("exec {flick}")])
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(dir.path("console")).unwrap())
+        .stderr(std::fs::File::create(dir.path("log")).unwrap())
+        .spawn()
+        .unwrap();
+    // Collect netconsole datagrams while the guest runs.
+    let mut netconsole = Vec::new();
+    let start = Instant::now();
+    let code = loop {
+        let mut buf = [0u8; 2048];
+        if let Ok((n, _)) = console_rx.recv_from(&mut buf) {
+            netconsole.extend_from_slice(&buf[..n]);
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            break status.code();
+        }
+        if start.elapsed() > LINUX_TIMEOUT {
+            let _ = child.kill();
+            panic!("Linux did not finish in time");
+        }
+    };
+    let console = std::fs::read_to_string(dir.path("console")).unwrap_or_default();
+    let netconsole = String::from_utf8_lossy(&netconsole);
+    let expected = format!(
+        "IP-Config: Got DHCP answer from {}, my address is {}",
+        ns.host_ip, ns.guest_ip
+    );
+    assert!(console.contains(&expected), "{console}");
+    assert_eq!(code, Some(0), "{console}");
+    assert!(
+        netconsole.contains("Run /sbin/init as init process"),
+        "netconsole got: {netconsole}"
+    );
+}

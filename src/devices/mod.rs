@@ -8,6 +8,7 @@ pub mod boot_timer;
 pub mod bus;
 pub mod legacy;
 pub mod rate_limiter;
+pub mod tap;
 pub mod virtio;
 
 use vm_superio::Trigger;

@@ -7,11 +7,14 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::current::layout::{mmio_slot, FIRST_DEVICE_IRQ, LAST_DEVICE_IRQ, MMIO_SLOT_SIZE};
+use crate::config::NetConfig;
 use crate::config::{CacheType, DriveConfig};
 use crate::devices::bus::Bus;
 use crate::devices::rate_limiter::RateLimiter;
+use crate::devices::tap::{Tap, TapError};
 use crate::devices::virtio::block::{Backing, Block, BlockError};
 use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::net::Net;
 use crate::devices::virtio::{Interrupt, SharedVirtioDevice, VirtioSlot};
 use crate::kvm::vm::{Vm, VmError};
 
@@ -22,6 +25,10 @@ const QUEUE_NOTIFY: u64 = 0x50;
 pub enum AttachError {
     #[error("drive {0}")]
     Drive(String, #[source] BlockError),
+    #[error("network interface {0}")]
+    Net(String, #[source] TapError),
+    #[error("network interface {0}: {1}")]
+    NetConfig(String, String),
     #[error("too many devices: no IRQ left for device {0}")]
     NoIrq(usize),
     #[error(transparent)]
@@ -63,10 +70,46 @@ pub struct AttachedDrive {
     pub transport: Arc<Mutex<MmioTransport>>,
 }
 
+/// A network interface whose TAP is open, before the VM exists.
+#[derive(Debug)]
+pub struct OpenNet {
+    pub config: NetConfig,
+    pub tap: Tap,
+}
+
+/// Opens every interface's TAP; `overrides` retargets interfaces to other TAPs (snapshot load).
+pub fn open_nets(
+    nets: &[NetConfig],
+    overrides: &[(String, String)],
+) -> Result<Vec<OpenNet>, AttachError> {
+    nets.iter()
+        .map(|config| {
+            let mut config = config.clone();
+            if let Some((_, tap)) = overrides.iter().find(|(id, _)| *id == config.iface_id) {
+                config.host_dev_name = tap.clone();
+            }
+            config
+                .validate()
+                .map_err(|e| AttachError::NetConfig(config.iface_id.clone(), e.to_string()))?;
+            let tap = Tap::open(&config.host_dev_name)
+                .map_err(|e| AttachError::Net(config.iface_id.clone(), e))?;
+            Ok(OpenNet { config, tap })
+        })
+        .collect()
+}
+
+/// A network interface attached to a VM.
+pub struct AttachedNet {
+    pub id: String,
+    pub device: Arc<Mutex<Net>>,
+    pub transport: Arc<Mutex<MmioTransport>>,
+}
+
 /// Everything the VMM keeps of the attached devices.
 #[derive(Default)]
 pub struct Attached {
     pub drives: Vec<AttachedDrive>,
+    pub nets: Vec<AttachedNet>,
     /// Event-loop subscribers to register once the VM runs.
     pub slots: Vec<VirtioSlot>,
     /// `virtio_mmio.device=` and `root=` entries for the kernel command line.
@@ -150,6 +193,43 @@ pub fn attach_drives(
         attached.drives.push(AttachedDrive {
             id: config.drive_id,
             device: block,
+            transport,
+        });
+    }
+    Ok(())
+}
+
+/// Attaches the opened interfaces as virtio-net devices (after the drives).
+pub fn attach_nets(
+    vm: &Vm,
+    mem: &GuestMemoryMmap,
+    mmio: &mut Bus,
+    attached: &mut Attached,
+    nets: Vec<OpenNet>,
+) -> Result<(), AttachError> {
+    for net in nets {
+        let config = net.config;
+        let id = config.iface_id.clone();
+        let mac = match &config.guest_mac {
+            Some(mac) => Some(
+                crate::config::parse_mac(mac)
+                    .map_err(|e| AttachError::NetConfig(id.clone(), e.to_string()))?,
+            ),
+            None => None,
+        };
+        let rx = RateLimiter::new(config.rx_rate_limiter.as_ref()).map_err(AttachError::EventFd)?;
+        let tx = RateLimiter::new(config.tx_rate_limiter.as_ref()).map_err(AttachError::EventFd)?;
+        let device = Arc::new(Mutex::new(Net::new(
+            id.clone(),
+            net.tap,
+            mac,
+            config.mtu,
+            (rx, tx),
+        )));
+        let transport = attach_device(vm, mem, mmio, attached, device.clone())?;
+        attached.nets.push(AttachedNet {
+            id,
+            device,
             transport,
         });
     }

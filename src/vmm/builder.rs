@@ -152,9 +152,6 @@ pub fn kernel_cmdline(config: &VmConfig, devices: &[String]) -> String {
 }
 
 fn check_supported(config: &VmConfig) -> Result<(), BuildError> {
-    if !config.network_interfaces.is_empty() {
-        return Err(BuildError::Unsupported("network-interfaces (virtio-net)"));
-    }
     if config.vsock.is_some() {
         return Err(BuildError::Unsupported("vsock"));
     }
@@ -327,6 +324,7 @@ pub fn build(config: &VmConfig, ctx: BuildContext) -> Result<RunningVm, BuildErr
     let machine = &config.machine_config;
     check_memory(machine.mem_size_mib)?;
     let drives = attach::open_drives(&config.drives)?;
+    let nets = attach::open_nets(&config.network_interfaces, &[])?;
     let ram = layout::ram_ranges((machine.mem_size_mib as u64) << 20);
     let ranges: Vec<_> = ram
         .iter()
@@ -347,6 +345,7 @@ pub fn build(config: &VmConfig, ctx: BuildContext) -> Result<RunningVm, BuildErr
     let mut mmio = Bus::new();
     let mut devices = Attached::default();
     attach::attach_drives(&vm, &mem, &mut mmio, &mut devices, drives)?;
+    attach::attach_nets(&vm, &mem, &mut mmio, &mut devices, nets)?;
     let profile = effective_profile(machine.cpu_profile, ctx.host);
     let mut extra = Vec::new();
     if profile == CpuProfile::Conservative && ctx.host == HostKind::Pvm {

@@ -8,11 +8,11 @@
 
 pub mod attach;
 pub mod builder;
+pub mod metrics;
 pub mod snapshot;
 
 use std::io::Read;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -220,6 +220,14 @@ impl Vmm {
             Action::PutNetworkInterface(net) => {
                 self.require_not_started("PUT /network-interfaces")?;
                 net.validate().map_err(err)?;
+                // Check the TAP now so a missing or busy one fails this request, not the boot.
+                crate::devices::tap::Tap::open(&net.host_dev_name).map_err(|e| {
+                    format!(
+                        "network interface {}: {}",
+                        net.iface_id,
+                        crate::error_chain(&e)
+                    )
+                })?;
                 let ifaces = &mut self.config.network_interfaces;
                 ifaces.retain(|n| n.iface_id != net.iface_id);
                 ifaces.push(net);
@@ -280,7 +288,17 @@ impl Vmm {
                 self.load_snapshot(&params)?;
                 Ok(Reply::Empty)
             }
-            Action::PatchNetworkInterface(_) | Action::SendCtrlAltDel | Action::FlushMetrics => {
+            Action::FlushMetrics => {
+                self.require_started("FlushMetrics")?;
+                self.flush_metrics()?;
+                Ok(Reply::Empty)
+            }
+            Action::PatchNetworkInterface(update) => {
+                self.require_started("PATCH /network-interfaces")?;
+                self.patch_net(&update)?;
+                Ok(Reply::Empty)
+            }
+            Action::SendCtrlAltDel => {
                 self.require_started(&format!("{action:?}"))?;
                 Err(format!(
                     "{action:?} is not supported by this build of flick yet"
@@ -373,6 +391,38 @@ impl Vmm {
         Ok(())
     }
 
+    fn patch_net(&mut self, update: &crate::control::NetUpdate) -> Result<(), String> {
+        config::validate_id(&update.iface_id).map_err(|e| e.to_string())?;
+        let Some(vm) = &self.running else {
+            return Err("the VM is not running".into());
+        };
+        let iface = vm
+            .devices
+            .nets
+            .iter()
+            .find(|n| n.id == update.iface_id)
+            .ok_or_else(|| format!("unknown network interface {:?}", update.iface_id))?;
+        let (rx, tx) = (
+            update.rx_rate_limiter.as_ref(),
+            update.tx_rate_limiter.as_ref(),
+        );
+        lock(&iface.device).set_rate_limiters(rx, tx);
+        if let Some(cfg) = self
+            .config
+            .network_interfaces
+            .iter_mut()
+            .find(|n| n.iface_id == update.iface_id)
+        {
+            if let Some(rx) = rx {
+                cfg.rx_rate_limiter = Some(*rx);
+            }
+            if let Some(tx) = tx {
+                cfg.tx_rate_limiter = Some(*tx);
+            }
+        }
+        Ok(())
+    }
+
     /// Swaps a drive's backing file and tells the guest its capacity may have changed.
     fn patch_drive(&mut self, update: crate::control::DriveUpdate) -> Result<(), String> {
         config::validate_id(&update.drive_id).map_err(|e| e.to_string())?;
@@ -417,50 +467,24 @@ impl Vmm {
 
     /// Metrics in Prometheus text format.
     fn prometheus(&self) -> String {
-        let mut out = String::new();
-        let boot_us = self.boot_times.boot_us.load(Ordering::Relaxed);
-        out.push_str("# HELP flick_boot_time_us InstanceStart to the guest's boot-timer write.\n");
-        out.push_str("# TYPE flick_boot_time_us gauge\n");
-        out.push_str(&format!("flick_boot_time_us {boot_us}\n"));
-        if let Some(vm) = &self.running {
-            out.push_str("# HELP flick_vcpu_exits_total vCPU exits to the VMM by reason.\n");
-            out.push_str("# TYPE flick_vcpu_exits_total counter\n");
-            for (i, s) in vm.vcpu_stats.iter().enumerate() {
-                for (reason, counter) in [
-                    ("io_in", &s.io_in),
-                    ("io_out", &s.io_out),
-                    ("mmio_read", &s.mmio_read),
-                    ("mmio_write", &s.mmio_write),
-                    ("other", &s.other),
-                ] {
-                    let n = counter.load(Ordering::Relaxed);
-                    out.push_str(&format!(
-                        "flick_vcpu_exits_total{{vcpu=\"{i}\",reason=\"{reason}\"}} {n}\n"
-                    ));
-                }
-            }
-            out.push_str("# HELP flick_block_total virtio-blk counters by drive and kind.\n");
-            out.push_str("# TYPE flick_block_total counter\n");
-            for drive in &vm.devices.drives {
-                let stats = lock(&drive.device).stats.clone();
-                for (kind, counter) in [
-                    ("read_ops", &stats.read_ops),
-                    ("write_ops", &stats.write_ops),
-                    ("flush_ops", &stats.flush_ops),
-                    ("read_bytes", &stats.read_bytes),
-                    ("write_bytes", &stats.write_bytes),
-                    ("invalid_requests", &stats.invalid_requests),
-                    ("io_errors", &stats.io_errors),
-                ] {
-                    let n = counter.load(Ordering::Relaxed);
-                    out.push_str(&format!(
-                        "flick_block_total{{drive=\"{}\",kind=\"{kind}\"}} {n}\n",
-                        drive.id
-                    ));
-                }
-            }
-        }
-        out
+        metrics::prometheus(&metrics::collect(self.running.as_ref(), &self.boot_times))
+    }
+
+    /// Appends one JSON line of metrics to the `metrics_path` file.
+    fn flush_metrics(&mut self) -> Result<(), String> {
+        let Some(path) = self.config.metrics.as_ref().map(|m| m.metrics_path.clone()) else {
+            return Err("no metrics file configured (PUT /metrics)".into());
+        };
+        let mut line =
+            metrics::json_line(&metrics::collect(self.running.as_ref(), &self.boot_times));
+        line.push('\n');
+        use std::io::Write as _;
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| f.write_all(line.as_bytes()))
+            .map_err(|e| format!("cannot write metrics to {path}: {e}"))
     }
 
     fn finish(&mut self, status: ExitStatus) {

@@ -261,3 +261,137 @@ pub fn wait_for_text(file: &Path, needle: &str) -> String {
         std::thread::sleep(Duration::from_millis(5));
     }
 }
+
+/// A private network namespace with one TAP device (host side `10.0.N.1/24`), removed on drop,
+/// along with any helper processes started in it.
+pub struct NetNs {
+    pub name: String,
+    pub tap: String,
+    pub host_ip: String,
+    pub guest_ip: String,
+    children: Vec<Child>,
+}
+
+impl NetNs {
+    /// Creates namespace `flk<pid><tag>` holding TAP `tap0`. `subnet` picks 10.0.<subnet>.0/24.
+    pub fn new(tag: &str, subnet: u8) -> NetNs {
+        let name = format!("flk{}{tag}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        let ns = NetNs {
+            name: name.clone(),
+            tap: "tap0".into(),
+            host_ip: format!("10.0.{subnet}.1"),
+            guest_ip: format!("10.0.{subnet}.2"),
+            children: Vec::new(),
+        };
+        ns.ip(&["netns", "add", &name]);
+        ns.exec_ok(&["ip", "tuntap", "add", "tap0", "mode", "tap"]);
+        ns.exec_ok(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{}/24", ns.host_ip),
+            "dev",
+            "tap0",
+        ]);
+        ns.exec_ok(&["ip", "link", "set", "tap0", "up"]);
+        ns.exec_ok(&["ip", "link", "set", "lo", "up"]);
+        ns
+    }
+
+    fn ip(&self, args: &[&str]) {
+        let status = Command::new("ip").args(args).status().expect("run ip");
+        assert!(status.success(), "ip {args:?} failed");
+    }
+
+    /// Runs a command inside the namespace and requires success.
+    pub fn exec_ok(&self, args: &[&str]) {
+        let status = self.command(args).status().expect("run ip netns exec");
+        assert!(status.success(), "{args:?} in {} failed", self.name);
+    }
+
+    /// A command that runs inside the namespace.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name]).args(args);
+        cmd
+    }
+
+    /// Starts a background process in the namespace; it is killed on drop.
+    pub fn spawn(&mut self, args: &[&str], log: &Path) -> &mut Child {
+        let child = self
+            .command(args)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(log).unwrap())
+            .stderr(Stdio::from(
+                std::fs::File::create(log.with_extension("err")).unwrap(),
+            ))
+            .spawn()
+            .expect("spawn in namespace");
+        self.children.push(child);
+        self.children.last_mut().unwrap()
+    }
+
+    /// Serves DHCP on the TAP, handing out the guest address.
+    pub fn start_dhcp(&mut self, log: &Path) {
+        let range = format!("{},{},255.255.255.0,1h", self.guest_ip, self.guest_ip);
+        let iface = format!("--interface={}", self.tap);
+        let range_arg = format!("--dhcp-range={range}");
+        let args = [
+            "dnsmasq",
+            "--no-daemon",
+            "--bind-interfaces",
+            &iface,
+            &range_arg,
+            "--no-resolv",
+            "--no-hosts",
+            "--leasefile-ro",
+            "--log-dhcp",
+            "--port=0",
+            "--pid-file=/dev/null",
+        ];
+        self.spawn(&args, log);
+    }
+
+    /// A UDP socket bound inside the namespace (the calling thread enters it briefly).
+    pub fn udp_socket(&self, port: u16) -> std::net::UdpSocket {
+        let name = self.name.clone();
+        let addr = format!("{}:{port}", self.host_ip);
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(format!("/var/run/netns/{name}")).expect("open netns");
+            // SAFETY: setns on this short-lived thread only; the fd is valid.
+            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns failed");
+            std::net::UdpSocket::bind(addr).expect("bind UDP in the namespace")
+        })
+        .join()
+        .unwrap()
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// Whether network-namespace tests can run here (`ip` and root).
+pub fn netns_available() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let ip = Command::new("ip").arg("-V").output().is_ok();
+    if root && ip {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("network tests need root and iproute2 in CI");
+    }
+    eprintln!("skipping: network namespace tests need root and iproute2");
+    false
+}

@@ -7,6 +7,7 @@
 
 pub mod block;
 pub mod mmio;
+pub mod net;
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU32, Ordering};
