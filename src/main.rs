@@ -280,8 +280,49 @@ fn run(vmm: Vmm, api: Option<ApiServer>) -> ExitCode {
             if let Some(api) = &api {
                 api.cleanup();
             }
+            defer_teardown();
             // vCPU threads may still be inside KVM_RUN; exiting the process ends them.
             std::process::exit(code);
+        }
+    }
+}
+
+/// Lets a child process hold the last references to the KVM VM while this process exits, so
+/// that the kernel's VM teardown (which can take tens of milliseconds on a nested host) happens
+/// after our exit status is delivered rather than before. The child waits for a pipe to close
+/// (it closes when this process is gone) and then exits, releasing the VM.
+fn defer_teardown() {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: pipe writes two fds into the array we own.
+    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+        return;
+    }
+    // SAFETY: the child only calls async-signal-safe functions (close, read, _exit) before
+    // exiting; the parent continues normally.
+    match unsafe { libc::fork() } {
+        0 => {
+            let mut byte = 0u8;
+            // SAFETY: closing our copies of the write end and of the standard streams (so whoever
+            // reads our output sees it end with us), then reading one byte into a local.
+            unsafe {
+                libc::close(fds[1]);
+                for fd in 0..3 {
+                    libc::close(fd);
+                }
+                libc::read(fds[0], (&mut byte as *mut u8).cast(), 1);
+                libc::_exit(0);
+            }
+        }
+        pid if pid > 0 => {
+            // SAFETY: closing the read end we do not use; the write end closes when we exit.
+            unsafe { libc::close(fds[0]) };
+        }
+        _ => {
+            // SAFETY: fork failed; close both ends we own.
+            unsafe {
+                libc::close(fds[0]);
+                libc::close(fds[1]);
+            }
         }
     }
 }
