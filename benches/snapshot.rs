@@ -1,0 +1,226 @@
+//! Snapshot benchmark: restore a test guest from a snapshot N times and report
+//! - spawn → first serial byte of the restored guest (`--restore-snapshot --resume`, no API),
+//! - `PUT /snapshot/load` with `resume_vm` → reply (the call Firecracker's 9.7 ms figure times),
+//!   and → first serial byte after it,
+//! - next to a cold boot's spawn → first serial byte of the same guest.
+//!
+//! `cargo bench --bench snapshot` (runs: FLICK_BENCH_RUNS, default 30).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const FLICK: &str = env!("CARGO_BIN_EXE_flick");
+
+fn summary(name: &str, mut v: Vec<f64>) {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let p = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+    println!(
+        "{name:<52} min {:>7.2}  median {:>7.2}  p90 {:>7.2}  (ms, n={})",
+        v[0],
+        p(0.5),
+        p(0.9),
+        v.len()
+    );
+}
+
+fn api(sock: &std::path::Path, method: &str, path: &str, body: &str) -> u16 {
+    let mut s = UnixStream::connect(sock).expect("connect");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).unwrap();
+    line.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+fn wait_socket(sock: &std::path::Path) {
+    let start = Instant::now();
+    while UnixStream::connect(sock).is_err() {
+        assert!(start.elapsed() < Duration::from_secs(10), "no API socket");
+        std::thread::sleep(Duration::from_micros(100));
+    }
+}
+
+/// Spawns flick with stdout piped; returns the child and the time of the first stdout byte.
+fn first_byte(mut child: Child, start: Instant) -> f64 {
+    let mut out = child.stdout.take().unwrap();
+    let mut byte = [0u8; 1];
+    out.read_exact(&mut byte).expect("no serial output");
+    let ms = start.elapsed().as_secs_f64() * 1e3;
+    let _ = child.kill();
+    let _ = child.wait();
+    settle();
+    ms
+}
+
+/// Lets the kernel finish tearing down the previous VM before the next run, so each run
+/// measures a restore on its own rather than one competing with the last VM's teardown.
+fn settle() {
+    std::thread::sleep(Duration::from_millis(30));
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let root = env!("CARGO_MANIFEST_DIR");
+    let guest_dir = format!("{root}/target/test-guest");
+    let ok = Command::new("make")
+        .args([
+            "-s",
+            "-C",
+            &format!("{root}/resources/guest/test-guest"),
+            &format!("OUT={guest_dir}"),
+        ])
+        .status()
+        .expect("make")
+        .success();
+    assert!(ok, "building the test guest failed");
+    let runs: usize = std::env::var("FLICK_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30);
+    let dir = std::env::temp_dir().join(format!("flick-bench-snap-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let kernel = format!("{guest_dir}/testguest.elf");
+    let args = "tg.smp=0 tg.quiet=1 tg.count=100000000 tg.exit=halt";
+
+    // Take the snapshot: boot, let it count, pause, snapshot.
+    let sock = dir.join("src.sock");
+    let mut src = Command::new(FLICK)
+        .arg("--api-sock")
+        .arg(&sock)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_socket(&sock);
+    let boot = serde_json::json!({"kernel_image_path": kernel, "boot_args": args});
+    assert_eq!(api(&sock, "PUT", "/boot-source", &boot.to_string()), 204);
+    assert_eq!(
+        api(
+            &sock,
+            "PUT",
+            "/machine-config",
+            r#"{"vcpu_count":1,"mem_size_mib":128}"#
+        ),
+        204
+    );
+    assert_eq!(
+        api(
+            &sock,
+            "PUT",
+            "/actions",
+            r#"{"action_type":"InstanceStart"}"#
+        ),
+        204
+    );
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(api(&sock, "PATCH", "/vm", r#"{"state":"Paused"}"#), 204);
+    let state = dir.join("vm.state");
+    let mem = dir.join("vm.mem");
+    let create = serde_json::json!({"snapshot_path": state, "mem_file_path": mem});
+    let t = Instant::now();
+    assert_eq!(
+        api(&sock, "PUT", "/snapshot/create", &create.to_string()),
+        204
+    );
+    let create_ms = t.elapsed().as_secs_f64() * 1e3;
+    let _ = src.kill();
+    let _ = src.wait();
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!(
+        "flick snapshot benchmark: {runs} runs, 1 vCPU, 128 MiB test guest, 30 ms between runs"
+    );
+    println!("host load before: {}", load.trim());
+    println!("snapshot create (128 MiB, sparse memory file): {create_ms:.1} ms");
+
+    let restore_cli = || {
+        let start = Instant::now();
+        let child = Command::new(FLICK)
+            .args(["--no-api", "--resume", "--restore-snapshot"])
+            .arg(&state)
+            .arg("--restore-mem")
+            .arg(&mem)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        first_byte(child, start)
+    };
+    let cold = || {
+        let cfg = dir.join("cold.json");
+        let json = serde_json::json!({"boot-source": {"kernel_image_path": kernel, "boot_args": args},
+                                      "machine-config": {"vcpu_count": 1, "mem_size_mib": 128}});
+        std::fs::write(&cfg, json.to_string()).unwrap();
+        let start = Instant::now();
+        let child = Command::new(FLICK)
+            .args(["--no-api", "--config-file"])
+            .arg(&cfg)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        first_byte(child, start)
+    };
+    let restore_api = |n: usize| -> (f64, f64) {
+        let sock = dir.join(format!("r{n}.sock"));
+        let mut child = Command::new(FLICK)
+            .arg("--api-sock")
+            .arg(&sock)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_socket(&sock);
+        let body = serde_json::json!({"snapshot_path": state, "resume_vm": true,
+                                      "mem_backend": {"backend_type": "File", "backend_path": mem}});
+        let start = Instant::now();
+        assert_eq!(api(&sock, "PUT", "/snapshot/load", &body.to_string()), 204);
+        let call = start.elapsed().as_secs_f64() * 1e3;
+        let mut out = child.stdout.take().unwrap();
+        let mut byte = [0u8; 1];
+        out.read_exact(&mut byte).unwrap();
+        let first = start.elapsed().as_secs_f64() * 1e3;
+        let _ = child.kill();
+        let _ = child.wait();
+        settle();
+        (call, first)
+    };
+    for _ in 0..3 {
+        restore_cli();
+        cold();
+    }
+    summary(
+        "restore (CLI): spawn -> first serial byte",
+        (0..runs).map(|_| restore_cli()).collect(),
+    );
+    let api_runs: Vec<(f64, f64)> = (0..runs).map(restore_api).collect();
+    summary(
+        "PUT /snapshot/load (resume_vm) -> 204",
+        api_runs.iter().map(|r| r.0).collect(),
+    );
+    summary(
+        "PUT /snapshot/load (resume_vm) -> first serial byte",
+        api_runs.iter().map(|r| r.1).collect(),
+    );
+    summary(
+        "cold boot: spawn -> first serial byte",
+        (0..runs).map(|_| cold()).collect(),
+    );
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!("host load after: {}", load.trim());
+    let _ = std::fs::remove_dir_all(&dir);
+}
