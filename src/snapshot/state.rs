@@ -22,6 +22,9 @@ pub struct VmSnapshot {
     pub serial: SerialSnapshot,
     /// virtio-blk transports in slot order, with their drive ids.
     pub drives: Vec<(String, TransportSnapshot)>,
+    /// virtio-net transports in slot order (after the drives), with their interface ids.
+    #[serde(default)]
+    pub nets: Vec<(String, TransportSnapshot)>,
 }
 
 impl VmSnapshot {

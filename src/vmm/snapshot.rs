@@ -17,6 +17,8 @@ use crate::config::{SnapshotCreateConfig, SnapshotLoadConfig, SnapshotType};
 use crate::devices::boot_timer::BootTimer;
 use crate::devices::bus::{lock, Bus};
 use crate::devices::legacy::SerialDevice;
+use crate::devices::virtio::mmio::{MmioTransport, TransportSnapshot};
+use crate::devices::virtio::SharedVirtioDevice;
 use crate::kvm::state::VmState;
 use crate::kvm::vcpu::{VcpuCommand, VcpuResponse};
 use crate::snapshot::state::VmSnapshot;
@@ -114,6 +116,12 @@ pub fn create(
             .iter()
             .map(|d| (d.id.clone(), lock(&d.transport).snapshot()))
             .collect(),
+        nets: vm
+            .devices
+            .nets
+            .iter()
+            .map(|n| (n.id.clone(), lock(&n.transport).snapshot()))
+            .collect(),
     };
     let payload = serde_json::to_vec(&snapshot)
         .map_err(|e| SnapshotOpError::Refused(format!("cannot encode the snapshot: {e}")))?;
@@ -163,16 +171,45 @@ fn map_memory(
         .map_err(|e| SnapshotOpError::Map(path.into(), std::io::Error::other(e.to_string())))
 }
 
+/// Restores each transport from its snapshot (matched by id, in slot order) and lets active
+/// devices process requests the guest queued just before the snapshot.
+fn restore_slots(
+    state_name: &str,
+    what: &str,
+    slots: &[(
+        &str,
+        &Arc<std::sync::Mutex<MmioTransport>>,
+        SharedVirtioDevice,
+    )],
+    snaps: &[(String, TransportSnapshot)],
+) -> Result<(), SnapshotOpError> {
+    if slots.len() != snaps.len() {
+        let msg = format!("{what} list does not match its configuration");
+        return Err(SnapshotError::Payload(state_name.into(), msg).into());
+    }
+    for ((id, transport, device), (snap_id, snap)) in slots.iter().zip(snaps) {
+        if id != snap_id {
+            let msg = format!("{what} {snap_id} is out of order");
+            return Err(SnapshotError::Payload(state_name.into(), msg).into());
+        }
+        lock(transport)
+            .restore(snap)
+            .map_err(|e| SnapshotOpError::Refused(format!("{what} {id}: {e}")))?;
+        let mut device = lock(device);
+        if device.is_active() {
+            for queue in 0..device.queue_max_sizes().len() {
+                device.process_queue(queue);
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Builds a VM from the snapshot named by `params`. vCPUs start paused unless `resume_vm`.
 pub fn load(
     params: &SnapshotLoadConfig,
     ctx: BuildContext,
 ) -> Result<(RunningVm, VmSnapshot), SnapshotOpError> {
-    if !params.network_overrides.is_empty() {
-        return Err(SnapshotOpError::Refused(
-            "network_overrides: the snapshot has no network interfaces to retarget".into(),
-        ));
-    }
     let mem_path = params.mem_file().map_err(SnapshotOpError::Refused)?;
     let state_name = params.snapshot_path.clone();
     let payload = snapshot::read_state_file(Path::new(&params.snapshot_path))?;
@@ -196,6 +233,25 @@ pub fn load(
     )?;
     builder::check_memory(snap.config.machine_config.mem_size_mib)?;
     let drives = attach::open_drives(&snap.config.drives).map_err(BuildError::from)?;
+    let overrides: Vec<(String, String)> = params
+        .network_overrides
+        .iter()
+        .map(|o| (o.iface_id.clone(), o.host_dev_name.clone()))
+        .collect();
+    for (id, _) in &overrides {
+        if !snap
+            .config
+            .network_interfaces
+            .iter()
+            .any(|n| &n.iface_id == id)
+        {
+            return Err(SnapshotOpError::Refused(format!(
+                "network_overrides: the snapshot has no interface {id:?}"
+            )));
+        }
+    }
+    let nets =
+        attach::open_nets(&snap.config.network_interfaces, &overrides).map_err(BuildError::from)?;
 
     let mut phases = Phases::new();
     let mem = map_memory(&mem_file, mem_path, &snap.ram)?;
@@ -208,28 +264,31 @@ pub fn load(
     let mut mmio = Bus::new();
     let mut devices = Attached::default();
     attach::attach_drives(&vm, &mem, &mut mmio, &mut devices, drives).map_err(BuildError::from)?;
-    if devices.drives.len() != snap.drives.len() {
-        return Err(SnapshotError::Payload(
-            state_name,
-            "drive list does not match its configuration".into(),
-        )
-        .into());
-    }
-    for (drive, (id, transport)) in devices.drives.iter().zip(&snap.drives) {
-        if &drive.id != id {
-            return Err(
-                SnapshotError::Payload(state_name, format!("drive {id} is out of order")).into(),
-            );
-        }
-        lock(&drive.transport)
-            .restore(transport)
-            .map_err(|e| SnapshotOpError::Refused(format!("drive {id}: {e}")))?;
-        // Requests the guest queued just before the snapshot get processed now.
-        let mut device = lock(&drive.device);
-        if crate::devices::virtio::VirtioDevice::is_active(&*device) {
-            crate::devices::virtio::VirtioDevice::process_queue(&mut *device, 0);
-        }
-    }
+    attach::attach_nets(&vm, &mem, &mut mmio, &mut devices, nets).map_err(BuildError::from)?;
+    let drive_slots: Vec<_> = devices
+        .drives
+        .iter()
+        .map(|d| {
+            (
+                d.id.as_str(),
+                &d.transport,
+                d.device.clone() as SharedVirtioDevice,
+            )
+        })
+        .collect();
+    restore_slots(&state_name, "drive", &drive_slots, &snap.drives)?;
+    let net_slots: Vec<_> = devices
+        .nets
+        .iter()
+        .map(|n| {
+            (
+                n.id.as_str(),
+                &n.transport,
+                n.device.clone() as SharedVirtioDevice,
+            )
+        })
+        .collect();
+    restore_slots(&state_name, "network interface", &net_slots, &snap.nets)?;
     let timer = BootTimer::new(
         ctx.started,
         ctx.started_cpu_us,
