@@ -86,8 +86,7 @@ if want podman; then install --optional podman; fi
 
 if [[ -z $flick ]]; then
 	echo "== building flick (release)" >&2
-	cargo build --release --quiet
-	flick=$root/target/release/flick
+	flick=$(scripts/build-release.sh)
 fi
 echo "== building the test guest" >&2
 make -s -C resources/guest/test-guest OUT="$root/target/test-guest"

@@ -23,8 +23,7 @@ for tool in make:make gcc:gcc; do
 done
 
 echo "== building flick (release)" >&2
-cargo build --release --quiet
-flick=$root/target/release/flick
+flick=$(scripts/build-release.sh)
 work=$(mktemp -d /tmp/flick-demo.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 

@@ -39,8 +39,7 @@ for tool in make:make gcc:gcc; do
 	}
 done
 if [[ -z $flick ]]; then
-	cargo build --release --quiet
-	flick=$root/target/release/flick
+	flick=$(scripts/build-release.sh)
 fi
 make -s -C resources/guest/test-guest OUT="$root/target/test-guest"
 cargo build --release --quiet --manifest-path harness/Cargo.toml

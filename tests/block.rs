@@ -398,7 +398,7 @@ fn patch_drive_swaps_the_backing_file_under_a_running_guest() {
     let swap = serde_json::json!({"drive_id": "d", "path_on_host": new});
     let (status, answer) = api_call(&sock, "PATCH", "/drives/d", Some(&swap.to_string()));
     assert_eq!(status, 204, "{answer}");
-    let text = wait_for_text(&stdout, "blk0: read sectors=");
+    let text = wait_for_text(&stdout, "testguest: done");
     child.kill().unwrap();
     child.wait().unwrap();
     let crc = crc32(&new_content[..8 * SECTOR]);

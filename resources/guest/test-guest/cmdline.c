@@ -96,6 +96,27 @@ static void add_virtio_slot(const char *val, size_t vlen, struct tg_opts *o)
 	o->virtio_slots[o->nr_virtio++] = sl;
 }
 
+/* "A.B.C.D", each part decimal 0-255; host byte order. Left unchanged if malformed. */
+static void set_ip(const char *val, size_t vlen, u32 *out)
+{
+	u32 ip = 0;
+	size_t i = 0;
+
+	for (int part = 0; part < 4; part++) {
+		size_t start = i;
+		u64 v;
+		while (i < vlen && val[i] >= '0' && val[i] <= '9')
+			i++;
+		if (i == start || i - start > 3 || parse_u64(val + start, i - start, &v) || v > 255)
+			return;
+		ip = ip << 8 | (u32)v;
+		if (part < 3 && (i >= vlen || val[i++] != '.'))
+			return;
+	}
+	if (i == vlen)
+		*out = ip;
+}
+
 static void apply(const char *tok, size_t len, struct tg_opts *o)
 {
 	size_t klen = 0;
@@ -156,6 +177,44 @@ static void apply(const char *tok, size_t len, struct tg_opts *o)
 		set_bool(val, vlen, &o->blk_late);
 	else if (key_is(tok, klen, "tg.blk_timeout_ms"))
 		set_u64(val, vlen, &o->blk_timeout_ms);
+	else if (key_is(tok, klen, "tg.net")) {
+		static const struct {
+			const char *name;
+			enum net_mode mode;
+		} modes[] = {
+			{ "off", NET_OFF }, { "info", NET_INFO }, { "ping", NET_PING },
+			{ "serve", NET_SERVE }, { "bench", NET_BENCH },
+		};
+		for (size_t i = 0; i < ARRAY_SIZE(modes); i++)
+			if (val_is(val, vlen, modes[i].name))
+				o->net = modes[i].mode;
+	} else if (key_is(tok, klen, "tg.net_dev"))
+		set_u64(val, vlen, &o->net_dev);
+	else if (key_is(tok, klen, "tg.net_late"))
+		set_bool(val, vlen, &o->net_late);
+	else if (key_is(tok, klen, "tg.net_split"))
+		set_bool(val, vlen, &o->net_split);
+	else if (key_is(tok, klen, "tg.ip"))
+		set_ip(val, vlen, &o->net_ip);
+	else if (key_is(tok, klen, "tg.peer"))
+		set_ip(val, vlen, &o->net_peer);
+	else if (key_is(tok, klen, "tg.ping_count"))
+		set_u64(val, vlen, &o->ping_count);
+	else if (key_is(tok, klen, "tg.net_timeout_ms"))
+		set_u64(val, vlen, &o->net_timeout_ms);
+	else if (key_is(tok, klen, "tg.serve_ms"))
+		set_u64(val, vlen, &o->serve_ms);
+	else if (key_is(tok, klen, "tg.net_frames"))
+		set_u64(val, vlen, &o->net_frames);
+	else if (key_is(tok, klen, "tg.net_size"))
+		set_u64(val, vlen, &o->net_size);
+	else if (key_is(tok, klen, "tg.net_port")) {
+		u64 port = o->net_port;
+		set_u64(val, vlen, &port);
+		if (port <= 0xffff)
+			o->net_port = port;
+	} else if (key_is(tok, klen, "tg.net_rx_frames"))
+		set_u64(val, vlen, &o->net_rx_frames);
 	else if (key_is(tok, klen, "virtio_mmio.device"))
 		add_virtio_slot(val, vlen, o);
 }
@@ -180,6 +239,19 @@ void opts_parse(const char *cmdline, u32 len, struct tg_opts *o)
 	o->blk_dev = 0;
 	o->blk_late = 0;
 	o->blk_timeout_ms = 5000;
+	o->net = NET_OFF;
+	o->net_dev = 0;
+	o->net_late = 0;
+	o->net_split = 0;
+	o->net_ip = 0x0a000202;   /* 10.0.2.2 */
+	o->net_peer = 0x0a000201; /* 10.0.2.1 */
+	o->ping_count = 3;
+	o->net_timeout_ms = 2000;
+	o->serve_ms = 5000;
+	o->net_frames = 20000;
+	o->net_size = 1400;
+	o->net_port = 9;
+	o->net_rx_frames = 0;
 	o->nr_virtio = 0; /* virtio_slots[] is written up to nr_virtio */
 
 	u32 i = 0;

@@ -144,6 +144,7 @@ void bootinfo_add_reserved(struct bootinfo *bi, u64 start, u64 len);
 /* ---- cmdline.c ---- */
 enum exit_mode { EXIT_REBOOT, EXIT_HALT, EXIT_FAULT };
 enum blk_mode { BLK_OFF, BLK_CHECK, BLK_READ, BLK_WRITE, BLK_BENCH, BLK_HOSTILE };
+enum net_mode { NET_OFF, NET_INFO, NET_PING, NET_SERVE, NET_BENCH };
 
 /* Most virtio_mmio.device= entries kept from the command line. */
 #define MAX_VIRTIO_SLOTS 16
@@ -174,6 +175,19 @@ struct tg_opts {
 	u64 blk_dev;        /* tg.blk_dev: block device for bench and hostile (default 0) */
 	int blk_late;       /* tg.blk_late=1: run the tg.blk mode after counting, not before */
 	u64 blk_timeout_ms; /* tg.blk_timeout_ms: longest wait for one request (default 5000) */
+	enum net_mode net;  /* tg.net */
+	u64 net_dev;        /* tg.net_dev: network device for ping, serve and bench (default 0) */
+	int net_late;       /* tg.net_late=1: run the tg.net mode after counting, not before */
+	int net_split;      /* tg.net_split=1: header and frame in separate descriptors */
+	u32 net_ip;         /* tg.ip: the guest's IPv4 address (default 10.0.2.2) */
+	u32 net_peer;       /* tg.peer: the host's IPv4 address (default 10.0.2.1) */
+	u64 ping_count;     /* tg.ping_count: echo requests of tg.net=ping (default 3) */
+	u64 net_timeout_ms; /* tg.net_timeout_ms: longest wait for a reply or a frame (default 2000) */
+	u64 serve_ms;       /* tg.serve_ms: how long tg.net=serve answers, 0 = forever (default 5000) */
+	u64 net_frames;     /* tg.net_frames: datagrams of the transmit benchmark (default 20000) */
+	u64 net_size;       /* tg.net_size: UDP payload bytes of the benchmark (default 1400) */
+	u64 net_port;       /* tg.net_port: the peer's UDP port for the benchmark (default 9) */
+	u64 net_rx_frames;  /* tg.net_rx_frames: datagrams of the receive benchmark (default 0) */
 	u32 nr_virtio;      /* virtio_mmio.device= entries, in command-line order */
 	struct virtio_slot virtio_slots[MAX_VIRTIO_SLOTS];
 };
@@ -206,9 +220,10 @@ void mptable_find(struct mp_info *mp);
 void mptable_print(const struct mp_info *mp);
 void smp_boot(struct bootinfo *bi, const struct mp_info *mp, const struct tg_opts *o);
 
-/* ---- virtio_mmio.c, virtio_blk.c ---- */
+/* ---- virtio_mmio.c, virtio_blk.c, virtio_net.c ---- */
 void virtio_probe_all(const struct tg_opts *o);
 void virtio_blk_run(const struct tg_opts *o);
+void virtio_net_run(const struct tg_opts *o);
 
 /* ---- main.c ---- */
 void tg_main(u32 protocol, u64 info);

@@ -32,6 +32,8 @@ void virtq_init(struct virtq *vq, u8 *ring, u32 slot, u16 index, u16 size, u64 m
 		vq->next[i] = (u16)(i + 1 < size ? i + 1 : 0);
 		vq->chain_len[i] = 0;
 		vq->token[i] = 0;
+		vq->fixed[i] = 0;
+		vq->posted[i] = 0;
 	}
 }
 
@@ -63,12 +65,8 @@ static void publish(struct virtq *vq, u16 head)
 	__atomic_store_n(&vq->avail->idx, vq->avail_idx, __ATOMIC_RELEASE);
 }
 
-/*
- * Add a chain of n buffers and make it available (without notifying the device).
- * Device-readable buffers must come before device-writable ones. Returns the head
- * index, or -1 if the queue has fewer than n free descriptors.
- */
-int virtq_add(struct virtq *vq, const struct virtq_buf *bufs, u32 n, u64 token)
+/* Write a chain of n buffers into free descriptors; returns its head, or -1. */
+static int write_chain(struct virtq *vq, const struct virtq_buf *bufs, u32 n, u64 token)
 {
 	u16 ids[VIRTQ_MAX_SIZE];
 
@@ -84,8 +82,45 @@ int virtq_add(struct virtq *vq, const struct virtq_buf *bufs, u32 n, u64 token)
 	}
 	vq->chain_len[ids[0]] = (u16)n;
 	vq->token[ids[0]] = token;
-	publish(vq, ids[0]);
 	return ids[0];
+}
+
+/*
+ * Add a chain of n buffers and make it available (without notifying the device).
+ * Device-readable buffers must come before device-writable ones. Returns the head
+ * index, or -1 if the queue has fewer than n free descriptors.
+ */
+int virtq_add(struct virtq *vq, const struct virtq_buf *bufs, u32 n, u64 token)
+{
+	int head = write_chain(vq, bufs, n, token);
+
+	if (head >= 0)
+		publish(vq, (u16)head);
+	return head;
+}
+
+int virtq_add_fixed(struct virtq *vq, const struct virtq_buf *bufs, u32 n, u64 token)
+{
+	int head = write_chain(vq, bufs, n, token);
+
+	if (head >= 0) {
+		vq->fixed[head] = 1;
+		vq->posted[head] = 0;
+	}
+	return head;
+}
+
+void virtq_post(struct virtq *vq, u16 head)
+{
+	vq->posted[head] = 1;
+	publish(vq, head);
+}
+
+u16 virtq_desc_of(const struct virtq *vq, u16 head, u32 pos)
+{
+	while (pos--)
+		head = vq->next[head];
+	return head;
 }
 
 int virtq_add_raw(struct virtq *vq, const struct virtq_desc *src, u16 n, u64 token)
@@ -138,8 +173,9 @@ static void free_chain(struct virtq *vq, u16 head)
 /*
  * Take one element off the used ring. VIRTQ_DONE: *len is what the device reports it
  * wrote, *token the value given to virtq_add, and the chain's descriptors are free
- * again. VIRTQ_BAD: the device moved used->idx by more than the queue holds or
- * returned an index that was not the head of a chain in flight; a
+ * again (a fixed chain keeps them). VIRTQ_BAD: the device moved used->idx by more
+ * than the queue holds or returned an index that was not the head of a chain in
+ * flight (or of a posted fixed chain); a
  * "virtq: slot=<i> queue=<q> error=..." line is printed.
  */
 int virtq_get_used(struct virtq *vq, u32 *len, u64 *token)
@@ -158,7 +194,7 @@ int virtq_get_used(struct virtq *vq, u32 *len, u64 *token)
 	volatile struct virtq_used_elem *e = &vq->used->ring[vq->last_used & (vq->size - 1)];
 	u32 id = e->id, l = e->len;
 	vq->last_used++;
-	if (id >= vq->size || vq->chain_len[id] == 0) {
+	if (id >= vq->size || vq->chain_len[id] == 0 || (vq->fixed[id] && !vq->posted[id])) {
 		tg_printf("virtq: slot=%u queue=%u error=used-id id=%u\n", vq->slot, vq->index, id);
 		return VIRTQ_BAD;
 	}
@@ -166,7 +202,10 @@ int virtq_get_used(struct virtq *vq, u32 *len, u64 *token)
 		*len = l;
 	if (token)
 		*token = vq->token[id];
-	free_chain(vq, (u16)id);
+	if (vq->fixed[id])
+		vq->posted[id] = 0;
+	else
+		free_chain(vq, (u16)id);
 	return VIRTQ_DONE;
 }
 

@@ -74,6 +74,8 @@ struct virtq {
 	u16 next[VIRTQ_MAX_SIZE];      /* free list, and the order of each chain */
 	u16 chain_len[VIRTQ_MAX_SIZE]; /* descriptors of the chain at this head; 0 = not in flight */
 	u64 token[VIRTQ_MAX_SIZE];     /* caller's value for the chain at this head */
+	u8 fixed[VIRTQ_MAX_SIZE];      /* the chain at this head keeps its descriptors */
+	u8 posted[VIRTQ_MAX_SIZE];     /* fixed chain: available to the device now */
 };
 
 /* Results of virtq_get_used() and virtq_wait_used(). */
@@ -88,6 +90,19 @@ void virtq_kick(struct virtq *vq);
 int virtq_get_used(struct virtq *vq, u32 *len, u64 *token);
 int virtq_wait_used(struct virtq *vq, u64 timeout_us, u32 *len, u64 *token);
 u16 virtq_in_flight(const struct virtq *vq);
+
+/*
+ * Fixed chains, for buffers that always use the same descriptors (virtio-net's receive
+ * buffers and transmit slots): virtq_add_fixed() writes the chain once without making
+ * it available; virtq_post() makes it available (again), without rewriting the
+ * descriptors; virtq_get_used() returns it with its descriptors still reserved, and a
+ * used element naming a fixed chain that is not posted is an error. virtq_desc_of()
+ * gives the descriptor at position pos of a chain (to change its length before a post).
+ * virtq_in_flight() counts the descriptors of fixed chains whether posted or not.
+ */
+int virtq_add_fixed(struct virtq *vq, const struct virtq_buf *bufs, u32 n, u64 token);
+void virtq_post(struct virtq *vq, u16 head);
+u16 virtq_desc_of(const struct virtq *vq, u16 head, u32 pos);
 
 /*
  * For malformed-request tests. virtq_add_raw() copies n descriptors as given, except

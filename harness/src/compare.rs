@@ -1,0 +1,915 @@
+//! The launch comparison: each variant's repetitions run back to back (interleaving variants
+//! slows the container runtimes down: cgroup clean-up of the previous run), with the host load
+//! recorded before and after each variant.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::host;
+use crate::measure::{self, ApiRequest, Outcome, Spec};
+
+pub const GUEST_MEM_MIB: u64 = 128;
+const TESTGUEST_ARGS: &str = "tg.smp=0 tg.quiet=1";
+const RESTORE_ARGS: &str = "tg.smp=0 tg.quiet=1 tg.count=100000000 tg.delay_ms=1 tg.exit=halt";
+pub const LINUX_MARKER: &str = "Run /init as init process";
+
+pub struct Opts {
+    pub runs: usize,
+    pub linux_runs: usize,
+    pub warmup: usize,
+    pub vmms: Vec<(String, String)>,
+    pub only: Option<Vec<String>>,
+    pub with_linux: bool,
+    pub repo: PathBuf,
+    pub flick: String,
+    pub guest_dir: PathBuf,
+    pub busybox: String,
+    /// Sample /proc/PID/smaps during VMM runs (off: measures the sampler's own cost).
+    pub smaps: bool,
+    /// Print every run's status and output tails.
+    pub verbose: bool,
+    /// Longest wait for an idle host before each variant.
+    pub settle: Duration,
+}
+
+/// What a variant measures and how it ended up.
+pub struct VariantResult {
+    pub name: String,
+    pub description: String,
+    /// What "spawn → end" means for this variant: "exit", "Run /init", "API ready", ...
+    pub end_label: String,
+    pub command: String,
+    pub is_vmm: bool,
+    pub skipped: Option<String>,
+    pub notes: Vec<String>,
+    pub runs: Vec<Outcome>,
+    pub failures: Vec<String>,
+    pub load_before: String,
+    pub load_after: String,
+    /// Host CPU idle share (%) over the 0.5 s before the variant started.
+    pub idle_before: f64,
+}
+
+impl VariantResult {
+    fn new(name: &str, description: &str) -> Self {
+        VariantResult {
+            name: name.into(),
+            description: description.into(),
+            end_label: "exit".into(),
+            command: String::new(),
+            is_vmm: false,
+            skipped: None,
+            notes: Vec::new(),
+            runs: Vec::new(),
+            failures: Vec::new(),
+            load_before: String::new(),
+            load_after: String::new(),
+            idle_before: f64::NAN,
+        }
+    }
+}
+
+/// How to run one variant: a spec per run index, plus clean-up after a failed run.
+struct Plan {
+    spec: Box<dyn Fn(usize) -> Spec>,
+    after_failure: Option<Box<dyn Fn(usize)>>,
+    runs: usize,
+    warmup: usize,
+}
+
+pub const DEFAULT_VARIANTS: &[&str] = &[
+    "process",
+    "unshare",
+    "crun",
+    "runc",
+    "podman",
+    "flick-testguest",
+    "flick-api-ready",
+    "flick-restore",
+    "qemu-microvm",
+];
+
+pub fn known_variants(vmms: &[(String, String)]) -> Vec<String> {
+    let mut v: Vec<String> = DEFAULT_VARIANTS.iter().map(|s| s.to_string()).collect();
+    v.extend(vmms.iter().map(|(n, _)| n.clone()));
+    v.push("flick-linux".into());
+    v
+}
+
+pub fn selected(opts: &Opts) -> Vec<String> {
+    let all = known_variants(&opts.vmms);
+    match &opts.only {
+        Some(only) => all.into_iter().filter(|v| only.contains(v)).collect(),
+        None => all
+            .into_iter()
+            .filter(|v| v != "flick-linux" || opts.with_linux)
+            .collect(),
+    }
+}
+
+fn argv(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+fn quote(args: &[String]) -> String {
+    args.iter()
+        .map(|a| {
+            if a.is_empty() || a.contains(|c: char| c.is_whitespace() || "'\"$;&|".contains(c)) {
+                format!("'{}'", a.replace('\'', "'\\''"))
+            } else {
+                a.clone()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn write_vm_config(
+    path: &Path,
+    kernel: &Path,
+    initrd: Option<&Path>,
+    boot_args: &str,
+    mem_mib: u64,
+) {
+    let mut boot = json!({"kernel_image_path": kernel, "boot_args": boot_args});
+    if let Some(i) = initrd {
+        boot["initrd_path"] = json!(i);
+    }
+    let cfg = json!({
+        "boot-source": boot,
+        "machine-config": {"vcpu_count": 1, "mem_size_mib": mem_mib},
+    });
+    std::fs::write(path, serde_json::to_string_pretty(&cfg).unwrap()).expect("write vm config");
+}
+
+/// The work directory: rootfs, OCI bundle, VM configs, logs. Removed at the end.
+pub struct Work {
+    pub dir: PathBuf,
+    pub keep: bool,
+}
+
+impl Drop for Work {
+    fn drop(&mut self) {
+        if self.keep {
+            eprintln!("work directory kept: {}", self.dir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn make_rootfs(dir: &Path, busybox: &str) -> std::io::Result<()> {
+    for d in ["bin", "proc", "dev", "sys", "tmp", "etc", "root"] {
+        std::fs::create_dir_all(dir.join(d))?;
+    }
+    std::fs::copy(busybox, dir.join("bin/busybox"))?;
+    Ok(())
+}
+
+fn make_bundle(bundle: &Path, rootfs: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(bundle).map_err(|e| e.to_string())?;
+    let out = Command::new("runc")
+        .args(["spec", "--bundle"])
+        .arg(bundle)
+        .output()
+        .map_err(|e| format!("runc spec: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "runc spec failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let path = bundle.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| e.to_string())?;
+    let mut cfg: serde_json::Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+    cfg["process"]["terminal"] = json!(false);
+    cfg["process"]["args"] = json!(["/bin/busybox", "echo", "hi"]);
+    cfg["root"]["path"] = json!(rootfs);
+    cfg["root"]["readonly"] = json!(true);
+    std::fs::write(&path, serde_json::to_string_pretty(&cfg).unwrap()).map_err(|e| e.to_string())
+}
+
+fn help_text(flick: &str) -> String {
+    Command::new(flick)
+        .arg("--help")
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr)
+        })
+        .unwrap_or_default()
+}
+
+pub fn run_all(opts: &Opts) -> Vec<VariantResult> {
+    let work = Work {
+        dir: std::env::temp_dir().join(format!("flick-bench.{}", std::process::id())),
+        keep: opts.verbose,
+    };
+    std::fs::create_dir_all(&work.dir).expect("create work dir");
+    let rootfs = work.dir.join("rootfs");
+    let rootfs_ok = make_rootfs(&rootfs, &opts.busybox)
+        .map_err(|e| format!("cannot build the busybox rootfs from {}: {e}", opts.busybox));
+
+    let mut results = Vec::new();
+    for name in selected(opts) {
+        if measure::interrupted() {
+            break;
+        }
+        eprintln!("== {name}");
+        let mut r = VariantResult::new(&name, "");
+        let plan = plan(&name, opts, &work.dir, &rootfs, &rootfs_ok, &mut r);
+        match plan {
+            Err(reason) => {
+                eprintln!("   skipped: {reason}");
+                r.skipped = Some(reason);
+            }
+            Ok(plan) => {
+                r.idle_before = host::settle(85.0, opts.settle);
+                execute(&plan, &mut r, opts.smaps, opts.verbose)
+            }
+        }
+        results.push(r);
+    }
+    results
+}
+
+fn execute(plan: &Plan, r: &mut VariantResult, smaps: bool, verbose: bool) {
+    let spec = |i: usize| {
+        let mut s = (plan.spec)(i);
+        if !smaps {
+            s.guest_mem_kib = None;
+        }
+        s
+    };
+    r.command = quote(&(plan.spec)(0).argv);
+    eprintln!("   {}", r.command);
+    r.load_before = host::loadavg();
+    for i in 0..plan.warmup {
+        let o = measure::run(&spec(1_000_000 + i));
+        if !o.ok {
+            if let Some(f) = &plan.after_failure {
+                f(1_000_000 + i);
+            }
+            if i == 0 {
+                let e = o.error.unwrap_or_default();
+                eprintln!("   skipped: {e}");
+                r.skipped = Some(format!("does not run here: {e}"));
+                r.load_after = host::loadavg();
+                return;
+            }
+        }
+    }
+    let started = Instant::now();
+    for i in 0..plan.runs {
+        if measure::interrupted() {
+            break;
+        }
+        let o = measure::run(&spec(i));
+        if !o.ok && measure::interrupted() {
+            break;
+        }
+        if !o.ok {
+            if let Some(f) = &plan.after_failure {
+                f(i);
+            }
+            let e = o.error.clone().unwrap_or_default();
+            eprintln!("   run {i}: failed: {e}");
+            if plan.warmup == 0 && i == 0 {
+                r.skipped = Some(format!("does not run here: {e}"));
+                r.load_after = host::loadavg();
+                return;
+            }
+            r.failures.push(e);
+            continue;
+        }
+        if plan.runs <= 5 || verbose {
+            eprintln!(
+                "   run {i}: {:.1} ms to {}",
+                o.end_ms.unwrap_or(f64::NAN),
+                r.end_label
+            );
+        }
+        if verbose {
+            let tail = |t: &str| {
+                t.chars()
+                    .rev()
+                    .take(300)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect::<String>()
+            };
+            eprintln!(
+                "     status {}; stdout: {:?}; stderr: {:?}",
+                o.status,
+                tail(&o.stdout),
+                tail(&o.stderr)
+            );
+        }
+        r.runs.push(o);
+    }
+    r.load_after = host::loadavg();
+    eprintln!(
+        "   {} runs in {:.1} s, host idle {:.0}% before, load {} -> {}",
+        r.runs.len(),
+        started.elapsed().as_secs_f64(),
+        r.idle_before,
+        r.load_before,
+        r.load_after
+    );
+}
+
+fn plan(
+    name: &str,
+    opts: &Opts,
+    work: &Path,
+    rootfs: &Path,
+    rootfs_ok: &Result<(), String>,
+    r: &mut VariantResult,
+) -> Result<Plan, String> {
+    let runs = opts.runs;
+    let warmup = opts.warmup.max(1);
+    let timeout = Duration::from_secs(30);
+    let testguest = opts.guest_dir.join("testguest.elf");
+    let vm_json = work.join("vm.json");
+    let need_testguest = || -> Result<(), String> {
+        if !testguest.is_file() {
+            return Err(format!("test guest {} not built", testguest.display()));
+        }
+        if !Path::new("/dev/kvm").exists() {
+            return Err("/dev/kvm is missing".into());
+        }
+        write_vm_config(&vm_json, &testguest, None, TESTGUEST_ARGS, GUEST_MEM_MIB);
+        Ok(())
+    };
+    let bb = opts.busybox.clone();
+    match name {
+        "process" => {
+            r.description = "fork+exec of `busybox echo hi` (busybox-static)".into();
+            if !Path::new(&bb).is_file() {
+                return Err(format!("{bb} not found (install busybox-static)"));
+            }
+            Ok(Plan {
+                spec: Box::new(move |_| Spec {
+                    argv: vec![bb.clone(), "echo".into(), "hi".into()],
+                    timeout,
+                    ..Default::default()
+                }),
+                after_failure: None,
+                runs,
+                warmup,
+            })
+        }
+        "unshare" => {
+            r.description = "`unshare` into new mount, UTS, IPC, PID (--fork) and network namespaces, chroot (--root) into the busybox rootfs, `busybox echo hi`".into();
+            rootfs_ok.clone()?;
+            host::which("unshare").ok_or("unshare not found (install util-linux)")?;
+            let root = rootfs.display().to_string();
+            Ok(Plan {
+                spec: Box::new(move |_| Spec {
+                    argv: vec![
+                        "unshare".into(),
+                        "--mount".into(),
+                        "--uts".into(),
+                        "--ipc".into(),
+                        "--pid".into(),
+                        "--fork".into(),
+                        "--net".into(),
+                        format!("--root={root}"),
+                        "/bin/busybox".into(),
+                        "echo".into(),
+                        "hi".into(),
+                    ],
+                    timeout,
+                    ..Default::default()
+                }),
+                after_failure: None,
+                runs,
+                warmup,
+            })
+        }
+        "crun" | "runc" => {
+            let rt = name.to_string();
+            r.description = format!("`{rt} run` of an OCI bundle (config from `runc spec`, terminal off, read-only busybox rootfs), `busybox echo hi`");
+            rootfs_ok.clone()?;
+            host::which(&rt).ok_or(format!("{rt} not installed"))?;
+            host::which("runc").ok_or("runc (needed for `runc spec`) not installed")?;
+            let bundle = work.join(format!("bundle-{rt}"));
+            make_bundle(&bundle, rootfs)?;
+            let b = bundle.display().to_string();
+            let id = move |i: usize| format!("flickbench-{}-{i}", std::process::id());
+            // crun 1.8 refuses a hybrid cgroup layout (v1 controllers + an empty v2 at
+            // /sys/fs/cgroup/unified). scripts/bench.sh mounts the v1 hugetlb controller for
+            // the run, which crun accepts; without that, run crun in a private mount namespace
+            // with the v2 mount removed (adds unshare + sh, ~3 ms).
+            let mut wrap = false;
+            if rt == "crun" {
+                let probe = Command::new("crun")
+                    .args(["run", "--bundle", &b, &id(999_999)])
+                    .stdin(Stdio::null())
+                    .output()
+                    .map_err(|e| format!("crun: {e}"))?;
+                let err = String::from_utf8_lossy(&probe.stderr);
+                if !probe.status.success() && err.contains("hybrid") {
+                    wrap = true;
+                    r.notes.push("crun refused the hybrid cgroup layout, so it runs inside `unshare -m sh -c 'umount /sys/fs/cgroup/unified; exec crun run ...'` (adds ~3 ms); scripts/bench.sh avoids this by mounting the v1 hugetlb controller for the run".into());
+                } else if !probe.status.success() {
+                    let _ = Command::new("crun")
+                        .args(["delete", "-f", &id(999_999)])
+                        .output();
+                }
+            }
+            r.notes.push(format!("peak RSS and CPU time are those of the `{rt}` process tree it waits for, not of the container alone"));
+            let rt2 = rt.clone();
+            Ok(Plan {
+                spec: Box::new(move |i| {
+                    let argv = if wrap {
+                        vec![
+                            "unshare".into(),
+                            "-m".into(),
+                            "sh".into(),
+                            "-c".into(),
+                            format!(
+                                "umount /sys/fs/cgroup/unified && exec {rt} run --bundle '{b}' {}",
+                                id(i)
+                            ),
+                        ]
+                    } else {
+                        vec![
+                            rt.clone(),
+                            "run".into(),
+                            "--bundle".into(),
+                            b.clone(),
+                            id(i),
+                        ]
+                    };
+                    Spec {
+                        argv,
+                        timeout,
+                        ..Default::default()
+                    }
+                }),
+                after_failure: Some(Box::new(move |i| {
+                    let _ = Command::new(&rt2)
+                        .args(["delete", "--force", &id(i)])
+                        .output();
+                })),
+                runs,
+                warmup,
+            })
+        }
+        "podman" => {
+            r.description = "`podman run --rm --network none --ulimit nofile=1024:1024 --ulimit nproc=1024:1024 --rootfs DIR` (its own copy of the busybox rootfs, podman writes into it), `busybox echo hi`".into();
+            rootfs_ok.clone()?;
+            host::which("podman").ok_or(
+                "podman not installed (optional; `apt-get install podman` failed or was not run)",
+            )?;
+            let proot = work.join("rootfs-podman");
+            make_rootfs(&proot, &opts.busybox).map_err(|e| e.to_string())?;
+            let p = proot.display().to_string();
+            r.notes.push("peak RSS and CPU time are those of the `podman` process tree it waits for; conmon and the container are not in it".into());
+            Ok(Plan {
+                spec: Box::new(move |_| Spec {
+                    argv: argv(&[
+                        "podman",
+                        "run",
+                        "--rm",
+                        "--network",
+                        "none",
+                        "--ulimit",
+                        "nofile=1024:1024",
+                        "--ulimit",
+                        "nproc=1024:1024",
+                        // `--rootfs` is a switch: the first argument after the options is the
+                        // rootfs and everything after it is the command, so options go first.
+                        "--rootfs",
+                        &p,
+                        "/bin/busybox",
+                        "echo",
+                        "hi",
+                    ]),
+                    timeout: Duration::from_secs(60),
+                    ..Default::default()
+                }),
+                after_failure: None,
+                runs,
+                warmup: warmup.max(2),
+            })
+        }
+        "flick-testguest" => {
+            r.description = format!("flick boots the test guest (`testguest.elf`, `{TESTGUEST_ARGS}`, 1 vCPU, {GUEST_MEM_MIB} MiB); it resets through the i8042 and flick exits 0");
+            r.is_vmm = true;
+            need_testguest()?;
+            let flick = opts.flick.clone();
+            let cfg = vm_json.display().to_string();
+            Ok(Plan {
+                spec: Box::new(move |_| Spec {
+                    argv: argv(&[
+                        &flick,
+                        "--no-api",
+                        "--config-file",
+                        &cfg,
+                        "--boot-timer",
+                        "--level",
+                        "Info",
+                    ]),
+                    timeout,
+                    guest_mem_kib: Some(GUEST_MEM_MIB * 1024),
+                    ..Default::default()
+                }),
+                after_failure: None,
+                runs,
+                warmup,
+            })
+        }
+        "flick-api-ready" => {
+            r.description = "flick started in API mode (`--api-sock`, nothing configured): spawn → first successful `GET /` over the unix socket, then killed".into();
+            r.end_label = "API ready".into();
+            r.is_vmm = true;
+            let help = help_text(&opts.flick);
+            if !help.contains("--api-sock") {
+                return Err("this flick build has no --api-sock".into());
+            }
+            let flick = opts.flick.clone();
+            let sock = work.join("api.sock");
+            let s = sock.display().to_string();
+            Ok(Plan {
+                spec: Box::new(move |_| Spec {
+                    argv: argv(&[&flick, "--api-sock", &s]),
+                    timeout,
+                    // Nothing is configured, so no mapping is guest memory.
+                    guest_mem_kib: Some(u64::MAX),
+                    api_sock: Some(sock.clone()),
+                    api_requests: vec![ApiRequest {
+                        method: "GET",
+                        path: "/".into(),
+                        body: None,
+                        expect: None,
+                        timed: true,
+                    }],
+                    ..Default::default()
+                }),
+                after_failure: None,
+                runs,
+                warmup,
+            })
+        }
+        "flick-restore" => {
+            r.description = format!("a new flick process (`--api-sock`) restores the test guest from a full snapshot (`PUT /snapshot/load`, `resume_vm: true`): spawn → its 2xx answer; `GET /` must then say Running, and spawn → first output is the restored guest's first serial line. The snapshot is taken once, of a guest paused while counting (`{RESTORE_ARGS}`, 1 vCPU, {GUEST_MEM_MIB} MiB)");
+            r.end_label = "restored".into();
+            r.is_vmm = true;
+            let help = help_text(&opts.flick);
+            if !help.to_ascii_lowercase().contains("snapshot") || !help.contains("--api-sock") {
+                return Err("snapshot restore not implemented in this flick build".into());
+            }
+            need_testguest()?;
+            plan_restore(opts, work, &testguest, runs, warmup)
+        }
+        "qemu-microvm" => {
+            r.description = format!("QEMU `-M microvm` boots the PVH test guest (`testguest-pvh.elf`, `{TESTGUEST_ARGS}`, 1 vCPU, {GUEST_MEM_MIB} MiB); it ends on the guest's reset (`-no-reboot`)");
+            r.is_vmm = true;
+            let pvh = opts.guest_dir.join("testguest-pvh.elf");
+            if !pvh.is_file() {
+                return Err(format!("{} not built", pvh.display()));
+            }
+            host::which("qemu-system-x86_64")
+                .ok_or("qemu-system-x86_64 not installed (apt-get install qemu-system-x86)")?;
+            let k = pvh.display().to_string();
+            let mem = GUEST_MEM_MIB.to_string();
+            Ok(Plan {
+                spec: Box::new(move |_| Spec {
+                    argv: argv(&[
+                        "qemu-system-x86_64",
+                        "-M",
+                        "microvm,x-option-roms=off,rtc=off",
+                        "-accel",
+                        "kvm",
+                        "-cpu",
+                        "host",
+                        "-m",
+                        &mem,
+                        "-smp",
+                        "1",
+                        "-nodefaults",
+                        "-no-user-config",
+                        "-nographic",
+                        "-serial",
+                        "stdio",
+                        "-no-reboot",
+                        "-kernel",
+                        &k,
+                        "-append",
+                        TESTGUEST_ARGS,
+                    ]),
+                    timeout,
+                    guest_mem_kib: Some(GUEST_MEM_MIB * 1024),
+                    ..Default::default()
+                }),
+                after_failure: None,
+                runs,
+                warmup,
+            })
+        }
+        "flick-linux" => {
+            r.description = "flick boots the project's Linux 6.1 kernel + busybox initramfs (`scripts/guest-artifacts.sh`, 1 vCPU, 128 MiB): spawn → the serial line `Run /init as init process`, then killed (guest user space cannot run on a PVM host)".into();
+            r.end_label = "Run /init".into();
+            r.is_vmm = true;
+            plan_linux(opts, work)
+        }
+        vmm => {
+            let Some((_, path)) = opts.vmms.iter().find(|(n, _)| n == vmm) else {
+                return Err(format!("unknown variant {vmm}"));
+            };
+            r.description = format!("`{path}` (a Firecracker-compatible VMM) boots the test guest with the same config as flick-testguest, timed from its `Guest-boot-time` log line");
+            r.is_vmm = true;
+            need_testguest()?;
+            plan_vmm(path, &vm_json, work, vmm, runs, warmup, r)
+        }
+    }
+}
+
+/// Any Firecracker-compatible VMM: find the flags it accepts (a log file keeps Firecracker's
+/// log lines, which go to stdout by default, out of the serial output).
+fn plan_vmm(
+    path: &str,
+    cfg: &Path,
+    work: &Path,
+    name: &str,
+    runs: usize,
+    warmup: usize,
+    r: &mut VariantResult,
+) -> Result<Plan, String> {
+    if !Path::new(path).is_file() {
+        return Err(format!("{path} does not exist"));
+    }
+    let log = work.join(format!("{name}.log"));
+    let c = cfg.display().to_string();
+    let base = argv(&[path, "--no-api", "--config-file", &c, "--boot-timer"]);
+    let l = log.display().to_string();
+    let candidates: Vec<(Vec<String>, bool)> = vec![
+        (
+            [&base[..], &argv(&["--level", "Info", "--log-path", &l])].concat(),
+            true,
+        ),
+        ([&base[..], &argv(&["--log-path", &l])].concat(), true),
+        ([&base[..], &argv(&["--level", "Info"])].concat(), false),
+        (base.clone(), false),
+    ];
+    let mut errors = Vec::new();
+    for (args, with_log) in candidates {
+        let spec = Spec {
+            argv: args.clone(),
+            timeout: Duration::from_secs(30),
+            guest_mem_kib: Some(GUEST_MEM_MIB * 1024),
+            log_file: with_log.then(|| log.clone()),
+            ..Default::default()
+        };
+        let o = measure::run(&spec);
+        if !o.ok {
+            errors.push(format!(
+                "`{}`: {}",
+                quote(&args[1..]),
+                o.error.unwrap_or_default()
+            ));
+            continue;
+        }
+        if o.boot_timer_ms.is_none() {
+            errors.push(format!(
+                "`{}`: exited 0 but logged no Guest-boot-time line",
+                quote(&args[1..])
+            ));
+            continue;
+        }
+        if parse_in(&o.stdout) {
+            r.notes.push("this VMM logs to stdout, so spawn → first output may be a log line rather than a serial byte".into());
+        }
+        return Ok(Plan {
+            spec: Box::new(move |_| spec.clone()),
+            after_failure: None,
+            runs,
+            warmup,
+        });
+    }
+    Err(format!("cannot run: {}", errors.join("; ")))
+}
+
+fn parse_in(stdout: &str) -> bool {
+    measure::parse_boot_time_ms(stdout).is_some()
+}
+
+fn plan_linux(opts: &Opts, work: &Path) -> Result<Plan, String> {
+    let script = opts.repo.join("scripts/guest-artifacts.sh");
+    if !script.is_file() {
+        return Err(format!("{} not found", script.display()));
+    }
+    if !Path::new("/dev/kvm").exists() {
+        return Err("/dev/kvm is missing".into());
+    }
+    eprintln!("   building or finding the Linux guest (scripts/guest-artifacts.sh; ~5 min when not cached)");
+    let out = Command::new("bash")
+        .arg(&script)
+        .current_dir(&opts.repo)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let last: Vec<&str> = err.lines().rev().take(3).collect();
+        return Err(format!(
+            "scripts/guest-artifacts.sh failed ({}): {}",
+            out.status,
+            last.into_iter().rev().collect::<Vec<_>>().join(" | ")
+        ));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let get = |k: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}=")))
+            .map(|v| PathBuf::from(v.trim().trim_matches('"').trim_matches('\'')))
+    };
+    let kernel =
+        get("FLICK_KERNEL_VMLINUX").ok_or("guest-artifacts.sh printed no FLICK_KERNEL_VMLINUX")?;
+    let initrd = get("FLICK_INITRAMFS").ok_or("guest-artifacts.sh printed no FLICK_INITRAMFS")?;
+    let cfg = work.join("vm-linux.json");
+    write_vm_config(
+        &cfg,
+        &kernel,
+        Some(&initrd),
+        "console=ttyS0 reboot=k panic=1 i8042.nokbd i8042.noaux",
+        GUEST_MEM_MIB,
+    );
+    let flick = opts.flick.clone();
+    let c = cfg.display().to_string();
+    Ok(Plan {
+        spec: Box::new(move |_| Spec {
+            argv: argv(&[
+                &flick,
+                "--no-api",
+                "--config-file",
+                &c,
+                "--boot-timer",
+                "--level",
+                "Info",
+            ]),
+            timeout: Duration::from_secs(600),
+            guest_mem_kib: Some(GUEST_MEM_MIB * 1024),
+            stop_marker: Some(LINUX_MARKER.into()),
+            ..Default::default()
+        }),
+        after_failure: None,
+        runs: opts.linux_runs,
+        warmup: 0,
+    })
+}
+
+/// Snapshot restore through Firecracker's API: boot the test guest in halt mode with the API
+/// up, pause it, snapshot it once; then each run is a new process loading that snapshot.
+fn plan_restore(
+    opts: &Opts,
+    work: &Path,
+    testguest: &Path,
+    runs: usize,
+    warmup: usize,
+) -> Result<Plan, String> {
+    let cfg = work.join("vm-halt.json");
+    // The guest keeps counting (a line every ms), so a restored guest shows it runs by printing.
+    write_vm_config(&cfg, testguest, None, RESTORE_ARGS, GUEST_MEM_MIB);
+    let sock = work.join("snap-src.sock");
+    let log = work.join("snap-src.log");
+    let snap = work.join("vm.snap");
+    let mem = work.join("vm.mem");
+    std::fs::write(&log, b"").map_err(|e| e.to_string())?;
+    let _ = std::fs::remove_file(&sock);
+    let mut child = Command::new(&opts.flick)
+        .arg("--api-sock")
+        .arg(&sock)
+        .arg("--config-file")
+        .arg(&cfg)
+        .args(["--boot-timer", "--level", "Info", "--log-path"])
+        .arg(&log)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start flick: {e}"))?;
+    let result = (|| -> Result<(), String> {
+        let t0 = Instant::now();
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.contains("Guest-boot-time") {
+                break;
+            }
+            if let Ok(Some(st)) = child.try_wait() {
+                return Err(format!("flick exited ({st}) before the guest booted"));
+            }
+            if t0.elapsed() > Duration::from_secs(10) {
+                return Err("the guest did not boot within 10 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Let it count for a moment, then snapshot it mid-count.
+        std::thread::sleep(Duration::from_millis(50));
+        let call = |m: &str, p: &str, b: String| -> Result<(), String> {
+            match crate::http::request(&sock, m, p, Some(&b)) {
+                Ok((c, _)) if (200..300).contains(&c) => Ok(()),
+                Ok((c, body)) => Err(format!("{m} {p} answered {c}: {}", body.trim())),
+                Err(e) => Err(format!("{m} {p}: {e}")),
+            }
+        };
+        call("PATCH", "/vm", json!({"state": "Paused"}).to_string())?;
+        call(
+            "PUT",
+            "/snapshot/create",
+            json!({"snapshot_type": "Full", "snapshot_path": snap, "mem_file_path": mem})
+                .to_string(),
+        )
+    })();
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_file(&sock);
+    result.map_err(|e| format!("creating the snapshot failed: {e}"))?;
+    let flick = opts.flick.clone();
+    let rsock = work.join("restore.sock");
+    let body = json!({
+        "snapshot_path": snap,
+        "mem_backend": {"backend_type": "File", "backend_path": mem},
+        "resume_vm": true,
+    })
+    .to_string();
+    let s = rsock.display().to_string();
+    Ok(Plan {
+        spec: Box::new(move |_| Spec {
+            argv: argv(&[&flick, "--api-sock", &s]),
+            timeout: Duration::from_secs(30),
+            guest_mem_kib: Some(GUEST_MEM_MIB * 1024),
+            api_sock: Some(rsock.clone()),
+            api_requests: vec![
+                ApiRequest {
+                    method: "PUT",
+                    path: "/snapshot/load".into(),
+                    body: Some(body.clone()),
+                    expect: None,
+                    timed: true,
+                },
+                ApiRequest {
+                    method: "GET",
+                    path: "/".into(),
+                    body: None,
+                    expect: Some("Running".into()),
+                    timed: false,
+                },
+            ],
+            api_wait_output: true,
+            ..Default::default()
+        }),
+        after_failure: None,
+        runs,
+        warmup,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The `--vmm NAME=PATH` path, pointed at flick itself (needs a release build and KVM).
+    #[test]
+    fn vmm_variant_runs_flick() {
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .unwrap()
+            .to_path_buf();
+        let flick = repo.join("target/release/flick");
+        let guest = repo.join("target/test-guest");
+        if !flick.is_file()
+            || !guest.join("testguest.elf").is_file()
+            || !Path::new("/dev/kvm").exists()
+        {
+            eprintln!("skipped: needs target/release/flick, target/test-guest and /dev/kvm");
+            return;
+        }
+        let opts = Opts {
+            runs: 2,
+            linux_runs: 1,
+            warmup: 1,
+            vmms: vec![("flick2".into(), flick.display().to_string())],
+            only: Some(vec!["flick2".into()]),
+            with_linux: false,
+            repo,
+            flick: flick.display().to_string(),
+            guest_dir: guest,
+            busybox: "/bin/busybox".into(),
+            smaps: true,
+            verbose: false,
+            settle: Duration::from_secs(0),
+        };
+        let r = run_all(&opts);
+        assert_eq!(r.len(), 1);
+        assert!(r[0].skipped.is_none(), "{:?}", r[0].skipped);
+        assert_eq!(r[0].runs.len(), 2);
+        assert!(r[0].runs.iter().all(|o| o.boot_timer_ms.is_some()));
+        assert!(r[0].command.contains("--log-path"));
+    }
+}
