@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 
 need=()
 for tool in make:make gcc:gcc ld:binutils curl:curl setpriv:util-linux unshare:util-linux \
+            python3:python3 \
             dnsmasq:dnsmasq-base \
             ip:iproute2; do
     command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool##*:}")

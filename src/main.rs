@@ -287,26 +287,53 @@ fn run(vmm: Vmm, api: Option<ApiServer>) -> ExitCode {
     }
 }
 
+/// The fds a teardown child must close: files, devices, sockets and pipes (TAPs, drive locks,
+/// the API socket, our standard streams), but not anonymous kernel objects.
+fn fds_to_release() -> Vec<libc::c_int> {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return Vec::new();
+    };
+    dir.filter_map(|entry| {
+        let entry = entry.ok()?;
+        let fd: libc::c_int = entry.file_name().to_str()?.parse().ok()?;
+        let target = std::fs::read_link(entry.path()).ok()?;
+        // Keep KVM's objects and the eventfds and timers wired to them (releasing an irqfd's
+        // eventfd here would put its shutdown back on our exit path).
+        let kernel_object = target
+            .to_str()
+            .is_some_and(|t| t.starts_with("anon_inode:"));
+        (!kernel_object).then_some(fd)
+    })
+    .collect()
+}
+
 /// Lets a child process hold the last references to the KVM VM while this process exits, so
 /// that the kernel's VM teardown (which can take tens of milliseconds on a nested host) happens
-/// after our exit status is delivered rather than before. The child waits for a pipe to close
-/// (it closes when this process is gone) and then exits, releasing the VM.
+/// after our exit status is delivered rather than before. The child keeps only anonymous kernel
+/// objects such as the KVM fds (so
+/// TAPs, drive locks, sockets and our standard streams are released with us), waits for a pipe
+/// to close (it closes when this process is gone) and then exits, releasing the VM.
 fn defer_teardown() {
     let mut fds = [0 as libc::c_int; 2];
     // SAFETY: pipe writes two fds into the array we own.
     if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
         return;
     }
-    // SAFETY: the child only calls async-signal-safe functions (close, read, _exit) before
-    // exiting; the parent continues normally.
+    // Listed after the pipe exists, so a number freed by the listing itself is not mistaken
+    // for the pipe's.
+    let release: Vec<libc::c_int> = fds_to_release()
+        .into_iter()
+        .filter(|fd| !fds.contains(fd))
+        .collect();
+    // SAFETY: the child only calls async-signal-safe functions (close, read, _exit) on data
+    // prepared before the fork; the parent continues normally.
     match unsafe { libc::fork() } {
         0 => {
             let mut byte = 0u8;
-            // SAFETY: closing our copies of the write end and of the standard streams (so whoever
-            // reads our output sees it end with us), then reading one byte into a local.
+            // SAFETY: closing fds this process owns, then reading one byte into a local.
             unsafe {
                 libc::close(fds[1]);
-                for fd in 0..3 {
+                for &fd in &release {
                     libc::close(fd);
                 }
                 libc::read(fds[0], (&mut byte as *mut u8).cast(), 1);

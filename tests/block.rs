@@ -408,3 +408,21 @@ fn patch_drive_swaps_the_backing_file_under_a_running_guest() {
         "want {expected} in {text}"
     );
 }
+
+#[test]
+fn a_drive_is_free_for_the_next_vm_as_soon_as_flick_exits() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("blkreuse");
+    let image = disk(&dir, "r.img", 64, 0);
+    for _ in 0..3 {
+        let out = run_config(
+            &config("tg.blk=check", vec![drive("r", &image, false)]),
+            &[],
+            b"",
+        );
+        out.assert_clean_exit();
+        assert!(out.stdout.contains("blk0: readback ok"), "{out:#?}");
+    }
+}
