@@ -48,10 +48,12 @@ fn main() {
         .status()
         .expect("run make");
     assert!(status.success(), "building the test guest failed");
+    // `cargo test --all-targets` runs this without `--bench`: a short smoke run then.
+    let smoke = !std::env::args().any(|a| a == "--bench");
     let runs: usize = std::env::var("FLICK_BENCH_RUNS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(30);
+        .unwrap_or(if smoke { 2 } else { 30 });
     let mem: usize = std::env::var("FLICK_BENCH_MEM_MIB")
         .ok()
         .and_then(|v| v.parse().ok())

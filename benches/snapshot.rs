@@ -83,10 +83,12 @@ fn main() {
         .expect("make")
         .success();
     assert!(ok, "building the test guest failed");
+    // `cargo test --all-targets` runs this without `--bench`: a short smoke run then.
+    let smoke = !std::env::args().any(|a| a == "--bench");
     let runs: usize = std::env::var("FLICK_BENCH_RUNS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(30);
+        .unwrap_or(if smoke { 2 } else { 30 });
     let dir = std::env::temp_dir().join(format!("flick-bench-snap-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();

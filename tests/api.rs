@@ -772,3 +772,42 @@ fn pause_of_a_multi_vcpu_guest_stops_every_vcpu() {
     assert_eq!(status, 204, "{body}");
     assert_eq!(flick.state(), "Paused");
 }
+
+#[test]
+fn flush_metrics_appends_json_lines_to_the_metrics_file() {
+    if curl_missing() || kvm_missing() {
+        return;
+    }
+    let Some(guest) = test_guest() else { return };
+    let flick = Flick::spawn(&[]);
+    let metrics = flick.dir.join("metrics.jsonl");
+    let body = serde_json::json!({"metrics_path": metrics}).to_string();
+    let (status, answer) = flick.curl_call("PUT", "/metrics", Some(&body));
+    assert_eq!(status, 204, "{answer}");
+    let (status, _) = flick.curl_call(
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "FlushMetrics"}"#),
+    );
+    assert_eq!(status, 400, "FlushMetrics before boot must be refused");
+    flick.boot(&guest, "tg.smp=0 tg.exit=halt");
+    for _ in 0..2 {
+        let (status, answer) = flick.curl_call(
+            "PUT",
+            "/actions",
+            Some(r#"{"action_type": "FlushMetrics"}"#),
+        );
+        assert_eq!(status, 204, "{answer}");
+    }
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    for line in lines {
+        let value: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert!(value["utc_timestamp_ms"].as_u64().unwrap() > 0);
+        assert!(
+            value["flick_vcpu_exits_total"].as_array().is_some(),
+            "{line}"
+        );
+    }
+}

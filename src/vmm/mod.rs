@@ -84,11 +84,15 @@ pub struct Vmm {
     boot_times: Arc<BootTimes>,
     /// Fds already registered with the event loop.
     watching_vm: bool,
+    /// Writes a metrics line to `metrics_path` periodically while the VM runs.
+    metrics_timer: Option<vmm_sys_util::timerfd::TimerFd>,
     stdin_open: bool,
     pending_input: Vec<u8>,
 }
 
 const STDIN_FD: i32 = 0;
+/// How often metrics are appended to `metrics_path` (Firecracker's period).
+const METRICS_PERIOD: std::time::Duration = std::time::Duration::from_secs(60);
 const MAX_PENDING_INPUT: usize = 4096;
 
 fn json<T: serde::Serialize>(value: &T) -> Reply {
@@ -112,6 +116,7 @@ impl Vmm {
             exit: None,
             boot_times: Arc::new(BootTimes::default()),
             watching_vm: false,
+            metrics_timer: None,
             pending_input: Vec::new(),
         }
     }
@@ -588,6 +593,20 @@ impl Vmm {
             // Regular files cannot be polled: no console input then.
             self.stdin_open = false;
         }
+        if self.config.metrics.is_some() {
+            match vmm_sys_util::timerfd::TimerFd::new() {
+                Ok(mut timer) => {
+                    let armed = timer.reset(METRICS_PERIOD, Some(METRICS_PERIOD)).is_ok()
+                        && ops
+                            .add(Events::new_raw(timer.as_raw_fd(), EventSet::IN))
+                            .is_ok();
+                    if armed {
+                        self.metrics_timer = Some(timer);
+                    }
+                }
+                Err(e) => tracing::warn!("no periodic metrics: {e}"),
+            }
+        }
         self.watching_vm = true;
     }
 }
@@ -598,6 +617,13 @@ impl MutEventSubscriber for Vmm {
         let control_fd = self.control.as_ref().map(|c| c.wake.as_raw_fd());
         if Some(fd) == control_fd {
             self.on_control(ops);
+            return;
+        }
+        if let Some(timer) = self.metrics_timer.as_mut().filter(|t| t.as_raw_fd() == fd) {
+            let _ = timer.wait();
+            if let Err(e) = self.flush_metrics() {
+                tracing::warn!("{e}");
+            }
             return;
         }
         let Some(vm) = &self.running else { return };

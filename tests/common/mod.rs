@@ -276,7 +276,10 @@ impl NetNs {
     /// Creates namespace `flk<pid><tag>` holding TAP `tap0`. `subnet` picks 10.0.<subnet>.0/24.
     pub fn new(tag: &str, subnet: u8) -> NetNs {
         let name = format!("flk{}{tag}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).stderr(Stdio::null()).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(Stdio::null())
+            .status();
         let ns = NetNs {
             name: name.clone(),
             tap: "tap0".into(),
