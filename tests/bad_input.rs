@@ -7,23 +7,6 @@ use std::process::Command;
 
 use common::*;
 
-fn assert_one_line_error(out: &Outcome, needle: &str) {
-    assert_ne!(out.code, Some(0), "{out:#?}");
-    assert!(out.code.is_some(), "killed by a signal: {out:#?}");
-    assert!(!out.stderr.contains("panicked"), "{out:#?}");
-    let errors: Vec<_> = out
-        .stderr
-        .lines()
-        .filter(|l| l.starts_with("flick: error:"))
-        .collect();
-    assert_eq!(errors.len(), 1, "{out:#?}");
-    assert!(
-        errors[0].contains(needle),
-        "expected {needle:?} in {:?}",
-        errors[0]
-    );
-}
-
 fn config_with(kernel: &std::path::Path, vcpus: u64, mem: u64) -> serde_json::Value {
     serde_json::json!({
         "boot-source": {"kernel_image_path": kernel},

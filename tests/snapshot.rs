@@ -181,17 +181,7 @@ fn assert_restore_refused(state: &Path, mem: &Path, needle: &str) {
         .arg(mem);
     let out = run_command(cmd, b"");
     assert_eq!(out.code, Some(1), "{out:#?}");
-    let errors: Vec<_> = out
-        .stderr
-        .lines()
-        .filter(|l| l.starts_with("flick: error:"))
-        .collect();
-    assert_eq!(errors.len(), 1, "{out:#?}");
-    assert!(
-        errors[0].contains(needle),
-        "expected {needle:?} in {}",
-        errors[0]
-    );
+    assert_one_line_error(&out, needle);
     assert_eq!(
         std::fs::read(state).unwrap(),
         before.0,

@@ -398,3 +398,21 @@ pub fn netns_available() -> bool {
     eprintln!("skipping: network namespace tests need root and iproute2");
     false
 }
+
+/// Asserts flick failed with exactly one `flick: error:` line containing `needle`, no panic.
+pub fn assert_one_line_error(out: &Outcome, needle: &str) {
+    assert_ne!(out.code, Some(0), "{out:#?}");
+    assert!(out.code.is_some(), "killed by a signal: {out:#?}");
+    assert!(!out.stderr.contains("panicked"), "{out:#?}");
+    let errors: Vec<_> = out
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("flick: error:"))
+        .collect();
+    assert_eq!(errors.len(), 1, "{out:#?}");
+    assert!(
+        errors[0].contains(needle),
+        "expected {needle:?} in {:?}",
+        errors[0]
+    );
+}

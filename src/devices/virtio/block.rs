@@ -388,12 +388,7 @@ impl VirtioDevice for Block {
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // Config space: capacity (le64) only.
         let config = self.backing.capacity_sectors.to_le_bytes();
-        data.fill(0);
-        let start = offset as usize;
-        if start < config.len() {
-            let n = data.len().min(config.len() - start);
-            data[..n].copy_from_slice(&config[start..start + n]);
-        }
+        super::read_config_bytes(&config, offset, data);
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {

@@ -74,6 +74,17 @@ pub struct Activation {
     pub interrupt: Arc<Interrupt>,
 }
 
+/// Copies the part of a device's configuration space at `offset` into `data`; bytes past its
+/// end read as zero.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let start = usize::try_from(offset).unwrap_or(usize::MAX);
+    if start < config.len() {
+        let n = data.len().min(config.len() - start);
+        data[..n].copy_from_slice(&config[start..start + n]);
+    }
+}
+
 /// A virtio device's own behaviour; the transport does the rest.
 pub trait VirtioDevice: Send {
     /// virtio device type id.

@@ -288,12 +288,7 @@ impl VirtioDevice for Net {
         }
         config[8..10].copy_from_slice(&1u16.to_le_bytes()); // max_virtqueue_pairs
         config[10..12].copy_from_slice(&self.mtu.unwrap_or(1500).to_le_bytes());
-        data.fill(0);
-        let start = offset as usize;
-        if start < config.len() {
-            let n = data.len().min(config.len() - start);
-            data[..n].copy_from_slice(&config[start..start + n]);
-        }
+        super::read_config_bytes(&config, offset, data);
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
