@@ -11,7 +11,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::config::{
     BootSourceConfig, DriveConfig, LoggerConfig, MachineConfig, MachineConfigUpdate, MetricsConfig,
-    NetConfig, RateLimiterConfig, SnapshotCreateConfig, SnapshotLoadConfig, VmConfig, VsockConfig,
+    NetConfig, RateLimiterConfig, SerialConfig, SnapshotCreateConfig, SnapshotLoadConfig, VmConfig,
+    VsockConfig,
 };
 
 /// `PATCH /drives/{id}` body.
@@ -54,6 +55,7 @@ pub enum Action {
     PutLogger(LoggerConfig),
     PutMetrics(MetricsConfig),
     PutVsock(VsockConfig),
+    PutSerial(SerialConfig),
     InstanceStart,
     SendCtrlAltDel,
     FlushMetrics,
@@ -85,6 +87,9 @@ impl Action {
                 .cloned()
                 .map(Action::PutNetworkInterface),
         );
+        if let Some(serial) = &config.serial {
+            actions.push(Action::PutSerial(serial.clone()));
+        }
         if let Some(vsock) = &config.vsock {
             actions.push(Action::PutVsock(vsock.clone()));
         }

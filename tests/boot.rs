@@ -222,3 +222,35 @@ fn conservative_profile_on_pvm_hides_features_on_the_command_line() {
     let on_pvm = std::path::Path::new("/sys/module/kvm_pvm").exists();
     assert_eq!(cmdline.contains("clearcpuid=xsave,"), on_pvm, "{out:#?}");
 }
+
+#[test]
+fn serial_output_goes_to_serial_out_path_when_configured() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("serialfile");
+    let console = dir.path("console.log");
+    let mut config = guest_config(&test_guest(), "tg.smp=0 tg.count=2", 1, 64);
+    config["serial"] = serde_json::json!({"serial_out_path": console});
+    let out = run_config(&config, &[], b"");
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    assert!(out.stdout.is_empty(), "console leaked to stdout: {out:#?}");
+    let text = std::fs::read_to_string(&console).unwrap();
+    assert!(
+        text.contains("count: 2") && text.contains("testguest: done"),
+        "{text}"
+    );
+}
+
+#[test]
+fn unwritable_serial_out_path_is_a_clear_error() {
+    let mut config = guest_config(&test_guest(), "", 1, 64);
+    config["serial"] = serde_json::json!({"serial_out_path": "/nonexistent/dir/console.log"});
+    let out = run_config(&config, &[], b"");
+    assert_eq!(out.code, Some(1), "{out:#?}");
+    assert!(
+        out.stderr
+            .contains("cannot open serial_out_path /nonexistent/dir/console.log"),
+        "{out:#?}"
+    );
+}

@@ -9,8 +9,8 @@ use serde::Deserialize;
 
 use crate::config::{
     describe_json_error, validate_id, BootSourceConfig, DriveConfig, LoggerConfig, MachineConfig,
-    MachineConfigUpdate, MetricsConfig, NetConfig, SnapshotCreateConfig, SnapshotLoadConfig,
-    VsockConfig,
+    MachineConfigUpdate, MetricsConfig, NetConfig, SerialConfig, SnapshotCreateConfig,
+    SnapshotLoadConfig, VsockConfig,
 };
 use crate::control::{Action, DriveUpdate, NetUpdate};
 
@@ -183,6 +183,7 @@ fn put(segments: &[&str], body: &[u8]) -> Option<Result<Action, String>> {
         ["logger"] => parse::<LoggerConfig>(body).map(Action::PutLogger),
         ["metrics"] => parse::<MetricsConfig>(body).map(Action::PutMetrics),
         ["vsock"] => parse::<VsockConfig>(body).map(Action::PutVsock),
+        ["serial"] => parse::<SerialConfig>(body).map(Action::PutSerial),
         ["snapshot", "create"] => parse::<SnapshotCreateConfig>(body).map(Action::CreateSnapshot),
         ["snapshot", "load"] => parse::<SnapshotLoadConfig>(body).map(Action::LoadSnapshot),
         _ => return None,
@@ -213,7 +214,6 @@ fn firecracker_only(segments: &[&str]) -> bool {
         segments,
         ["balloon", ..]
             | ["entropy"]
-            | ["serial"]
             | ["mmds", ..]
             | ["cpu-config"]
             | ["pmem", ..]

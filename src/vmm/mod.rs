@@ -249,6 +249,11 @@ impl Vmm {
                 self.config.metrics = Some(metrics);
                 Ok(Reply::Empty)
             }
+            Action::PutSerial(serial) => {
+                self.require_not_started("PUT /serial")?;
+                self.config.serial = Some(serial);
+                Ok(Reply::Empty)
+            }
             Action::PutVsock(vsock) => {
                 self.require_not_started("PUT /vsock")?;
                 self.config.vsock = Some(vsock);
@@ -312,26 +317,38 @@ impl Vmm {
         }
     }
 
-    fn build_context(&mut self, started: Instant) -> BuildContext {
+    fn build_context(&mut self, started: Instant) -> Result<BuildContext, String> {
         let started_cpu_us = process_cpu_us();
-        let serial_out = self
-            .options
-            .serial_out
-            .take()
-            .unwrap_or_else(|| Box::new(std::io::stdout()));
-        BuildContext {
+        let path = self
+            .config
+            .serial
+            .as_ref()
+            .and_then(|s| s.serial_out_path.clone());
+        let serial_out: crate::devices::legacy::SerialOut =
+            match (path, self.options.serial_out.take()) {
+                (Some(path), _) => Box::new(
+                    std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(&path)
+                        .map_err(|e| format!("cannot open serial_out_path {path}: {e}"))?,
+                ),
+                (None, Some(out)) => out,
+                (None, None) => Box::new(std::io::stdout()),
+            };
+        Ok(BuildContext {
             host: self.host,
             serial_out,
             boot_timer_log: self.options.boot_timer,
             started,
             started_cpu_us,
             boot_times: self.boot_times.clone(),
-        }
+        })
     }
 
     fn load_snapshot(&mut self, params: &crate::config::SnapshotLoadConfig) -> Result<(), String> {
         let started = Instant::now();
-        let ctx = self.build_context(started);
+        let ctx = self.build_context(started)?;
         let (running, snap) = snapshot::load(params, ctx).map_err(|e| crate::error_chain(&e))?;
         tracing::info!(
             "snapshot loaded in {} us ({} vCPU(s), {} MiB)",
@@ -351,7 +368,7 @@ impl Vmm {
 
     fn start(&mut self) -> Result<(), String> {
         let started = Instant::now();
-        let ctx = self.build_context(started);
+        let ctx = self.build_context(started)?;
         let running = builder::build(&self.config, ctx).map_err(|e| crate::error_chain(&e))?;
         tracing::info!(
             "VM started: {} vCPU(s), {} MiB, CPU profile {:?} on {} in {} us",
