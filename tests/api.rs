@@ -811,3 +811,30 @@ fn flush_metrics_appends_json_lines_to_the_metrics_file() {
         );
     }
 }
+
+#[test]
+fn send_ctrl_alt_del_reaches_the_guest_keyboard() {
+    if curl_missing() || kvm_missing() {
+        return;
+    }
+    let Some(guest) = test_guest() else { return };
+    let mut flick = Flick::spawn(&[]);
+    flick.boot(&guest, "tg.smp=0 tg.quiet=1 tg.kbd=1");
+    let start = Instant::now();
+    while !flick.stdout().contains("kbd: waiting") && start.elapsed() < EXIT_TIMEOUT {
+        thread::sleep(Duration::from_millis(5));
+    }
+    let (status, body) = flick.curl_call(
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "SendCtrlAltDel"}"#),
+    );
+    assert_eq!(status, 204, "{body}");
+    // The guest sees the key presses, then resets through the i8042 and flick exits 0.
+    assert!(flick.wait_exit().success(), "{}", flick.stdout());
+    assert!(
+        flick.stdout().contains("kbd: ctrl-alt-del"),
+        "{}",
+        flick.stdout()
+    );
+}

@@ -3,7 +3,7 @@
 
 use std::io::Write;
 
-use vm_superio::{I8042Device, Serial, Trigger};
+use vm_superio::{Serial, Trigger};
 
 use super::bus::BusDevice;
 use super::EventFdTrigger;
@@ -142,37 +142,6 @@ impl BusDevice for SerialDevice {
     }
 }
 
-/// The i8042 keyboard controller; only its CPU-reset command matters.
-#[derive(Debug)]
-pub struct I8042 {
-    inner: I8042Device<EventFdTrigger>,
-}
-
-impl I8042 {
-    /// `reset` is signalled when the guest asks for a CPU reset.
-    pub fn new(reset: EventFdTrigger) -> Self {
-        I8042 {
-            inner: I8042Device::new(reset),
-        }
-    }
-}
-
-impl BusDevice for I8042 {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        if data.len() == 1 {
-            data[0] = self.inner.read(offset as u8);
-        }
-    }
-
-    fn write(&mut self, offset: u64, data: &[u8]) {
-        if data.len() == 1 {
-            // A failed eventfd write cannot be reported to the guest; the VMM sees no reset.
-            let _ = self.inner.write(offset as u8, data[0]);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -227,24 +196,5 @@ mod tests {
         serial.read(0, &mut data);
         assert!(sink.0.lock().unwrap().is_empty());
         assert_eq!(data, [0, 0]);
-    }
-
-    #[test]
-    fn reset_command_signals_the_reset_event() {
-        let reset = trigger();
-        let observer = reset.try_clone().unwrap();
-        let mut i8042 = I8042::new(reset);
-        i8042.write(4, &[0xfe]);
-        assert_eq!(observer.0.read().unwrap(), 1);
-    }
-
-    #[test]
-    fn other_i8042_commands_do_not_reset() {
-        let reset = trigger();
-        let observer = reset.try_clone().unwrap();
-        let mut i8042 = I8042::new(reset);
-        i8042.write(4, &[0xad]);
-        i8042.write(0, &[0xfe]);
-        assert!(observer.0.read().is_err());
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod boot_timer;
 pub mod bus;
+pub mod i8042;
 pub mod legacy;
 pub mod rate_limiter;
 pub mod tap;

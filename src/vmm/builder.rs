@@ -18,7 +18,8 @@ use crate::boot::{self, BootError};
 use crate::config::{CpuProfile, HugePages, VmConfig, DEFAULT_BOOT_ARGS};
 use crate::devices::boot_timer::{BootTimer, BootTimes};
 use crate::devices::bus::Bus;
-use crate::devices::legacy::{SerialDevice, SerialOut, I8042};
+use crate::devices::i8042::I8042;
+use crate::devices::legacy::{SerialDevice, SerialOut};
 use crate::devices::EventFdTrigger;
 use crate::kvm::vcpu::{self, Vcpu, VcpuError, VcpuEvent, VcpuSetup, VcpuStats};
 use crate::kvm::vm::{Vm, VmError};
@@ -28,6 +29,7 @@ use crate::kvm::HostKind;
 const LEGACY_BOOT_TIMER_PORT: u64 = 0x3f0;
 const I8042_PORT: u64 = 0x60;
 const I8042_PORT_LEN: u64 = 5;
+const KEYBOARD_IRQ: u32 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -76,6 +78,8 @@ pub struct RunningVm {
     pub serial_drained: EventFd,
     /// Signalled by the i8042 when the guest requests a reset.
     pub reset: EventFd,
+    /// The keyboard controller, for `SendCtrlAltDel`.
+    pub i8042: Arc<Mutex<I8042>>,
     /// Signalled by a vCPU thread that stopped; the reason is on `vcpu_events`.
     pub vcpu_wake: EventFd,
     pub vcpu_events: mpsc::Receiver<VcpuEvent>,
@@ -233,6 +237,7 @@ pub(crate) struct Legacy {
     pub serial: Arc<Mutex<SerialDevice>>,
     pub serial_drained: EventFd,
     pub reset: EventFd,
+    pub i8042: Arc<Mutex<I8042>>,
     pub pio: Bus,
 }
 
@@ -253,14 +258,17 @@ pub(crate) fn legacy_devices(
         drained,
     )?));
     let reset = eventfd()?;
-    let i8042 = Arc::new(Mutex::new(I8042::new(EventFdTrigger(
-        reset.try_clone().map_err(BuildError::EventFd)?,
-    ))));
+    let keyboard_irq = eventfd()?;
+    vm.register_irqfd(&keyboard_irq, KEYBOARD_IRQ)?;
+    let i8042 = Arc::new(Mutex::new(I8042::new(
+        EventFdTrigger(reset.try_clone().map_err(BuildError::EventFd)?),
+        EventFdTrigger(keyboard_irq),
+    )));
     let timer = Arc::new(Mutex::new(timer));
     let mut pio = Bus::new();
     pio.insert(serial.clone(), u64::from(SERIAL_PORT), 8)
         .map_err(BuildError::Bus)?;
-    pio.insert(i8042, I8042_PORT, I8042_PORT_LEN)
+    pio.insert(i8042.clone(), I8042_PORT, I8042_PORT_LEN)
         .map_err(BuildError::Bus)?;
     pio.insert(timer.clone(), LEGACY_BOOT_TIMER_PORT, 1)
         .map_err(BuildError::Bus)?;
@@ -270,6 +278,7 @@ pub(crate) fn legacy_devices(
         serial,
         serial_drained,
         reset,
+        i8042,
         pio,
     })
 }
@@ -419,6 +428,7 @@ pub fn build(config: &VmConfig, ctx: BuildContext) -> Result<RunningVm, BuildErr
         serial: legacy.serial,
         serial_drained: legacy.serial_drained,
         reset: legacy.reset,
+        i8042: legacy.i8042,
         vcpu_wake: vcpus.wake,
         vcpu_events: vcpus.events,
         vcpu_stats: vcpus.stats,

@@ -309,10 +309,14 @@ impl Vmm {
                 Ok(Reply::Empty)
             }
             Action::SendCtrlAltDel => {
-                self.require_started(&format!("{action:?}"))?;
-                Err(format!(
-                    "{action:?} is not supported by this build of flick yet"
-                ))
+                self.require_started("SendCtrlAltDel")?;
+                let Some(vm) = &self.running else {
+                    return Err("the VM is not running".into());
+                };
+                if !lock(&vm.i8042).send_ctrl_alt_del() {
+                    return Err("the keyboard buffer is full; try again".into());
+                }
+                Ok(Reply::Empty)
             }
         }
     }

@@ -321,6 +321,7 @@ pub fn load(
         serial: legacy.serial,
         serial_drained: legacy.serial_drained,
         reset: legacy.reset,
+        i8042: legacy.i8042,
         vcpu_wake: vcpus.wake,
         vcpu_events: vcpus.events,
         vcpu_stats: vcpus.stats,

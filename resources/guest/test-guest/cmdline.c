@@ -173,6 +173,8 @@ static void apply(const char *tok, size_t len, struct tg_opts *o)
 		set_u64(val, vlen, &o->blk_mib);
 	else if (key_is(tok, klen, "tg.blk_dev"))
 		set_u64(val, vlen, &o->blk_dev);
+	else if (key_is(tok, klen, "tg.kbd"))
+		set_bool(val, vlen, &o->kbd);
 	else if (key_is(tok, klen, "tg.blk_late"))
 		set_bool(val, vlen, &o->blk_late);
 	else if (key_is(tok, klen, "tg.blk_timeout_ms"))
@@ -238,6 +240,7 @@ void opts_parse(const char *cmdline, u32 len, struct tg_opts *o)
 	o->blk_mib = 16;
 	o->blk_dev = 0;
 	o->blk_late = 0;
+	o->kbd = 0;
 	o->blk_timeout_ms = 5000;
 	o->net = NET_OFF;
 	o->net_dev = 0;

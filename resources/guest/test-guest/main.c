@@ -81,6 +81,32 @@ static void echo(void)
 	tg_printf("\necho: done\n");
 }
 
+/*
+ * Poll the i8042 for Ctrl, Alt, Delete make codes (scancode set 2: 14, 11, e0 71), as a VMM's
+ * SendCtrlAltDel queues them; bounded to 10 s.
+ */
+static void wait_ctrl_alt_del(void)
+{
+	static const u8 want[] = { 0x14, 0x11, 0xe0, 0x71 };
+	u32 matched = 0;
+	u64 deadline = tsc_deadline_us(10 * 1000 * 1000);
+
+	tg_printf("kbd: waiting\n");
+	while (matched < sizeof(want)) {
+		if (tsc_passed(deadline)) {
+			tg_printf("kbd: timeout\n");
+			return;
+		}
+		if (!(inb(0x64) & 0x01)) {
+			cpu_relax();
+			continue;
+		}
+		u8 code = inb(0x60);
+		matched = code == want[matched] ? matched + 1 : (code == want[0] ? 1 : 0);
+	}
+	tg_printf("kbd: ctrl-alt-del\n");
+}
+
 static void __attribute__((noreturn)) finish(void)
 {
 	switch (opts.exit_mode) {
@@ -141,5 +167,7 @@ void tg_main(u32 protocol, u64 info)
 		virtio_net_run(&opts);
 	if (opts.echo)
 		echo();
+	if (opts.kbd)
+		wait_ctrl_alt_del();
 	finish();
 }

@@ -174,6 +174,7 @@ struct tg_opts {
 	u64 blk_mib;        /* tg.blk_mib: MiB of the sequential benchmark (default 16) */
 	u64 blk_dev;        /* tg.blk_dev: block device for bench and hostile (default 0) */
 	int blk_late;       /* tg.blk_late=1: run the tg.blk mode after counting, not before */
+	int kbd;            /* tg.kbd=1: wait for Ctrl+Alt+Del from the i8042 before finishing */
 	u64 blk_timeout_ms; /* tg.blk_timeout_ms: longest wait for one request (default 5000) */
 	enum net_mode net;  /* tg.net */
 	u64 net_dev;        /* tg.net_dev: network device for ping, serve and bench (default 0) */
