@@ -70,7 +70,7 @@ fn main() {
     std::fs::write(&config, json.to_string()).unwrap();
 
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    println!("flick boot benchmark: {runs} runs, 1 vCPU, {mem} MiB, guest args {args:?}, 30 ms between runs");
+    println!("flick boot benchmark: {runs} runs, 1 vCPU, {mem} MiB, guest args {args:?}");
     println!("host load before: {}", load.trim());
 
     let run = |level: &str| {
@@ -90,9 +90,6 @@ fn main() {
             .output()
             .expect("spawn flick");
         let elapsed = start.elapsed().as_secs_f64() * 1e3;
-        // Let the kernel finish tearing down this VM (a child of flick does it after flick
-        // exits) so the next run measures a launch on its own, not one competing with it.
-        std::thread::sleep(std::time::Duration::from_millis(30));
         assert!(
             output.status.success(),
             "flick failed: {}",

@@ -276,6 +276,7 @@ fn run(vmm: Vmm, api: Option<ApiServer>) -> ExitCode {
                 eprintln!("flick: guest error: {message}");
             }
             let code = status.code;
+            guard.park_vcpus();
             drop(guard);
             if let Some(api) = &api {
                 api.cleanup();

@@ -146,6 +146,15 @@ pub struct VcpuHandle {
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl VcpuHandle {
+    /// Asks the thread to park and kicks it out of `KVM_RUN`, without waiting for the answer
+    /// (used on the way out, so a guest spinning after its reset stops using a CPU).
+    pub fn park(&self) {
+        if self.commands.send(VcpuCommand::Pause).is_ok() {
+            // SAFETY: as in `call`: the thread is alive and the kick handler is installed.
+            unsafe { libc::pthread_kill(self.thread.as_pthread_t(), kick_signal()) };
+        }
+    }
+
     /// Sends `command`, kicks the thread out of `KVM_RUN`, and waits for its answer.
     pub fn call(&self, command: VcpuCommand) -> Result<VcpuResponse, String> {
         self.commands

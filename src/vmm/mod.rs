@@ -137,6 +137,15 @@ impl Vmm {
         }
     }
 
+    /// Stops the vCPUs from running guest code (without waiting), before the process exits.
+    pub fn park_vcpus(&self) {
+        if let Some(vm) = &self.running {
+            for vcpu in &vm.vcpus {
+                vcpu.park();
+            }
+        }
+    }
+
     /// Set once the VMM should end; the main loop stops then.
     pub fn exit_status(&self) -> Option<&ExitStatus> {
         self.exit.as_ref()
