@@ -282,6 +282,7 @@ fn run(vmm: Vmm, api: Option<ApiServer>) -> ExitCode {
                 api.cleanup();
             }
             defer_teardown();
+            tracing::debug!("exiting with code {code}");
             // vCPU threads may still be inside KVM_RUN; exiting the process ends them.
             std::process::exit(code);
         }
@@ -308,49 +309,68 @@ fn fds_to_release() -> Vec<libc::c_int> {
     .collect()
 }
 
-/// Lets a child process hold the last references to the KVM VM while this process exits, so
-/// that the kernel's VM teardown (which can take tens of milliseconds on a nested host) happens
-/// after our exit status is delivered rather than before. The child keeps only anonymous kernel
-/// objects such as the KVM fds (so
-/// TAPs, drive locks, sockets and our standard streams are released with us), waits for a pipe
-/// to close (it closes when this process is gone) and then exits, releasing the VM.
+/// What the teardown child needs: prepared before it starts, since it shares our memory.
+struct Reaper {
+    release: Vec<libc::c_int>,
+    pipe: [libc::c_int; 2],
+}
+
+extern "C" fn reap(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` points at the leaked `Reaper` that `defer_teardown` built for this child.
+    let reaper = unsafe { &*(arg as *const Reaper) };
+    let mut byte = 0u8;
+    // SAFETY: closing fds of this child's own fd table, reading one byte into a local and
+    // exiting: no allocation or locks.
+    unsafe {
+        libc::close(reaper.pipe[1]);
+        for &fd in &reaper.release {
+            libc::close(fd);
+        }
+        libc::read(reaper.pipe[0], (&mut byte as *mut u8).cast(), 1);
+        libc::_exit(0)
+    }
+}
+
+/// Lets a child process hold the last references to the VM while this process exits, so that
+/// the kernel's teardown (VM destruction, and releasing an address space that KVM watched, which
+/// waits for a grace period: together ~20 ms on a nested host) happens after our exit status is
+/// delivered rather than before. The child shares our address space (`CLONE_VM`), so our exit
+/// does not tear it down, and keeps only anonymous kernel objects such as the KVM fds (so TAPs,
+/// drive locks, sockets and our standard streams are released with us). It waits for a pipe to
+/// close (it closes when this process is gone), then exits, releasing everything.
 fn defer_teardown() {
-    let mut fds = [0 as libc::c_int; 2];
+    const STACK_BYTES: usize = 64 * 1024;
+    let mut pipe = [0 as libc::c_int; 2];
     // SAFETY: pipe writes two fds into the array we own.
-    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+    if unsafe { libc::pipe(pipe.as_mut_ptr()) } != 0 {
         return;
     }
     // Listed after the pipe exists, so a number freed by the listing itself is not mistaken
     // for the pipe's.
-    let release: Vec<libc::c_int> = fds_to_release()
+    let release = fds_to_release()
         .into_iter()
-        .filter(|fd| !fds.contains(fd))
+        .filter(|fd| !pipe.contains(fd))
         .collect();
-    // SAFETY: the child only calls async-signal-safe functions (close, read, _exit) on data
-    // prepared before the fork; the parent continues normally.
-    match unsafe { libc::fork() } {
-        0 => {
-            let mut byte = 0u8;
-            // SAFETY: closing fds this process owns, then reading one byte into a local.
-            unsafe {
-                libc::close(fds[1]);
-                for &fd in &release {
-                    libc::close(fd);
-                }
-                libc::read(fds[0], (&mut byte as *mut u8).cast(), 1);
-                libc::_exit(0);
-            }
-        }
-        pid if pid > 0 => {
-            // SAFETY: closing the read end we do not use; the write end closes when we exit.
-            unsafe { libc::close(fds[0]) };
-        }
-        _ => {
-            // SAFETY: fork failed; close both ends we own.
-            unsafe {
-                libc::close(fds[0]);
-                libc::close(fds[1]);
-            }
+    let reaper: &'static Reaper = Box::leak(Box::new(Reaper { release, pipe }));
+    let stack: &'static mut [u8] = Box::leak(vec![0u8; STACK_BYTES].into_boxed_slice());
+    // The stack grows down from its (16-byte aligned) end.
+    let top = (stack.as_mut_ptr() as usize + STACK_BYTES) & !0xf;
+    // SAFETY: the child runs `reap` on its own leaked stack with leaked arguments, touching no
+    // other shared state; both outlive it because they are never freed.
+    let pid = unsafe {
+        libc::clone(
+            reap,
+            top as *mut libc::c_void,
+            libc::CLONE_VM | libc::SIGCHLD,
+            reaper as *const Reaper as *mut libc::c_void,
+        )
+    };
+    // SAFETY: closing the read end (the child has its own copy of the fd table); on failure
+    // also the write end.
+    unsafe {
+        libc::close(pipe[0]);
+        if pid < 0 {
+            libc::close(pipe[1]);
         }
     }
 }

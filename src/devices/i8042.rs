@@ -4,6 +4,8 @@
 //! (`0xFE` on port 0x64) ends the VM.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use vm_superio::Trigger;
 
@@ -46,6 +48,8 @@ const CTRL_RELEASE_TAIL: u8 = 0x14;
 #[derive(Debug)]
 pub struct I8042 {
     reset: EventFdTrigger,
+    /// Raised with the reset line, for the vCPUs to stop running guest code.
+    stopping: Arc<AtomicBool>,
     interrupt: EventFdTrigger,
     config: u8,
     status: u8,
@@ -56,9 +60,14 @@ pub struct I8042 {
 
 impl I8042 {
     /// `reset` is signalled when the guest pulses the reset line, `interrupt` raises IRQ 1.
-    pub fn new(reset: EventFdTrigger, interrupt: EventFdTrigger) -> Self {
+    pub fn new(
+        reset: EventFdTrigger,
+        interrupt: EventFdTrigger,
+        stopping: Arc<AtomicBool>,
+    ) -> Self {
         I8042 {
             reset,
+            stopping,
             interrupt,
             config: CONFIG_KBD_INTERRUPT,
             status: STATUS_SYSTEM | STATUS_KBD_UNLOCKED,
@@ -101,6 +110,7 @@ impl I8042 {
             CMD_READ_OUTPUT_PORT => self.push(0x01),
             CMD_DISABLE_KBD | CMD_ENABLE_KBD | CMD_DISABLE_AUX | CMD_ENABLE_AUX => {}
             CMD_RESET_CPU => {
+                self.stopping.store(true, Ordering::Relaxed);
                 // A failed eventfd write cannot be reported to the guest; the VMM sees no reset.
                 let _ = self.reset.trigger();
             }
@@ -172,7 +182,7 @@ mod tests {
     fn setup() -> (I8042, EventFd, EventFd) {
         let (reset, reset_seen) = trigger();
         let (irq, irq_seen) = trigger();
-        (I8042::new(reset, irq), reset_seen, irq_seen)
+        (I8042::new(reset, irq, Arc::default()), reset_seen, irq_seen)
     }
 
     fn inb(dev: &mut I8042, offset: u64) -> u8 {

@@ -177,6 +177,9 @@ pub struct Vcpu {
     pub cpuid: CpuId,
     /// Start parked, waiting for a Resume command (restored snapshots).
     pub start_paused: bool,
+    /// Set by a device when the guest asked to stop the machine (i8042 reset): the vCPU then
+    /// parks instead of running more guest code while the VMM winds down.
+    pub stopping: Arc<std::sync::atomic::AtomicBool>,
     pub pio: Arc<Bus>,
     pub mmio: Arc<Bus>,
     pub mem: GuestMemoryMmap,
@@ -251,7 +254,12 @@ impl Vcpu {
                 return;
             }
             match self.run_once() {
-                Ok(None) => continue,
+                Ok(None) => {
+                    if self.stopping.load(Ordering::Relaxed) {
+                        self.start_paused = true;
+                    }
+                    continue;
+                }
                 Ok(Some(reason)) => break reason,
                 Err(message) => break StopReason::Fault(message),
             }

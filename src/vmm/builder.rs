@@ -198,30 +198,12 @@ fn write_boot_info(
     regs::write_boot_tables(mem, kernel.mode).map_err(BuildError::GuestMemory)
 }
 
-/// Keeps guest memory out of child processes: flick forks only to hand over the VM's teardown at
-/// exit, and copying the guest's page tables for that would be wasted work.
-pub(crate) fn exclude_from_fork(mem: &GuestMemoryMmap) {
-    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
-    for region in mem.iter() {
-        // SAFETY: the range is a live mapping owned by `mem`; MADV_DONTFORK changes only what a
-        // forked child inherits.
-        unsafe {
-            libc::madvise(
-                region.as_ptr().cast(),
-                region.len() as usize,
-                libc::MADV_DONTFORK,
-            );
-        }
-    }
-}
-
 /// Creates the KVM VM around `mem`: memory slots first, then irqchip and PIT.
 pub(crate) fn create_vm(
     mem: &GuestMemoryMmap,
     vcpus: u8,
     phases: &mut Phases,
 ) -> Result<Vm, BuildError> {
-    exclude_from_fork(mem);
     let vm = Vm::new()?;
     phases.mark("create VM");
     vm.check_vcpu_count(vcpus)?;
@@ -239,6 +221,8 @@ pub(crate) struct Legacy {
     pub reset: EventFd,
     pub i8042: Arc<Mutex<I8042>>,
     pub pio: Bus,
+    /// Raised when the guest resets the machine; the vCPUs stop running guest code.
+    pub stopping: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Creates serial (through `make_serial(interrupt, drained)`), i8042 and boot timer, and puts
@@ -258,11 +242,13 @@ pub(crate) fn legacy_devices(
         drained,
     )?));
     let reset = eventfd()?;
+    let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let keyboard_irq = eventfd()?;
     vm.register_irqfd(&keyboard_irq, KEYBOARD_IRQ)?;
     let i8042 = Arc::new(Mutex::new(I8042::new(
         EventFdTrigger(reset.try_clone().map_err(BuildError::EventFd)?),
         EventFdTrigger(keyboard_irq),
+        stopping.clone(),
     )));
     let timer = Arc::new(Mutex::new(timer));
     let mut pio = Bus::new();
@@ -280,6 +266,7 @@ pub(crate) fn legacy_devices(
         reset,
         i8042,
         pio,
+        stopping,
     })
 }
 
@@ -298,6 +285,7 @@ pub(crate) fn start_vcpus(
     pio: Bus,
     mmio: Bus,
     start_paused: bool,
+    stopping: &Arc<std::sync::atomic::AtomicBool>,
 ) -> Result<Vcpus, BuildError> {
     let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
     let (events_tx, events) = mpsc::channel();
@@ -312,6 +300,7 @@ pub(crate) fn start_vcpus(
             index: index as u8,
             cpuid,
             start_paused,
+            stopping: stopping.clone(),
             pio: pio.clone(),
             mmio: mmio.clone(),
             mem: mem.clone(),
@@ -419,7 +408,7 @@ pub fn build(config: &VmConfig, ctx: BuildContext) -> Result<RunningVm, BuildErr
         configured.push((fd, setup.cpuid));
     }
     phases.mark("create and configure vCPUs");
-    let vcpus = start_vcpus(configured, &mem, legacy.pio, mmio, false)?;
+    let vcpus = start_vcpus(configured, &mem, legacy.pio, mmio, false, &legacy.stopping)?;
     phases.mark("spawn vCPU threads");
     Ok(RunningVm {
         vm,

@@ -312,7 +312,15 @@ pub fn load(
         configured.push((fd, cpuid));
     }
     phases.mark("restore vCPUs");
-    let vcpus = builder::start_vcpus(configured, &mem, legacy.pio, mmio, !params.resume_vm)?;
+    let stopping = legacy.stopping.clone();
+    let vcpus = builder::start_vcpus(
+        configured,
+        &mem,
+        legacy.pio,
+        mmio,
+        !params.resume_vm,
+        &stopping,
+    )?;
     phases.mark("spawn vCPU threads");
     let running = RunningVm {
         vm,
