@@ -8,23 +8,19 @@
 
 pub mod attach;
 pub mod builder;
+mod event_loop;
 pub mod metrics;
 pub mod snapshot;
 
-use std::io::Read;
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Instant;
-
-use event_manager::{EventOps, Events, MutEventSubscriber};
-use vmm_sys_util::epoll::EventSet;
 
 use crate::config::{self, VmConfig};
 use crate::control::{Action, ControlReceiver, Reply};
 use crate::devices::boot_timer::{process_cpu_us, BootTimes};
 use crate::devices::bus::lock;
 use crate::devices::legacy::SerialOut;
-use crate::kvm::vcpu::{StopReason, VcpuCommand};
+use crate::kvm::vcpu::VcpuCommand;
 use crate::kvm::HostKind;
 use builder::{BuildContext, RunningVm};
 
@@ -90,10 +86,10 @@ pub struct Vmm {
     pending_input: Vec<u8>,
 }
 
-const STDIN_FD: i32 = 0;
+pub(crate) const STDIN_FD: i32 = 0;
 /// How often metrics are appended to `metrics_path` (Firecracker's period).
-const METRICS_PERIOD: std::time::Duration = std::time::Duration::from_secs(60);
-const MAX_PENDING_INPUT: usize = 4096;
+pub(crate) const METRICS_PERIOD: std::time::Duration = std::time::Duration::from_secs(60);
+pub(crate) const MAX_PENDING_INPUT: usize = 4096;
 
 fn json<T: serde::Serialize>(value: &T) -> Reply {
     match serde_json::to_string(value) {
@@ -520,163 +516,5 @@ impl Vmm {
             .open(&path)
             .and_then(|mut f| f.write_all(line.as_bytes()))
             .map_err(|e| format!("cannot write metrics to {path}: {e}"))
-    }
-
-    fn finish(&mut self, status: ExitStatus) {
-        if self.exit.is_none() {
-            self.state = VmState::Exited;
-            self.exit = Some(status);
-        }
-    }
-
-    fn on_reset(&mut self) {
-        if let Some(vm) = &self.running {
-            let _ = vm.reset.read();
-        }
-        tracing::info!("guest requested a reset through the i8042 controller; exiting");
-        self.finish(ExitStatus {
-            code: 0,
-            message: None,
-        });
-    }
-
-    fn on_vcpu_stopped(&mut self) {
-        let Some(vm) = &self.running else { return };
-        let _ = vm.vcpu_wake.read();
-        let events: Vec<_> = vm.vcpu_events.try_iter().collect();
-        for event in events {
-            match event.reason {
-                StopReason::GuestShutdown => {
-                    tracing::info!("vCPU {} reported a guest shutdown; exiting", event.index);
-                    self.finish(ExitStatus {
-                        code: 0,
-                        message: None,
-                    });
-                }
-                StopReason::Fault(message) => {
-                    self.finish(ExitStatus {
-                        code: EXIT_GUEST_FAULT,
-                        message: Some(message),
-                    });
-                }
-            }
-        }
-    }
-
-    fn on_control(&mut self, ops: &mut EventOps) {
-        let Some(control) = &self.control else { return };
-        let _ = control.wake.read();
-        let requests: Vec<_> = control.receiver.try_iter().collect();
-        for request in requests {
-            let reply = self.handle(request.action);
-            let _ = request.reply.send(reply);
-        }
-        self.watch_vm(ops);
-    }
-
-    /// Moves console input into the serial FIFO, as much as fits.
-    fn pump_input(&mut self, ops: &mut EventOps, readable: bool) {
-        let Some(vm) = &self.running else { return };
-        if readable && self.pending_input.len() < MAX_PENDING_INPUT {
-            let mut buf = [0u8; 256];
-            match std::io::stdin().lock().read(&mut buf) {
-                Ok(0) | Err(_) => {
-                    let _ = ops.remove(Events::empty_raw(STDIN_FD));
-                    self.stdin_open = false;
-                }
-                Ok(n) => self.pending_input.extend_from_slice(&buf[..n]),
-            }
-        }
-        if !self.pending_input.is_empty() {
-            let taken = lock(&vm.serial).enqueue_input(&self.pending_input);
-            self.pending_input.drain(..taken);
-        }
-        // Stop reading while input is backed up; the drained event resumes it.
-        if self.stdin_open {
-            let full = self.pending_input.len() >= MAX_PENDING_INPUT;
-            let set = if full {
-                EventSet::empty()
-            } else {
-                EventSet::IN
-            };
-            let _ = ops.modify(Events::with_data_raw(STDIN_FD, 0, set));
-        }
-    }
-
-    /// Registers the running VM's fds once it exists.
-    fn watch_vm(&mut self, ops: &mut EventOps) {
-        if self.watching_vm {
-            return;
-        }
-        let Some(vm) = &self.running else { return };
-        let fds = [
-            vm.reset.as_raw_fd(),
-            vm.vcpu_wake.as_raw_fd(),
-            vm.serial_drained.as_raw_fd(),
-        ];
-        for fd in fds {
-            if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
-                tracing::error!("cannot watch VM event fd {fd}: {e:?}");
-            }
-        }
-        if self.stdin_open && ops.add(Events::new_raw(STDIN_FD, EventSet::IN)).is_err() {
-            // Regular files cannot be polled: no console input then.
-            self.stdin_open = false;
-        }
-        if self.config.metrics.is_some() {
-            match vmm_sys_util::timerfd::TimerFd::new() {
-                Ok(mut timer) => {
-                    let armed = timer.reset(METRICS_PERIOD, Some(METRICS_PERIOD)).is_ok()
-                        && ops
-                            .add(Events::new_raw(timer.as_raw_fd(), EventSet::IN))
-                            .is_ok();
-                    if armed {
-                        self.metrics_timer = Some(timer);
-                    }
-                }
-                Err(e) => tracing::warn!("no periodic metrics: {e}"),
-            }
-        }
-        self.watching_vm = true;
-    }
-}
-
-impl MutEventSubscriber for Vmm {
-    fn process(&mut self, events: Events, ops: &mut EventOps) {
-        let fd = events.fd();
-        let control_fd = self.control.as_ref().map(|c| c.wake.as_raw_fd());
-        if Some(fd) == control_fd {
-            self.on_control(ops);
-            return;
-        }
-        if let Some(timer) = self.metrics_timer.as_mut().filter(|t| t.as_raw_fd() == fd) {
-            let _ = timer.wait();
-            if let Err(e) = self.flush_metrics() {
-                tracing::warn!("{e}");
-            }
-            return;
-        }
-        let Some(vm) = &self.running else { return };
-        if fd == vm.reset.as_raw_fd() {
-            self.on_reset();
-        } else if fd == vm.vcpu_wake.as_raw_fd() {
-            self.on_vcpu_stopped();
-        } else if fd == vm.serial_drained.as_raw_fd() {
-            let _ = vm.serial_drained.read();
-            self.pump_input(ops, false);
-        } else if fd == STDIN_FD {
-            let readable = events.event_set().contains(EventSet::IN)
-                || events.event_set().contains(EventSet::HANG_UP);
-            self.pump_input(ops, readable);
-        }
-    }
-
-    fn init(&mut self, ops: &mut EventOps) {
-        if let Some(control) = &self.control {
-            if let Err(e) = ops.add(Events::new(&control.wake, EventSet::IN)) {
-                tracing::error!("cannot watch the API channel: {e:?}");
-            }
-        }
-        self.watch_vm(ops);
     }
 }
