@@ -44,7 +44,7 @@ else
 {
   "boot-source": {"kernel_image_path": "$FLICK_KERNEL_VMLINUX",
                   "initrd_path": "$FLICK_INITRAMFS",
-                  "boot_args": "console=ttyS0 reboot=k panic=1 i8042.nokbd i8042.noaux flick.init=poweroff"},
+                  "boot_args": "console=ttyS0 reboot=k panic=1 i8042.nokbd i8042.noaux flick.init=reboot"},
   "machine-config": {"vcpu_count": 1, "mem_size_mib": 256}
 }
 JSON
