@@ -73,27 +73,18 @@ pub struct RunningVm {
     pub mem: GuestMemoryMmap,
     /// Guest RAM ranges `(start, size)`.
     pub ram: Vec<(u64, u64)>,
-    pub serial: Arc<Mutex<SerialDevice>>,
-    /// Signalled when the guest drains the serial receive FIFO.
-    pub serial_drained: EventFd,
-    /// Signalled by the i8042 when the guest requests a reset.
-    pub reset: EventFd,
-    /// The keyboard controller, for `SendCtrlAltDel`.
-    pub i8042: Arc<Mutex<I8042>>,
-    /// Signalled by a vCPU thread that stopped; the reason is on `vcpu_events`.
-    pub vcpu_wake: EventFd,
-    pub vcpu_events: mpsc::Receiver<VcpuEvent>,
-    pub vcpu_stats: Vec<Arc<VcpuStats>>,
-    pub vcpus: Vec<vcpu::VcpuHandle>,
+    /// Serial, i8042 and the eventfds the VMM thread watches for them.
+    pub legacy: Legacy,
+    /// The vCPU threads and what reports from them.
+    pub vcpus: Vcpus,
     pub cpu_profile: CpuProfile,
-    pub cmdline: String,
     pub devices: Attached,
 }
 
 impl std::fmt::Debug for RunningVm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RunningVm")
-            .field("vcpus", &self.vcpus.len())
+            .field("vcpus", &self.vcpus.handles.len())
             .finish()
     }
 }
@@ -215,24 +206,26 @@ pub(crate) fn create_vm(
 }
 
 /// Legacy devices on their buses.
-pub(crate) struct Legacy {
+pub struct Legacy {
     pub serial: Arc<Mutex<SerialDevice>>,
+    /// Signalled when the guest drains the serial receive FIFO.
     pub serial_drained: EventFd,
+    /// Signalled by the i8042 when the guest requests a reset.
     pub reset: EventFd,
+    /// The keyboard controller, for `SendCtrlAltDel`.
     pub i8042: Arc<Mutex<I8042>>,
-    pub pio: Bus,
     /// Raised when the guest resets the machine; the vCPUs stop running guest code.
     pub stopping: Arc<std::sync::atomic::AtomicBool>,
 }
 
-/// Creates serial (through `make_serial(interrupt, drained)`), i8042 and boot timer, and puts
-/// them on the port bus and (boot timer) on `mmio`.
+/// Creates serial (through `make_serial(interrupt, drained)`), i8042 and boot timer; returns them
+/// with the port bus they are on (the boot timer also goes on `mmio`).
 pub(crate) fn legacy_devices(
     vm: &Vm,
     mmio: &mut Bus,
     timer: BootTimer,
     make_serial: impl FnOnce(EventFdTrigger, EventFdTrigger) -> Result<SerialDevice, BuildError>,
-) -> Result<Legacy, BuildError> {
+) -> Result<(Legacy, Bus), BuildError> {
     let serial_irq = eventfd()?;
     vm.register_irqfd(&serial_irq, SERIAL_IRQ)?;
     let serial_drained = eventfd()?;
@@ -260,20 +253,21 @@ pub(crate) fn legacy_devices(
         .map_err(BuildError::Bus)?;
     mmio.insert(timer, BOOT_TIMER_START, MMIO_SLOT_SIZE)
         .map_err(BuildError::Bus)?;
-    Ok(Legacy {
+    let legacy = Legacy {
         serial,
         serial_drained,
         reset,
         i8042,
-        pio,
         stopping,
-    })
+    };
+    Ok((legacy, pio))
 }
 
 /// Running vCPU threads and what the VMM needs to watch them.
-pub(crate) struct Vcpus {
+pub struct Vcpus {
     pub handles: Vec<vcpu::VcpuHandle>,
     pub stats: Vec<Arc<VcpuStats>>,
+    /// Why a vCPU stopped; signalled on `wake`.
     pub events: mpsc::Receiver<VcpuEvent>,
     pub wake: EventFd,
 }
@@ -385,7 +379,7 @@ pub fn build(config: &VmConfig, ctx: BuildContext) -> Result<RunningVm, BuildErr
         ctx.boot_timer_log,
     );
     let serial_out = ctx.serial_out;
-    let legacy = legacy_devices(&vm, &mut mmio, timer, |irq, drained| {
+    let (legacy, pio) = legacy_devices(&vm, &mut mmio, timer, |irq, drained| {
         Ok(SerialDevice::new(irq, drained, serial_out))
     })?;
     phases.mark("devices");
@@ -408,22 +402,15 @@ pub fn build(config: &VmConfig, ctx: BuildContext) -> Result<RunningVm, BuildErr
         configured.push((fd, setup.cpuid));
     }
     phases.mark("create and configure vCPUs");
-    let vcpus = start_vcpus(configured, &mem, legacy.pio, mmio, false, &legacy.stopping)?;
+    let vcpus = start_vcpus(configured, &mem, pio, mmio, false, &legacy.stopping)?;
     phases.mark("spawn vCPU threads");
     Ok(RunningVm {
         vm,
         mem,
         ram,
-        serial: legacy.serial,
-        serial_drained: legacy.serial_drained,
-        reset: legacy.reset,
-        i8042: legacy.i8042,
-        vcpu_wake: vcpus.wake,
-        vcpu_events: vcpus.events,
-        vcpu_stats: vcpus.stats,
-        vcpus: vcpus.handles,
+        legacy,
+        vcpus,
         cpu_profile: profile,
-        cmdline,
         devices,
     })
 }

@@ -23,7 +23,7 @@ impl Vmm {
 
     fn on_reset(&mut self) {
         if let Some(vm) = &self.running {
-            let _ = vm.reset.read();
+            let _ = vm.legacy.reset.read();
         }
         tracing::info!("guest requested a reset through the i8042 controller; exiting");
         self.finish(ExitStatus {
@@ -34,8 +34,8 @@ impl Vmm {
 
     fn on_vcpu_stopped(&mut self) {
         let Some(vm) = &self.running else { return };
-        let _ = vm.vcpu_wake.read();
-        let events: Vec<_> = vm.vcpu_events.try_iter().collect();
+        let _ = vm.vcpus.wake.read();
+        let events: Vec<_> = vm.vcpus.events.try_iter().collect();
         for event in events {
             match event.reason {
                 StopReason::GuestShutdown => {
@@ -80,7 +80,7 @@ impl Vmm {
             }
         }
         if !self.pending_input.is_empty() {
-            let taken = lock(&vm.serial).enqueue_input(&self.pending_input);
+            let taken = lock(&vm.legacy.serial).enqueue_input(&self.pending_input);
             self.pending_input.drain(..taken);
         }
         // Stop reading while input is backed up; the drained event resumes it.
@@ -102,9 +102,9 @@ impl Vmm {
         }
         let Some(vm) = &self.running else { return };
         let fds = [
-            vm.reset.as_raw_fd(),
-            vm.vcpu_wake.as_raw_fd(),
-            vm.serial_drained.as_raw_fd(),
+            vm.legacy.reset.as_raw_fd(),
+            vm.vcpus.wake.as_raw_fd(),
+            vm.legacy.serial_drained.as_raw_fd(),
         ];
         for fd in fds {
             if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
@@ -148,12 +148,12 @@ impl MutEventSubscriber for Vmm {
             return;
         }
         let Some(vm) = &self.running else { return };
-        if fd == vm.reset.as_raw_fd() {
+        if fd == vm.legacy.reset.as_raw_fd() {
             self.on_reset();
-        } else if fd == vm.vcpu_wake.as_raw_fd() {
+        } else if fd == vm.vcpus.wake.as_raw_fd() {
             self.on_vcpu_stopped();
-        } else if fd == vm.serial_drained.as_raw_fd() {
-            let _ = vm.serial_drained.read();
+        } else if fd == vm.legacy.serial_drained.as_raw_fd() {
+            let _ = vm.legacy.serial_drained.read();
             self.pump_input(ops, false);
         } else if fd == STDIN_FD {
             let readable = events.event_set().contains(EventSet::IN)

@@ -44,7 +44,7 @@ pub fn collect(vm: Option<&RunningVm>, boot: &BootTimes) -> Vec<Family> {
     }];
     let Some(vm) = vm else { return families };
     let mut exits = Vec::new();
-    for (i, s) in vm.vcpu_stats.iter().enumerate() {
+    for (i, s) in vm.vcpus.stats.iter().enumerate() {
         for (reason, c) in [
             ("io_in", &s.io_in),
             ("io_out", &s.io_out),

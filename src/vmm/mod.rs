@@ -136,7 +136,7 @@ impl Vmm {
     /// Stops the vCPUs from running guest code (without waiting), before the process exits.
     pub fn park_vcpus(&self) {
         if let Some(vm) = &self.running {
-            for vcpu in &vm.vcpus {
+            for vcpu in &vm.vcpus.handles {
                 vcpu.park();
             }
         }
@@ -318,7 +318,7 @@ impl Vmm {
                 let Some(vm) = &self.running else {
                     return Err("the VM is not running".into());
                 };
-                if !lock(&vm.i8042).send_ctrl_alt_del() {
+                if !lock(&vm.legacy.i8042).send_ctrl_alt_del() {
                     return Err("the keyboard buffer is full; try again".into());
                 }
                 Ok(Reply::Empty)
@@ -399,7 +399,7 @@ impl Vmm {
         if self.state == VmState::Paused {
             return Ok(());
         }
-        for vcpu in &vm.vcpus {
+        for vcpu in &vm.vcpus.handles {
             let _ = vcpu.call(VcpuCommand::Pause)?;
         }
         self.state = VmState::Paused;
@@ -414,7 +414,7 @@ impl Vmm {
         if self.state == VmState::Running {
             return Ok(());
         }
-        for vcpu in &vm.vcpus {
+        for vcpu in &vm.vcpus.handles {
             let _ = vcpu.call(VcpuCommand::Resume)?;
         }
         self.state = VmState::Running;

@@ -88,8 +88,8 @@ pub fn create(
     }
     let started = Instant::now();
     let candidates = Arc::new(vm.vm.msr_candidates().map_err(SnapshotOpError::Capture)?);
-    let mut vcpus = Vec::with_capacity(vm.vcpus.len());
-    for handle in &vm.vcpus {
+    let mut vcpus = Vec::with_capacity(vm.vcpus.handles.len());
+    for handle in &vm.vcpus.handles {
         match handle.call(VcpuCommand::SaveState(candidates.clone())) {
             Ok(VcpuResponse::State(Ok(state))) => vcpus.push(*state),
             Ok(VcpuResponse::State(Err(message))) | Err(message) => {
@@ -109,7 +109,7 @@ pub fn create(
         cpu_profile: vm.cpu_profile,
         kvm: VmState::capture(vm.vm.fd()).map_err(SnapshotOpError::Capture)?,
         vcpus,
-        serial: lock(&vm.serial).snapshot(),
+        serial: lock(&vm.legacy.serial).snapshot(),
         drives: vm
             .devices
             .drives
@@ -297,7 +297,7 @@ pub fn load(
     );
     let serial_out = ctx.serial_out;
     let serial_snap = snap.serial.clone();
-    let legacy = builder::legacy_devices(&vm, &mut mmio, timer, |irq, drained| {
+    let (legacy, pio) = builder::legacy_devices(&vm, &mut mmio, timer, |irq, drained| {
         SerialDevice::restored(&serial_snap, irq, drained, serial_out)
             .map_err(|e| BuildError::Unsupported(Box::leak(e.into_boxed_str())))
     })?;
@@ -312,30 +312,22 @@ pub fn load(
         configured.push((fd, cpuid));
     }
     phases.mark("restore vCPUs");
-    let stopping = legacy.stopping.clone();
     let vcpus = builder::start_vcpus(
         configured,
         &mem,
-        legacy.pio,
+        pio,
         mmio,
         !params.resume_vm,
-        &stopping,
+        &legacy.stopping,
     )?;
     phases.mark("spawn vCPU threads");
     let running = RunningVm {
         vm,
         mem,
         ram: snap.ram.clone(),
-        serial: legacy.serial,
-        serial_drained: legacy.serial_drained,
-        reset: legacy.reset,
-        i8042: legacy.i8042,
-        vcpu_wake: vcpus.wake,
-        vcpu_events: vcpus.events,
-        vcpu_stats: vcpus.stats,
-        vcpus: vcpus.handles,
+        legacy,
+        vcpus,
         cpu_profile: snap.cpu_profile,
-        cmdline: String::new(),
         devices,
     };
     Ok((running, snap))
