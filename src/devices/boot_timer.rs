@@ -10,32 +10,28 @@ use super::bus::BusDevice;
 /// The value a guest writes to mark "init reached".
 pub const MAGIC_VALUE: u8 = 123;
 
-/// CPU time this process has used, in microseconds.
-pub fn process_cpu_us() -> u64 {
+/// CPU time of `clock` (a CPU-time clock id), in microseconds; 0 if it cannot be read.
+fn cpu_clock_us(clock: libc::clockid_t) -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: `ts` is a valid, writable timespec and the clock id is a constant the kernel knows.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    let rc = unsafe { libc::clock_gettime(clock, &mut ts) };
     if rc != 0 {
         return 0;
     }
     ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000
 }
 
+/// CPU time this process has used, in microseconds.
+pub fn process_cpu_us() -> u64 {
+    cpu_clock_us(libc::CLOCK_PROCESS_CPUTIME_ID)
+}
+
 /// CPU time the calling thread has used, in microseconds.
 pub fn thread_cpu_us() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec and the clock id is a constant the kernel knows.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    if rc != 0 {
-        return 0;
-    }
-    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000
+    cpu_clock_us(libc::CLOCK_THREAD_CPUTIME_ID)
 }
 
 /// Boot-time measurements shared with the VMM (for metrics).

@@ -37,6 +37,8 @@ pub enum BuildError {
     NoBootSource,
     #[error("{0} is not supported by this build of flick yet")]
     Unsupported(&'static str),
+    #[error("invalid serial state: {0}")]
+    SerialState(String),
     #[error("mem_size_mib {requested} exceeds the host's memory ({host} MiB)")]
     MemoryTooLarge { requested: usize, host: u64 },
     #[error("cannot allocate {0} MiB of guest memory")]

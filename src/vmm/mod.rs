@@ -277,12 +277,12 @@ impl Vmm {
             }
             Action::Pause => {
                 self.require_started("Pausing")?;
-                self.pause()?;
+                self.set_vcpus_running(VmState::Paused)?;
                 Ok(Reply::Empty)
             }
             Action::Resume => {
                 self.require_started("Resuming")?;
-                self.resume()?;
+                self.set_vcpus_running(VmState::Running)?;
                 Ok(Reply::Empty)
             }
             Action::CreateSnapshot(params) => {
@@ -392,33 +392,25 @@ impl Vmm {
         Ok(())
     }
 
-    fn pause(&mut self) -> Result<(), String> {
+    /// Pauses (`target` Paused) or resumes (`target` Running) every vCPU.
+    fn set_vcpus_running(&mut self, target: VmState) -> Result<(), String> {
         let Some(vm) = &self.running else {
             return Err("the VM is not running".into());
         };
-        if self.state == VmState::Paused {
+        if self.state == target {
             return Ok(());
         }
+        let pause = target == VmState::Paused;
         for vcpu in &vm.vcpus.handles {
-            let _ = vcpu.call(VcpuCommand::Pause)?;
+            let command = if pause {
+                VcpuCommand::Pause
+            } else {
+                VcpuCommand::Resume
+            };
+            let _ = vcpu.call(command)?;
         }
-        self.state = VmState::Paused;
-        tracing::info!("VM paused");
-        Ok(())
-    }
-
-    fn resume(&mut self) -> Result<(), String> {
-        let Some(vm) = &self.running else {
-            return Err("the VM is not running".into());
-        };
-        if self.state == VmState::Running {
-            return Ok(());
-        }
-        for vcpu in &vm.vcpus.handles {
-            let _ = vcpu.call(VcpuCommand::Resume)?;
-        }
-        self.state = VmState::Running;
-        tracing::info!("VM resumed");
+        self.state = target;
+        tracing::info!("VM {}", if pause { "paused" } else { "resumed" });
         Ok(())
     }
 

@@ -299,7 +299,7 @@ pub fn load(
     let serial_snap = snap.serial.clone();
     let (legacy, pio) = builder::legacy_devices(&vm, &mut mmio, timer, |irq, drained| {
         SerialDevice::restored(&serial_snap, irq, drained, serial_out)
-            .map_err(|e| BuildError::Unsupported(Box::leak(e.into_boxed_str())))
+            .map_err(BuildError::SerialState)
     })?;
     phases.mark("devices");
 
