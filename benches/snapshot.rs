@@ -48,7 +48,23 @@ fn wait_socket(sock: &std::path::Path) {
     }
 }
 
-/// Spawns flick with stdout piped; returns the child and the time of the first stdout byte.
+/// Starts flick with `args`, stdin and stderr closed, stdout as given.
+fn spawn_flick<I, S>(args: I, stdout: Stdio) -> Child
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    Command::new(FLICK)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn flick")
+}
+
+/// Waits for the first stdout byte of `child` (spawned with stdout piped), kills it, and returns
+/// the milliseconds since `start`.
 fn first_byte(mut child: Child, start: Instant) -> f64 {
     let mut out = child.stdout.take().unwrap();
     let mut byte = [0u8; 1];
@@ -97,14 +113,10 @@ fn main() {
 
     // Take the snapshot: boot, let it count, pause, snapshot.
     let sock = dir.join("src.sock");
-    let mut src = Command::new(FLICK)
-        .arg("--api-sock")
-        .arg(&sock)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut src = spawn_flick(
+        [std::ffi::OsStr::new("--api-sock"), sock.as_os_str()],
+        Stdio::null(),
+    );
     wait_socket(&sock);
     let boot = serde_json::json!({"kernel_image_path": kernel, "boot_args": args});
     assert_eq!(api(&sock, "PUT", "/boot-source", &boot.to_string()), 204);
@@ -148,17 +160,18 @@ fn main() {
 
     let restore_cli = || {
         let start = Instant::now();
-        let child = Command::new(FLICK)
-            .args(["--no-api", "--resume", "--restore-snapshot"])
-            .arg(&state)
-            .arg("--restore-mem")
-            .arg(&mem)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        first_byte(child, start)
+        let args = [
+            "--no-api".as_ref(),
+            "--resume".as_ref(),
+            "--restore-snapshot".as_ref(),
+            state.as_os_str(),
+            "--restore-mem".as_ref(),
+            mem.as_os_str(),
+        ];
+        first_byte(
+            spawn_flick::<_, &std::ffi::OsStr>(args, Stdio::piped()),
+            start,
+        )
     };
     let cold = || {
         let cfg = dir.join("cold.json");
@@ -166,40 +179,29 @@ fn main() {
                                       "machine-config": {"vcpu_count": 1, "mem_size_mib": 128}});
         std::fs::write(&cfg, json.to_string()).unwrap();
         let start = Instant::now();
-        let child = Command::new(FLICK)
-            .args(["--no-api", "--config-file"])
-            .arg(&cfg)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let child = spawn_flick(
+            [
+                "--no-api".as_ref(),
+                "--config-file".as_ref(),
+                cfg.as_os_str(),
+            ],
+            Stdio::piped(),
+        );
         first_byte(child, start)
     };
     let restore_api = |n: usize| -> (f64, f64) {
         let sock = dir.join(format!("r{n}.sock"));
-        let mut child = Command::new(FLICK)
-            .arg("--api-sock")
-            .arg(&sock)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let child = spawn_flick(
+            [std::ffi::OsStr::new("--api-sock"), sock.as_os_str()],
+            Stdio::piped(),
+        );
         wait_socket(&sock);
         let body = serde_json::json!({"snapshot_path": state, "resume_vm": true,
                                       "mem_backend": {"backend_type": "File", "backend_path": mem}});
         let start = Instant::now();
         assert_eq!(api(&sock, "PUT", "/snapshot/load", &body.to_string()), 204);
         let call = start.elapsed().as_secs_f64() * 1e3;
-        let mut out = child.stdout.take().unwrap();
-        let mut byte = [0u8; 1];
-        out.read_exact(&mut byte).unwrap();
-        let first = start.elapsed().as_secs_f64() * 1e3;
-        let _ = child.kill();
-        let _ = child.wait();
-        settle();
-        (call, first)
+        (call, first_byte(child, start))
     };
     for _ in 0..3 {
         restore_cli();

@@ -58,6 +58,17 @@ fn run_linux(config: &serde_json::Value) -> (Option<i32>, String, String, Durati
     (code, console, log, start.elapsed())
 }
 
+/// The vmlinux and a private copy of the ext4 root file system (guests write to it), in a
+/// directory removed with the returned `TempDir`.
+fn kernel_and_root_copy(tag: &str) -> Option<(PathBuf, TempDir, PathBuf)> {
+    let kernel = artifact("FLICK_KERNEL_VMLINUX")?;
+    let rootfs = artifact("FLICK_ROOTFS_EXT4")?;
+    let dir = TempDir::new(tag);
+    let image = dir.path("rootfs.ext4");
+    std::fs::copy(&rootfs, &image).unwrap();
+    Some((kernel, dir, image))
+}
+
 /// ext4 superblock mount count (offset 1024 + 0x34).
 fn ext4_mount_count(image: &std::path::Path) -> u16 {
     let bytes = std::fs::read(image).unwrap();
@@ -69,15 +80,9 @@ fn linux_mounts_ext4_root_from_virtio_blk_and_starts_init() {
     if !kvm_available() {
         return;
     }
-    let (Some(kernel), Some(rootfs)) = (
-        artifact("FLICK_KERNEL_VMLINUX"),
-        artifact("FLICK_ROOTFS_EXT4"),
-    ) else {
+    let Some((kernel, _dir, image)) = kernel_and_root_copy("linuxroot") else {
         return;
     };
-    let dir = TempDir::new("linuxroot");
-    let image = dir.path("rootfs.ext4");
-    std::fs::copy(&rootfs, &image).unwrap();
     let mounts_before = ext4_mount_count(&image);
     let config = serde_json::json!({
         "boot-source": {"kernel_image_path": kernel,
@@ -179,15 +184,9 @@ fn linux_gets_a_dhcp_lease_over_virtio_net_and_sends_netconsole() {
     if !kvm_available() || !netns_available() {
         return;
     }
-    let (Some(kernel), Some(rootfs)) = (
-        artifact("FLICK_KERNEL_VMLINUX"),
-        artifact("FLICK_ROOTFS_EXT4"),
-    ) else {
+    let Some((kernel, dir, image)) = kernel_and_root_copy("linuxnet") else {
         return;
     };
-    let dir = TempDir::new("linuxnet");
-    let image = dir.path("rootfs.ext4");
-    std::fs::copy(&rootfs, &image).unwrap();
     let mut ns = NetNs::new("lnx", 7);
     ns.start_dhcp(&dir.path("dnsmasq.log"));
     let console_rx = ns.udp_socket(6666);
