@@ -45,8 +45,6 @@ pub enum ConfigError {
     TapName(String),
     #[error("invalid cpu_template {0:?}: only \"None\" is supported (see cpu_profile)")]
     CpuTemplate(String),
-    #[error("invalid {0}: the config file does not support it yet")]
-    Unsupported(&'static str),
 }
 
 /// Checks a Firecracker-style resource id: non-empty, alphanumerics and `_` only.

@@ -116,11 +116,6 @@ impl SerialDevice {
         }
         self.inner.enqueue_raw_bytes(take).unwrap_or(0)
     }
-
-    /// Free space in the receive FIFO.
-    pub fn input_room(&self) -> usize {
-        self.inner.fifo_capacity()
-    }
 }
 
 impl BusDevice for SerialDevice {

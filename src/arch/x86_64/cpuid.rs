@@ -7,7 +7,6 @@ use crate::config::CpuProfile;
 
 const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
 const LEAF1_EDX_HTT: u32 = 1 << 28;
-const KVM_CPUID_FLAG_SIGNIFCANT_INDEX: u32 = 1;
 
 /// Leaf 1 ECX features the conservative profile removes: CX16, PCID, MOVBE, POPCNT, XSAVE,
 /// OSXSAVE, AVX, F16C, RDRAND, FMA.
@@ -124,11 +123,6 @@ pub fn for_vcpu(supported: &CpuId, cpu_index: u8, topo: Topology, profile: CpuPr
     let mut cpuid = supported.clone();
     normalize(cpuid.as_mut_slice(), cpu_index, topo, profile);
     cpuid
-}
-
-/// Whether `entry` needs its sub-leaf index to match.
-pub fn is_indexed(entry: &kvm_cpuid_entry2) -> bool {
-    entry.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX != 0
 }
 
 #[cfg(test)]

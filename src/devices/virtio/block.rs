@@ -245,10 +245,6 @@ impl Block {
         }
     }
 
-    pub fn capacity_sectors(&self) -> u64 {
-        self.backing.capacity_sectors
-    }
-
     /// Replaces the rate limits (PATCH /drives).
     pub fn set_rate_limiter(&mut self, config: Option<&crate::config::RateLimiterConfig>) {
         self.limiter.update(config);

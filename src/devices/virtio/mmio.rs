@@ -136,10 +136,6 @@ impl MmioTransport {
         }
     }
 
-    pub fn status(&self) -> u32 {
-        self.status
-    }
-
     /// Captures the registers and, for an active device, its live queue progress.
     pub fn snapshot(&self) -> TransportSnapshot {
         let live = lock(&self.device).queue_states();
