@@ -15,8 +15,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use flick::devices::bus::BusDevice;
-use flick::devices::rate_limiter::RateLimiter;
-use flick::devices::virtio::block::{Backing, Block};
+use flick::devices::rate_limiter::{RateLimiter, SavedLimits};
+use flick::devices::virtio::block::{Backing, Block, SavedDrive};
 use flick::devices::virtio::mmio::MmioTransport;
 use flick::devices::virtio::Interrupt;
 
@@ -32,12 +32,16 @@ fn block_device(tag: &str) -> Block {
     std::fs::write(&path, vec![0x5au8; 1 << 20]).unwrap();
     let backing = Backing::open(path.to_str().unwrap(), false).unwrap();
     let _ = std::fs::remove_file(&path);
-    Block::new(
-        "bench".into(),
-        backing,
-        false,
-        RateLimiter::new(None).unwrap(),
-    )
+    let saved = SavedDrive {
+        id: "bench".into(),
+        path: path.to_str().unwrap().into(),
+        read_only: false,
+        root: false,
+        partuuid: None,
+        writeback: false,
+        limits: SavedLimits::default(),
+    };
+    Block::new(saved, backing, RateLimiter::new(None).unwrap())
 }
 
 /// A block read request: 16-byte header, one 4 KiB data buffer, status byte.

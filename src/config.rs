@@ -29,7 +29,7 @@ pub enum ConfigError {
     MemSizeZero,
     #[error("invalid mem_size_mib {0}: must be a multiple of 2 when huge_pages is 2M")]
     MemSizeHugePages(usize),
-    #[error("invalid id {0:?}: must be non-empty and contain only alphanumerics and '_'")]
+    #[error("invalid id \"{0}\": must be non-empty and contain only alphanumerics and '_'")]
     Id(String),
     #[error("invalid kernel_image_path: must not be empty")]
     KernelPath,
@@ -37,13 +37,13 @@ pub enum ConfigError {
     TooManyDrives,
     #[error("only one drive can be the root device")]
     TwoRootDrives,
-    #[error("invalid path_on_host for drive {0:?}: must not be empty")]
+    #[error("invalid path_on_host for drive \"{0}\": must not be empty")]
     DrivePath(String),
-    #[error("invalid guest_mac {0:?}: expected six hex octets like 06:00:ac:10:00:02")]
+    #[error("invalid guest_mac \"{0}\": expected six hex octets like 06:00:ac:10:00:02")]
     Mac(String),
-    #[error("invalid host_dev_name {0:?}: must be 1 to 15 bytes without '/' or whitespace")]
+    #[error("invalid host_dev_name \"{0}\": must be 1 to 15 bytes without '/' or whitespace")]
     TapName(String),
-    #[error("invalid cpu_template {0:?}: only \"None\" is supported (see cpu_profile)")]
+    #[error("invalid cpu_template \"{0}\": only \"None\" is supported (see cpu_profile)")]
     CpuTemplate(String),
 }
 
@@ -260,17 +260,22 @@ pub struct NetConfig {
     pub tx_rate_limiter: Option<RateLimiterConfig>,
 }
 
+/// Checks a TAP device name: 1 to 15 bytes, no `/` or whitespace.
+pub fn validate_tap_name(name: &str) -> Result<(), ConfigError> {
+    if name.is_empty()
+        || name.len() > 15
+        || name.contains('/')
+        || name.chars().any(char::is_whitespace)
+    {
+        return Err(ConfigError::TapName(name.to_string()));
+    }
+    Ok(())
+}
+
 impl NetConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         validate_id(&self.iface_id)?;
-        let name = &self.host_dev_name;
-        if name.is_empty()
-            || name.len() > 15
-            || name.contains('/')
-            || name.chars().any(char::is_whitespace)
-        {
-            return Err(ConfigError::TapName(name.clone()));
-        }
+        validate_tap_name(&self.host_dev_name)?;
         if let Some(mac) = &self.guest_mac {
             parse_mac(mac)?;
         }
@@ -320,7 +325,7 @@ impl std::str::FromStr for LogLevel {
             "debug" => Ok(LogLevel::Debug),
             "trace" => Ok(LogLevel::Trace),
             _ => Err(format!(
-                "invalid log level {s:?}: expected Off, Error, Warning, Info, Debug or Trace"
+                "invalid log level \"{s}\": expected Off, Error, Warning, Info, Debug or Trace"
             )),
         }
     }

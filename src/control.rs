@@ -97,6 +97,45 @@ impl Action {
     }
 }
 
+/// Why an action was not done, as the client sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// The request itself is wrong: bad values, missing files, unknown ids (HTTP 400).
+    BadRequest,
+    /// The request is fine but not allowed in the VM's current state (HTTP 400).
+    NotAllowed,
+    /// The VMM or the host failed while carrying it out (HTTP 500; also logged).
+    Internal,
+}
+
+impl ErrorClass {
+    /// The HTTP status code of this class.
+    pub fn http_status(self) -> u16 {
+        match self {
+            ErrorClass::BadRequest | ErrorClass::NotAllowed => 400,
+            ErrorClass::Internal => 500,
+        }
+    }
+}
+
+/// A refused or failed action: its class and the one-line message for the client.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct ActionError {
+    pub class: ErrorClass,
+    pub message: String,
+}
+
+impl ActionError {
+    /// An internal failure with `message`.
+    pub fn internal(message: impl Into<String>) -> Self {
+        ActionError {
+            class: ErrorClass::Internal,
+            message: message.into(),
+        }
+    }
+}
+
 /// What the VMM answered.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reply {
@@ -106,8 +145,8 @@ pub enum Reply {
     Json(String),
     /// Done, with a plain-text body (HTTP 200), e.g. Prometheus metrics.
     Text(String),
-    /// Refused or failed; the message becomes `fault_message` (HTTP 400).
-    Error(String),
+    /// Refused or failed; the message becomes `fault_message`.
+    Error(ActionError),
 }
 
 /// One request in flight from the API thread.
@@ -146,14 +185,14 @@ impl ControlHandle {
     /// Sends `action` and waits for the VMM's reply.
     pub fn call(&self, action: Action) -> Reply {
         let (tx, rx) = mpsc::sync_channel(1);
+        let gone = || Reply::Error(ActionError::internal("the VMM is shutting down"));
         if self.sender.send(Request { action, reply: tx }).is_err() {
-            return Reply::Error("the VMM is shutting down".into());
+            return gone();
         }
         if self.wake.write(1).is_err() {
-            return Reply::Error("cannot wake the VMM thread".into());
+            return Reply::Error(ActionError::internal("cannot wake the VMM thread"));
         }
-        rx.recv()
-            .unwrap_or_else(|_| Reply::Error("the VMM is shutting down".into()))
+        rx.recv().unwrap_or_else(|_| gone())
     }
 }
 

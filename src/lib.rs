@@ -1,8 +1,9 @@
 //! flick: a lightweight KVM virtual machine monitor with a Firecracker-compatible API.
 //!
 //! Layering (each module may import only those listed before it):
-//! `config` → `control` → `logger` → `arch` → `devices` → `kvm` → `boot` → `vmm`.
-//! `api` stands beside them and imports only `config` and `control`; only `main` uses it.
+//! `config` → `control` → `logger` → `metrics`, `hex` → `devices` → `arch` → `kvm` → `snapshot`
+//! → `vmm`. `api` stands beside them and imports only `config`, `control` and `metrics`; only
+//! `main` uses it. `scripts/check-layering.sh` enforces the rules the test suite relies on.
 //! Threads: the VMM thread (event loop in `vmm`), one thread per vCPU (`kvm::vcpu`), and the API
 //! threads (`api`: the `flick_api` acceptor and one thread per open connection).
 
@@ -11,12 +12,13 @@
 
 pub mod api;
 pub mod arch;
-pub mod boot;
 pub mod config;
 pub mod control;
 pub mod devices;
+pub mod hex;
 pub mod kvm;
 pub mod logger;
+pub mod metrics;
 pub mod snapshot;
 pub mod vmm;
 

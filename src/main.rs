@@ -145,8 +145,8 @@ fn main() -> ExitCode {
             .into_iter()
             .chain([Action::InstanceStart])
         {
-            if let Reply::Error(message) = vmm.handle(action) {
-                return fail(&message);
+            if let Reply::Error(error) = vmm.handle(action) {
+                return fail(&error.message);
             }
         }
     }
@@ -163,8 +163,8 @@ fn main() -> ExitCode {
             resume_vm: cli.resume,
             network_overrides: Vec::new(),
         };
-        if let Reply::Error(message) = vmm.handle(Action::LoadSnapshot(load)) {
-            return fail(&message);
+        if let Reply::Error(error) = vmm.handle(Action::LoadSnapshot(load)) {
+            return fail(&error.message);
         }
     }
     run(vmm, api)

@@ -270,6 +270,7 @@ pub enum Status {
     NoContent,
     BadRequest,
     LengthRequired,
+    InternalServerError,
     ServiceUnavailable,
 }
 
@@ -280,6 +281,7 @@ impl Status {
             Status::NoContent => 204,
             Status::BadRequest => 400,
             Status::LengthRequired => 411,
+            Status::InternalServerError => 500,
             Status::ServiceUnavailable => 503,
         }
     }
@@ -290,6 +292,7 @@ impl Status {
             Status::NoContent => "No Content",
             Status::BadRequest => "Bad Request",
             Status::LengthRequired => "Length Required",
+            Status::InternalServerError => "Internal Server Error",
             Status::ServiceUnavailable => "Service Unavailable",
         }
     }

@@ -3,11 +3,11 @@
 //! by the connection threads, rendered in Prometheus text format after the VMM's metrics by
 //! `GET /metrics`. Imports `api::routes` only.
 
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use super::routes::Endpoint;
+use crate::metrics::{seconds, Kind, Sample, Value};
 
 const METHODS: [&str; 4] = ["GET", "PUT", "PATCH", "other"];
 const STATUSES: [u16; 6] = [200, 204, 400, 411, 503, 0];
@@ -98,10 +98,10 @@ impl ApiMetrics {
         self.rejected_connections.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Appends the metrics in Prometheus text format.
-    pub fn render(&self, out: &mut String) {
-        out.push_str("# HELP flick_api_requests_total API requests answered.\n");
-        out.push_str("# TYPE flick_api_requests_total counter\n");
+    /// The API server's samples.
+    pub fn samples(&self, out: &mut Vec<Sample>) {
+        const REQUESTS: &str = "flick_api_requests_total";
+        const REQUESTS_HELP: &str = "API requests answered.";
         for (e, endpoint) in Endpoint::ALL.iter().enumerate() {
             for (m, method) in METHODS.iter().enumerate() {
                 for (s, status) in STATUSES.iter().enumerate() {
@@ -115,58 +115,56 @@ impl ApiMetrics {
                     } else {
                         status.to_string()
                     };
-                    let _ = writeln!(
-                        out,
-                        "flick_api_requests_total{{path=\"{}\",method=\"{method}\",status=\"{status}\"}} {n}",
-                        endpoint.as_str()
-                    );
+                    let labels = vec![
+                        ("path", endpoint.as_str().to_string()),
+                        ("method", (*method).to_string()),
+                        ("status", status),
+                    ];
+                    out.push(Sample::counter(REQUESTS, REQUESTS_HELP, labels, n));
                 }
             }
         }
-
-        out.push_str("# HELP flick_api_request_duration_seconds Time from a complete request to its answer, ready to send.\n");
-        out.push_str("# TYPE flick_api_request_duration_seconds histogram\n");
+        const LATENCY: &str = "flick_api_request_duration_seconds";
+        const LATENCY_HELP: &str = "Time from a complete request to its answer, ready to send.";
+        let part = |suffix, labels, value| Sample {
+            family: LATENCY,
+            help: LATENCY_HELP,
+            kind: Kind::Histogram,
+            suffix,
+            labels,
+            value,
+        };
         let mut cumulative = 0;
         for (i, bucket) in self.latency_buckets.iter().enumerate() {
             cumulative += bucket.load(Ordering::Relaxed);
             let le = BUCKETS_US
                 .get(i)
                 .map_or("+Inf".to_string(), |us| seconds(*us));
-            let _ = writeln!(
-                out,
-                "flick_api_request_duration_seconds_bucket{{le=\"{le}\"}} {cumulative}"
-            );
+            out.push(part("_bucket", vec![("le", le)], Value::Count(cumulative)));
         }
         let sum_us = self.latency_sum_us.load(Ordering::Relaxed);
-        let _ = writeln!(
-            out,
-            "flick_api_request_duration_seconds_sum {}",
-            seconds(sum_us)
-        );
-        let _ = writeln!(out, "flick_api_request_duration_seconds_count {cumulative}");
-
-        out.push_str("# HELP flick_api_connections_total API connections accepted.\n");
-        out.push_str("# TYPE flick_api_connections_total counter\n");
-        let _ = writeln!(
-            out,
-            "flick_api_connections_total {}",
-            self.connections.load(Ordering::Relaxed)
-        );
-        out.push_str(
-            "# HELP flick_api_connections_rejected_total API connections refused because too many were open.\n",
-        );
-        out.push_str("# TYPE flick_api_connections_rejected_total counter\n");
-        let _ = writeln!(
-            out,
-            "flick_api_connections_rejected_total {}",
-            self.rejected_connections.load(Ordering::Relaxed)
-        );
+        out.push(part("_sum", Vec::new(), Value::SecondsFromUs(sum_us)));
+        out.push(part("_count", Vec::new(), Value::Count(cumulative)));
+        out.push(Sample::counter(
+            "flick_api_connections_total",
+            "API connections accepted.",
+            Vec::new(),
+            self.connections.load(Ordering::Relaxed),
+        ));
+        out.push(Sample::counter(
+            "flick_api_connections_rejected_total",
+            "API connections refused because too many were open.",
+            Vec::new(),
+            self.rejected_connections.load(Ordering::Relaxed),
+        ));
     }
-}
 
-/// Microseconds as decimal seconds, exactly.
-fn seconds(us: u64) -> String {
-    format!("{}.{:06}", us / 1_000_000, us % 1_000_000)
+    /// Appends the metrics in Prometheus text format.
+    pub fn render(&self, out: &mut String) {
+        let mut samples = Vec::new();
+        self.samples(&mut samples);
+        crate::metrics::prometheus(&samples, out);
+    }
 }
 
 #[cfg(test)]

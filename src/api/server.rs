@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use super::http::{self, RequestReader, Response, Status};
 use super::metrics::ApiMetrics;
 use super::routes::{self, Endpoint};
-use crate::control::{Action, ControlHandle, Reply};
+use crate::control::{Action, ControlHandle, ErrorClass, Reply};
 
 /// Connections served at once; more are answered `503` and closed.
 pub const MAX_CONNECTIONS: usize = 64;
@@ -210,14 +210,20 @@ pub fn answer(request: &http::Request, shared: &Shared) -> Response {
             }
             Response::prometheus(body)
         }
-        Reply::Error(message) => Response::fault(Status::BadRequest, &message),
+        Reply::Error(error) => {
+            let status = match error.class {
+                ErrorClass::BadRequest | ErrorClass::NotAllowed => Status::BadRequest,
+                ErrorClass::Internal => Status::InternalServerError,
+            };
+            Response::fault(status, &error.message)
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::{self, ControlReceiver};
+    use crate::control::{self, ActionError, ControlReceiver};
 
     /// Answers like a VMM that serves `GET /`, `GET /metrics` and `PUT /machine-config` and
     /// refuses everything else.
@@ -228,7 +234,11 @@ mod tests {
                     Action::GetInstanceInfo => Reply::Json(r#"{"state":"Not started"}"#.into()),
                     Action::GetMetrics => Reply::Text("vmm_metric 1\n".into()),
                     Action::PutMachineConfig(_) => Reply::Empty,
-                    other => Reply::Error(format!("{other:?} refused")),
+                    Action::FlushMetrics => Reply::Error(ActionError::internal("disk full")),
+                    _ => Reply::Error(ActionError {
+                        class: ErrorClass::NotAllowed,
+                        message: "refused".into(),
+                    }),
                 };
                 let _ = request.reply.send(reply);
             }
@@ -285,9 +295,18 @@ mod tests {
             &request("PATCH", "/vm", r#"{"state": "Paused"}"#),
             &shared(),
         );
+        assert_eq!(response, Response::fault(Status::BadRequest, "refused"));
+    }
+
+    #[test]
+    fn vmm_internal_failure_becomes_500_with_fault_message() {
+        let response = answer(
+            &request("PUT", "/actions", r#"{"action_type": "FlushMetrics"}"#),
+            &shared(),
+        );
         assert_eq!(
             response,
-            Response::fault(Status::BadRequest, "Pause refused")
+            Response::fault(Status::InternalServerError, "disk full")
         );
     }
 

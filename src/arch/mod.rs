@@ -1,10 +1,222 @@
-//! Architecture-specific guest setup: memory map, boot structures, vCPU registers and CPU model.
+//! The architecture interface: everything the generic VMM needs from a CPU architecture, as the
+//! [`Arch`] trait, and the implementation for the build target as [`Current`].
 //!
-//! Pure data and KVM ioctls on a vCPU or VM handed in by the caller; nothing here owns threads or
-//! devices. Only x86_64 is implemented; the rest of the crate reaches it through this module so an
-//! aarch64 sibling can slot in beside it.
+//! An architecture owns its guest memory map, how the VM's interrupt controller is created, how
+//! a kernel is loaded and its boot structures are written, how vCPUs are configured, the exits
+//! only it knows (port I/O on x86), its legacy devices, and the format of its vCPU and VM state
+//! in snapshots. Generic code (`kvm`, `vmm`, `snapshot`) names no architecture concept and
+//! reaches all of this through `Current`.
+//!
+//! Imports `config`, `devices` and `metrics`; works on raw `kvm-ioctls` handles handed in by the
+//! caller; owns no threads.
 
 #[cfg(target_arch = "x86_64")]
 pub mod x86_64;
 #[cfg(target_arch = "x86_64")]
-pub use x86_64 as current;
+pub use x86_64::X86_64 as Current;
+
+#[cfg(not(target_arch = "x86_64"))]
+mod unsupported;
+#[cfg(not(target_arch = "x86_64"))]
+pub use unsupported::Unsupported as Current;
+
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::config::{BootSourceConfig, CpuProfile, MachineConfig};
+use crate::devices::boot_timer::BootTimer;
+use crate::devices::bus::Bus;
+use crate::devices::i8042::I8042;
+use crate::devices::legacy::SerialDevice;
+use crate::devices::EventFdTrigger;
+
+/// Where the `index`th virtio-mmio device lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceSlot {
+    pub base: u64,
+    pub size: u64,
+    pub irq: u32,
+}
+
+/// What kind of virtualization backs `/dev/kvm` on this host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostKind {
+    /// Hardware virtualization: guest code runs natively.
+    HardwareVirt,
+    /// KVM's PVM module (pagetable-based virtualization): a guest kernel that is not
+    /// PVM-enlightened runs inside KVM's instruction emulator.
+    Pvm,
+}
+
+impl HostKind {
+    /// Detects the host kind from the loaded KVM modules.
+    pub fn detect() -> HostKind {
+        if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+            HostKind::Pvm
+        } else {
+            HostKind::HardwareVirt
+        }
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            HostKind::HardwareVirt => "hardware virtualization",
+            HostKind::Pvm => "PVM (guest kernel code runs in KVM's instruction emulator)",
+        }
+    }
+}
+
+/// Why an architecture could not set something up.
+#[derive(Debug, thiserror::Error)]
+pub enum ArchError {
+    /// The guest's input is unusable (kernel image, initrd, command line).
+    #[error(transparent)]
+    Input(Box<dyn std::error::Error + Send + Sync>),
+    #[error("cannot {0}")]
+    Kvm(String, #[source] kvm_ioctls::Error),
+    #[error("cannot write boot structures into guest memory")]
+    GuestMemory(#[source] vm_memory::GuestMemoryError),
+    #[error("cannot create an eventfd")]
+    EventFd(#[source] std::io::Error),
+    #[error("device layout conflict")]
+    Bus(#[source] crate::devices::bus::BusError),
+    #[error("invalid serial state: {0}")]
+    SerialState(String),
+    #[error("invalid saved {0}")]
+    SavedState(&'static str),
+    #[error("this build of flick does not run guests on {0} yet")]
+    Unsupported(&'static str),
+}
+
+impl ArchError {
+    /// Whether the host rather than the request is at fault.
+    pub fn is_internal(&self) -> bool {
+        matches!(
+            self,
+            ArchError::Kvm(..) | ArchError::GuestMemory(_) | ArchError::EventFd(_)
+        )
+    }
+}
+
+/// A failed KVM call, naming what it was for.
+pub fn kvm_error(what: &str) -> impl FnOnce(kvm_ioctls::Error) -> ArchError + '_ {
+    move |e| ArchError::Kvm(what.to_string(), e)
+}
+
+/// What an architecture needs to prepare a guest for booting.
+#[derive(Debug)]
+pub struct GuestSetup<'a> {
+    pub mem: &'a GuestMemoryMmap,
+    /// Guest RAM ranges `(start, size)`.
+    pub ram: &'a [(u64, u64)],
+    pub boot: &'a BootSourceConfig,
+    /// The complete kernel command line.
+    pub cmdline: &'a str,
+    pub vcpu_count: u8,
+}
+
+/// Legacy devices, created by the architecture and used by the VMM thread.
+pub struct Legacy {
+    pub serial: Arc<Mutex<SerialDevice>>,
+    /// Signalled when the guest drains the serial receive FIFO.
+    pub serial_drained: EventFd,
+    /// Signalled when the guest resets the machine through a device (x86: the i8042).
+    pub reset: EventFd,
+    /// The keyboard controller for `SendCtrlAltDel`, where the architecture has one.
+    pub i8042: Option<Arc<Mutex<I8042>>>,
+    /// Raised when the guest resets the machine; the vCPUs stop running guest code.
+    pub stopping: Arc<AtomicBool>,
+}
+
+/// Makes the serial device from its interrupt trigger and its drained trigger.
+pub type MakeSerial<'a> =
+    Box<dyn FnOnce(EventFdTrigger, EventFdTrigger) -> Result<SerialDevice, String> + 'a>;
+
+/// What an architecture-specific exit asks of the vCPU loop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ArchExit {
+    /// A port read (`true`) or write (`false`); `claimed` when a device owns the port.
+    PortIo { read: bool, claimed: bool },
+    /// The guest cannot continue; names what happened.
+    Fault(String),
+    /// Not an exit this architecture knows.
+    Unknown,
+}
+
+/// Everything an architecture provides. Every method runs on the thread that calls it; none
+/// keeps state between calls.
+pub trait Arch {
+    /// The architecture's name, for messages.
+    const NAME: &'static str;
+    /// What a vCPU was configured with and a snapshot must carry (x86: its CPUID).
+    type VcpuConfig: Send + 'static;
+    /// One vCPU's state in a snapshot.
+    type VcpuState: Serialize + DeserializeOwned + std::fmt::Debug + Send + 'static;
+    /// VM-wide KVM state in a snapshot (interrupt controllers, timers, clock).
+    type VmState: Serialize + DeserializeOwned + std::fmt::Debug;
+    /// What capturing vCPU state needs from the VM (x86: the MSRs to try).
+    type SaveContext: Clone + Send + std::fmt::Debug + 'static;
+    /// Where the boot vCPU starts.
+    type BootEntry: std::fmt::Debug;
+
+    /// Guest RAM ranges `(start, size)` for `mem_bytes` of memory.
+    fn ram_ranges(mem_bytes: u64) -> Vec<(u64, u64)>;
+    /// The `index`th virtio device's slot, or `None` when no interrupt line is left.
+    fn device_slot(index: usize) -> Option<DeviceSlot>;
+    /// `auto` resolved for this host.
+    fn effective_profile(profile: CpuProfile, host: HostKind) -> CpuProfile;
+    /// Kernel command line arguments this host needs for `profile`, before the device entries.
+    fn host_cmdline(profile: CpuProfile, host: HostKind) -> Option<&'static str>;
+
+    /// Creates the interrupt controller and timers; called after memory is registered.
+    fn setup_vm(vm: &VmFd) -> Result<(), ArchError>;
+    /// Loads the kernel (and initrd) and writes the boot structures.
+    fn load_guest(setup: &GuestSetup<'_>) -> Result<Self::BootEntry, ArchError>;
+    /// What each vCPU of `machine` is configured with.
+    fn vcpu_configs(
+        kvm: &Kvm,
+        machine: &MachineConfig,
+        profile: CpuProfile,
+    ) -> Result<Vec<Self::VcpuConfig>, ArchError>;
+    /// Configures a new vCPU; the boot vCPU gets `entry`.
+    fn configure_vcpu(
+        fd: &VcpuFd,
+        index: u8,
+        config: &Self::VcpuConfig,
+        entry: Option<&Self::BootEntry>,
+    ) -> Result<(), ArchError>;
+    /// Creates the legacy devices: the serial console (made by `make_serial`), a reset source,
+    /// the boot timer. Puts them on `mmio` or on the returned port bus.
+    fn legacy_devices(
+        vm: &VmFd,
+        mmio: &mut Bus,
+        timer: BootTimer,
+        make_serial: MakeSerial<'_>,
+    ) -> Result<(Legacy, Bus), ArchError>;
+
+    /// Handles an exit the generic vCPU loop does not know, with the port bus.
+    fn handle_exit(exit: VcpuExit<'_>, pio: &Bus) -> ArchExit;
+    /// Where a stopped vCPU is, for error messages (x86: RIP and the instruction bytes).
+    fn stop_location(fd: &VcpuFd, mem: &GuestMemoryMmap) -> String;
+
+    /// What [`Arch::save_vcpu`] needs, read once per snapshot.
+    fn save_context(kvm: &Kvm) -> Result<Self::SaveContext, ArchError>;
+    /// Captures a paused vCPU.
+    fn save_vcpu(
+        fd: &VcpuFd,
+        config: &Self::VcpuConfig,
+        context: &Self::SaveContext,
+    ) -> Result<Self::VcpuState, ArchError>;
+    /// Restores a saved vCPU into a new one; returns what it is configured with.
+    fn restore_vcpu(fd: &VcpuFd, state: &Self::VcpuState) -> Result<Self::VcpuConfig, ArchError>;
+    /// Captures VM-wide state.
+    fn save_vm(vm: &VmFd) -> Result<Self::VmState, ArchError>;
+    /// Restores VM-wide state into a VM set up by [`Arch::setup_vm`].
+    fn restore_vm(vm: &VmFd, state: &Self::VmState) -> Result<(), ArchError>;
+}

@@ -8,7 +8,73 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::timerfd::TimerFd;
 
+use serde::{Deserialize, Serialize};
+
 use crate::config::{RateLimiterConfig, TokenBucketConfig};
+
+/// A bucket's settings as snapshots store them (independent of the API's field names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedBucket {
+    pub size: u64,
+    pub refill_time_ms: u64,
+    pub one_time_burst: Option<u64>,
+}
+
+/// A limiter's settings as snapshots store them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedLimits {
+    pub bandwidth: Option<SavedBucket>,
+    pub ops: Option<SavedBucket>,
+}
+
+impl From<&TokenBucketConfig> for SavedBucket {
+    fn from(b: &TokenBucketConfig) -> Self {
+        SavedBucket {
+            size: b.size,
+            refill_time_ms: b.refill_time,
+            one_time_burst: b.one_time_burst,
+        }
+    }
+}
+
+impl From<SavedBucket> for TokenBucketConfig {
+    fn from(b: SavedBucket) -> Self {
+        TokenBucketConfig {
+            size: b.size,
+            refill_time: b.refill_time_ms,
+            one_time_burst: b.one_time_burst,
+        }
+    }
+}
+
+impl From<Option<&RateLimiterConfig>> for SavedLimits {
+    fn from(c: Option<&RateLimiterConfig>) -> Self {
+        SavedLimits {
+            bandwidth: c.and_then(|c| c.bandwidth.as_ref()).map(SavedBucket::from),
+            ops: c.and_then(|c| c.ops.as_ref()).map(SavedBucket::from),
+        }
+    }
+}
+
+impl SavedLimits {
+    /// The API form; `None` when unlimited.
+    pub fn to_config(self) -> Option<RateLimiterConfig> {
+        (self.bandwidth.is_some() || self.ops.is_some()).then(|| RateLimiterConfig {
+            bandwidth: self.bandwidth.map(Into::into),
+            ops: self.ops.map(Into::into),
+        })
+    }
+}
+
+/// The tokens left in a limiter's buckets, saved with a snapshot so a restored device does not
+/// get a fresh budget.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LimiterBudget {
+    /// `(budget, one_time_burst)` of the bandwidth bucket.
+    pub bandwidth: Option<(u64, u64)>,
+    /// `(budget, one_time_burst)` of the ops bucket.
+    pub ops: Option<(u64, u64)>,
+}
 
 /// One bucket. Token arithmetic in nanosecond-scaled integers to avoid drift.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,6 +146,7 @@ impl TokenBucket {
 pub struct RateLimiter {
     bandwidth: Option<TokenBucket>,
     ops: Option<TokenBucket>,
+    limits: SavedLimits,
     timer: TimerFd,
     blocked: bool,
     /// Times the device had to wait, for metrics.
@@ -91,6 +158,7 @@ impl RateLimiter {
         let mut limiter = RateLimiter {
             bandwidth: None,
             ops: None,
+            limits: SavedLimits::default(),
             timer: TimerFd::new().map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?,
             blocked: false,
             throttled: 0,
@@ -105,6 +173,41 @@ impl RateLimiter {
         let bucket = |b: Option<&TokenBucketConfig>| b.and_then(|b| TokenBucket::new(b, now));
         self.bandwidth = bucket(config.and_then(|c| c.bandwidth.as_ref()));
         self.ops = bucket(config.and_then(|c| c.ops.as_ref()));
+        self.limits = SavedLimits::from(config);
+    }
+
+    /// The limits in force, in saved form.
+    pub fn limits(&self) -> SavedLimits {
+        self.limits
+    }
+
+    /// The tokens left now.
+    pub fn budget(&self) -> LimiterBudget {
+        let now = Instant::now();
+        let left = |b: &Option<TokenBucket>| {
+            b.as_ref().map(|b| {
+                let mut b = b.clone();
+                b.refill(now);
+                (b.budget, b.one_time_burst)
+            })
+        };
+        LimiterBudget {
+            bandwidth: left(&self.bandwidth),
+            ops: left(&self.ops),
+        }
+    }
+
+    /// Applies a saved budget (capped by the bucket sizes in force).
+    pub fn set_budget(&mut self, budget: &LimiterBudget) {
+        let apply = |b: &mut Option<TokenBucket>, saved: Option<(u64, u64)>| {
+            if let (Some(b), Some((budget, burst))) = (b.as_mut(), saved) {
+                b.budget = budget.min(b.size);
+                b.one_time_burst = burst;
+                b.carry = 0;
+            }
+        };
+        apply(&mut self.bandwidth, budget.bandwidth);
+        apply(&mut self.ops, budget.ops);
     }
 
     /// Whether a request of `bytes` may go now. When not, the timer is armed and the caller
@@ -292,5 +395,32 @@ mod tests {
         rl2.bandwidth.as_mut().unwrap().budget = 0;
         assert!(!rl2.consume(50));
         assert_eq!(rl2.ops.as_ref().unwrap().budget, 1);
+    }
+
+    #[test]
+    fn a_saved_budget_carries_over_to_a_new_limiter() {
+        let config = RateLimiterConfig {
+            bandwidth: None,
+            ops: Some(TokenBucketConfig {
+                size: 10,
+                refill_time: 1_000_000,
+                one_time_burst: None,
+            }),
+        };
+        let mut first = RateLimiter::new(Some(&config)).unwrap();
+        for _ in 0..8 {
+            assert!(first.consume(1));
+        }
+        let saved = first.budget();
+        assert_eq!(saved.ops, Some((2, 0)));
+        assert_eq!(first.limits().to_config(), Some(config));
+        let mut second = RateLimiter::new(first.limits().to_config().as_ref()).unwrap();
+        second.set_budget(&saved);
+        assert!(second.consume(1));
+        assert!(second.consume(1));
+        assert!(
+            !second.consume(1),
+            "the restored limiter has only what was left"
+        );
     }
 }

@@ -1,31 +1,38 @@
-//! vCPU setup and run loop. Each vCPU runs on its own thread and reaches devices only through the
-//! port and MMIO buses; anything that ends the VM is reported to the VMM thread as a [`VcpuEvent`].
+//! The vCPU threads and their run loop. Each vCPU runs on its own thread and reaches devices only
+//! through the port and MMIO buses; exits only an architecture knows go to
+//! [`Arch::handle_exit`]; anything that ends the VM is reported to the VMM thread as a
+//! [`VcpuEvent`]. Commands from the VMM thread carry a sequence number that their answer repeats,
+//! so an answer that arrives after its caller gave up is never taken for the next one's.
 
 use std::cell::Cell;
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Once};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use kvm_bindings::CpuId;
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::arch::current::regs::{self, EntryMode};
+use crate::arch::{Arch, ArchError, ArchExit, Current};
 use crate::devices::bus::Bus;
-use crate::kvm::state::VcpuState;
 
 const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
 const KVM_SYSTEM_EVENT_RESET: u32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
-    #[error("cannot configure vCPU {0}: {1}")]
-    Configure(u8, &'static str, #[source] kvm_ioctls::Error),
     #[error("cannot spawn the thread of vCPU {0}")]
     Spawn(u8, #[source] std::io::Error),
+    #[error("vCPU {0} has stopped")]
+    Stopped(u8),
+    #[error("vCPU {index} did not answer within {ms} ms", ms = COMMAND_TIMEOUT.as_millis())]
+    Timeout { index: u8 },
+    #[error("vCPU {0} gave an unexpected answer")]
+    UnexpectedAnswer(u8),
+    #[error("vCPU {0}")]
+    State(u8, #[source] ArchError),
 }
 
 /// Exit counters of one vCPU, read by the metrics code.
@@ -55,46 +62,13 @@ pub struct VcpuEvent {
     pub reason: StopReason,
 }
 
-/// How vCPU `index` starts: CPUID and, for the boot vCPU, the entry point.
-#[derive(Debug)]
-pub struct VcpuSetup {
-    pub index: u8,
-    pub cpuid: CpuId,
-    pub entry: Option<(EntryMode, u64)>,
-}
-
-/// Applies CPUID, MSRs, LAPIC, FPU and (boot vCPU) registers.
-pub fn configure(fd: &VcpuFd, setup: &VcpuSetup) -> Result<(), VcpuError> {
-    let fail = |what| move |e| VcpuError::Configure(setup.index, what, e);
-    fd.set_cpuid2(&setup.cpuid).map_err(fail("CPUID"))?;
-    let msrs = regs::boot_msrs();
-    let written = fd.set_msrs(&msrs).map_err(fail("MSRs"))?;
-    if written != msrs.as_slice().len() {
-        tracing::debug!(
-            "vCPU {}: KVM accepted {written} of {} boot MSRs",
-            setup.index,
-            msrs.as_slice().len()
-        );
-    }
-    regs::set_lint(fd).map_err(fail("LAPIC"))?;
-    fd.set_fpu(&regs::boot_fpu()).map_err(fail("FPU"))?;
-    if let Some((mode, entry)) = setup.entry {
-        let sregs = fd.get_sregs().map_err(fail("special registers"))?;
-        fd.set_sregs(&regs::boot_sregs(sregs, mode))
-            .map_err(fail("special registers"))?;
-        fd.set_regs(&regs::boot_regs(mode, entry))
-            .map_err(fail("registers"))?;
-    }
-    Ok(())
-}
-
 /// A request from the VMM thread to a vCPU thread.
 #[derive(Debug)]
 pub enum VcpuCommand {
     Pause,
     Resume,
-    /// Capture the vCPU's state (only meaningful while paused), trying these MSRs.
-    SaveState(Arc<Vec<u32>>),
+    /// Capture the vCPU's state (only meaningful while paused).
+    SaveState(<Current as Arch>::SaveContext),
 }
 
 /// A vCPU thread's answer to a [`VcpuCommand`].
@@ -102,7 +76,7 @@ pub enum VcpuCommand {
 pub enum VcpuResponse {
     Paused,
     Resumed,
-    State(Result<Box<VcpuState>, String>),
+    State(Result<Box<<Current as Arch>::VcpuState>, ArchError>),
 }
 
 thread_local! {
@@ -138,8 +112,9 @@ fn install_kick_handler() {
 pub struct VcpuHandle {
     pub index: u8,
     thread: thread::JoinHandle<()>,
-    commands: mpsc::Sender<VcpuCommand>,
-    responses: mpsc::Receiver<VcpuResponse>,
+    commands: mpsc::Sender<(u64, VcpuCommand)>,
+    responses: mpsc::Receiver<(u64, VcpuResponse)>,
+    next_seq: Cell<u64>,
 }
 
 /// How long a vCPU may take to acknowledge a command.
@@ -149,23 +124,43 @@ impl VcpuHandle {
     /// Asks the thread to park and kicks it out of `KVM_RUN`, without waiting for the answer
     /// (used on the way out, so a guest spinning after its reset stops using a CPU).
     pub fn park(&self) {
-        if self.commands.send(VcpuCommand::Pause).is_ok() {
+        let seq = self.take_seq();
+        if self.commands.send((seq, VcpuCommand::Pause)).is_ok() {
             // SAFETY: as in `call`: the thread is alive and the kick handler is installed.
             unsafe { libc::pthread_kill(self.thread.as_pthread_t(), kick_signal()) };
         }
     }
 
-    /// Sends `command`, kicks the thread out of `KVM_RUN`, and waits for its answer.
-    pub fn call(&self, command: VcpuCommand) -> Result<VcpuResponse, String> {
+    fn take_seq(&self) -> u64 {
+        let seq = self.next_seq.get();
+        self.next_seq.set(seq + 1);
+        seq
+    }
+
+    /// Sends `command`, kicks the thread out of `KVM_RUN`, and waits for its answer. Answers to
+    /// earlier commands whose callers timed out are discarded.
+    pub fn call(&self, command: VcpuCommand) -> Result<VcpuResponse, VcpuError> {
+        let seq = self.take_seq();
         self.commands
-            .send(command)
-            .map_err(|_| format!("vCPU {} has stopped", self.index))?;
+            .send((seq, command))
+            .map_err(|_| VcpuError::Stopped(self.index))?;
         // SAFETY: the thread is alive (it holds the command receiver we just sent to), and the
         // kick signal has a handler installed before any vCPU thread starts.
         unsafe { libc::pthread_kill(self.thread.as_pthread_t(), kick_signal()) };
-        self.responses
-            .recv_timeout(COMMAND_TIMEOUT)
-            .map_err(|_| format!("vCPU {} did not answer", self.index))
+        let deadline = Instant::now() + COMMAND_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.responses.recv_timeout(left) {
+                Ok((answered, response)) if answered == seq => return Ok(response),
+                Ok(_) => continue,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    return Err(VcpuError::Timeout { index: self.index })
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(VcpuError::Stopped(self.index))
+                }
+            }
+        }
     }
 }
 
@@ -173,8 +168,8 @@ impl VcpuHandle {
 pub struct Vcpu {
     pub fd: VcpuFd,
     pub index: u8,
-    /// The CPUID this vCPU was given, saved with its state.
-    pub cpuid: CpuId,
+    /// What the architecture configured this vCPU with, saved with its state.
+    pub config: <Current as Arch>::VcpuConfig,
     /// Start parked, waiting for a Resume command (restored snapshots).
     pub start_paused: bool,
     /// Set by a device when the guest asked to stop the machine (i8042 reset): the vCPU then
@@ -205,6 +200,7 @@ impl Vcpu {
             thread,
             commands,
             responses,
+            next_seq: Cell::new(0),
         })
     }
 
@@ -212,8 +208,8 @@ impl Vcpu {
     /// gone and the thread should end.
     fn handle_commands(
         &mut self,
-        commands: &mpsc::Receiver<VcpuCommand>,
-        responses: &mpsc::Sender<VcpuResponse>,
+        commands: &mpsc::Receiver<(u64, VcpuCommand)>,
+        responses: &mpsc::Sender<(u64, VcpuResponse)>,
     ) -> bool {
         let mut paused = std::mem::take(&mut self.start_paused);
         loop {
@@ -224,29 +220,34 @@ impl Vcpu {
             } else {
                 commands.try_recv()
             };
-            let answer = match next {
-                Ok(VcpuCommand::Pause) => {
+            let (seq, command) = match next {
+                Ok(next) => next,
+                Err(mpsc::TryRecvError::Empty) => return true,
+                Err(mpsc::TryRecvError::Disconnected) => return false,
+            };
+            let answer = match command {
+                VcpuCommand::Pause => {
                     paused = true;
                     self.complete_pending_io();
                     VcpuResponse::Paused
                 }
-                Ok(VcpuCommand::SaveState(msrs)) => VcpuResponse::State(
-                    VcpuState::capture(&self.fd, &self.cpuid, &msrs)
-                        .map(Box::new)
-                        .map_err(|e| format!("vCPU {}: {}", self.index, crate::error_chain(&e))),
+                VcpuCommand::SaveState(context) => VcpuResponse::State(
+                    Current::save_vcpu(&self.fd, &self.config, &context).map(Box::new),
                 ),
-                Ok(VcpuCommand::Resume) => {
+                VcpuCommand::Resume => {
                     paused = false;
                     VcpuResponse::Resumed
                 }
-                Err(mpsc::TryRecvError::Empty) => return true,
-                Err(mpsc::TryRecvError::Disconnected) => return false,
             };
-            let _ = responses.send(answer);
+            let _ = responses.send((seq, answer));
         }
     }
 
-    fn run(mut self, commands: mpsc::Receiver<VcpuCommand>, responses: mpsc::Sender<VcpuResponse>) {
+    fn run(
+        mut self,
+        commands: mpsc::Receiver<(u64, VcpuCommand)>,
+        responses: mpsc::Sender<(u64, VcpuResponse)>,
+    ) {
         let run_area: *mut kvm_bindings::kvm_run = self.fd.get_kvm_run();
         KVM_RUN.with(|cell| cell.set(run_area));
         let reason = loop {
@@ -254,14 +255,13 @@ impl Vcpu {
                 return;
             }
             match self.run_once() {
-                Ok(None) => {
+                None => {
                     if self.stopping.load(Ordering::Relaxed) {
                         self.start_paused = true;
                     }
                     continue;
                 }
-                Ok(Some(reason)) => break reason,
-                Err(message) => break StopReason::Fault(message),
+                Some(reason) => break reason,
             }
         };
         KVM_RUN.with(|cell| cell.set(std::ptr::null_mut()));
@@ -281,65 +281,61 @@ impl Vcpu {
     }
 
     /// Runs the guest until one exit; `Some` when the vCPU must stop.
-    fn run_once(&mut self) -> Result<Option<StopReason>, String> {
+    fn run_once(&mut self) -> Option<StopReason> {
         let exit = match self.fd.run() {
             Ok(exit) => exit,
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 self.fd.set_kvm_immediate_exit(0);
-                return Ok(None);
+                return None;
             }
-            Err(e) => return Err(format!("KVM_RUN failed: {e}")),
+            Err(e) => return Some(StopReason::Fault(format!("KVM_RUN failed: {e}"))),
         };
         let stats = &self.stats;
-        match exit {
-            VcpuExit::IoIn(port, data) => {
-                stats.io_in.fetch_add(1, Ordering::Relaxed);
-                if !self.pio.read(u64::from(port), data) {
-                    stats.unclaimed.fetch_add(1, Ordering::Relaxed);
-                    data.fill(0xff);
-                }
-            }
-            VcpuExit::IoOut(port, data) => {
-                stats.io_out.fetch_add(1, Ordering::Relaxed);
-                if !self.pio.write(u64::from(port), data) {
-                    stats.unclaimed.fetch_add(1, Ordering::Relaxed);
-                }
-            }
+        let count = |c: &AtomicU64| {
+            c.fetch_add(1, Ordering::Relaxed);
+        };
+        let fault = match exit {
             VcpuExit::MmioRead(addr, data) => {
-                stats.mmio_read.fetch_add(1, Ordering::Relaxed);
+                count(&stats.mmio_read);
                 if !self.mmio.read(addr, data) {
-                    stats.unclaimed.fetch_add(1, Ordering::Relaxed);
+                    count(&stats.unclaimed);
                     data.fill(0);
                 }
+                return None;
             }
             VcpuExit::MmioWrite(addr, data) => {
-                stats.mmio_write.fetch_add(1, Ordering::Relaxed);
+                count(&stats.mmio_write);
                 if !self.mmio.write(addr, data) {
-                    stats.unclaimed.fetch_add(1, Ordering::Relaxed);
+                    count(&stats.unclaimed);
                 }
+                return None;
             }
             VcpuExit::SystemEvent(kind, _)
                 if kind == KVM_SYSTEM_EVENT_SHUTDOWN || kind == KVM_SYSTEM_EVENT_RESET =>
             {
-                return Ok(Some(StopReason::GuestShutdown));
+                return Some(StopReason::GuestShutdown);
             }
-            VcpuExit::Shutdown => return Err(self.describe("triple fault (KVM_EXIT_SHUTDOWN)")),
-            VcpuExit::Hlt => return Err(self.describe("halt with interrupts off (KVM_EXIT_HLT)")),
-            VcpuExit::InternalError => {
-                let what = self.internal_error();
-                return Err(self.describe(&what));
-            }
+            VcpuExit::InternalError => self.internal_error(),
             VcpuExit::FailEntry(reason, cpu) => {
-                let what = format!("VM entry failed (reason {reason:#x} on host cpu {cpu})");
-                return Err(self.describe(&what));
+                format!("VM entry failed (reason {reason:#x} on host cpu {cpu})")
             }
-            other => {
-                stats.other.fetch_add(1, Ordering::Relaxed);
-                let what = format!("unexpected exit {other:?}");
-                return Err(self.describe(&what));
-            }
-        }
-        Ok(None)
+            other => match Current::handle_exit(other, &self.pio) {
+                ArchExit::PortIo { read, claimed } => {
+                    count(if read { &stats.io_in } else { &stats.io_out });
+                    if !claimed {
+                        count(&stats.unclaimed);
+                    }
+                    return None;
+                }
+                ArchExit::Fault(what) => what,
+                ArchExit::Unknown => {
+                    count(&stats.other);
+                    let reason = self.fd.get_kvm_run().exit_reason;
+                    format!("unexpected exit (KVM exit reason {reason})")
+                }
+            },
+        };
+        Some(StopReason::Fault(self.describe(&fault)))
     }
 
     /// Reads KVM's internal-error details.
@@ -365,32 +361,12 @@ impl Vcpu {
         )
     }
 
-    /// Names the vCPU, RIP and the instruction bytes there.
+    /// Names the vCPU, what stopped it and where it is.
     fn describe(&self, what: &str) -> String {
-        let Ok(regs) = self.fd.get_regs() else {
-            return format!("vCPU {} stopped: {what}", self.index);
-        };
-        let bytes = self
-            .fd
-            .translate_gva(regs.rip)
-            .ok()
-            .filter(|t| t.valid != 0)
-            .and_then(|t| {
-                let mut buf = [0u8; 15];
-                self.mem
-                    .read_slice(&mut buf, GuestAddress(t.physical_address))
-                    .ok()?;
-                Some(
-                    buf.iter()
-                        .map(|b| format!("{b:02x}"))
-                        .collect::<Vec<_>>()
-                        .join(" "),
-                )
-            })
-            .unwrap_or_else(|| "unavailable".into());
         format!(
-            "vCPU {} stopped: {what} at RIP {:#x} (instruction bytes: {bytes})",
-            self.index, regs.rip
+            "vCPU {} stopped: {what}{}",
+            self.index,
+            Current::stop_location(&self.fd, &self.mem)
         )
     }
 }

@@ -1,14 +1,10 @@
-//! The KVM VM: `/dev/kvm`, the VM fd, guest memory slots, in-kernel irqchip and PIT.
+//! The KVM VM: `/dev/kvm`, the VM fd, guest memory slots, irqfds and ioeventfds. What the
+//! interrupt controller is, is the architecture's business ([`crate::arch::Arch::setup_vm`]).
 
-use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
-    KVM_PIT_SPEAKER_DUMMY,
-};
+use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
-
-use crate::arch::current::layout::KVM_TSS_ADDRESS;
 
 const KVM_API_VERSION: i32 = 12;
 
@@ -24,6 +20,8 @@ pub enum VmError {
     Setup(&'static str, #[source] kvm_ioctls::Error),
     #[error("cannot register guest memory with KVM")]
     Memory(#[source] kvm_ioctls::Error),
+    #[error("guest memory has too many regions for KVM")]
+    TooManySlots,
     #[error("KVM supports at most {max} vCPUs on this host, {requested} requested")]
     TooManyVcpus { requested: u8, max: usize },
     #[error("cannot create vCPU {0}")]
@@ -49,24 +47,12 @@ impl Vm {
         Ok(Vm { kvm, fd })
     }
 
-    /// Adds the TSS, the in-kernel irqchip and the PIT. Call after [`Vm::register_memory`]:
-    /// installing memory slots is several times slower on some hosts once an irqchip exists.
-    pub fn create_irqchip(&self) -> Result<(), VmError> {
-        let fd = &self.fd;
-        fd.set_tss_address(KVM_TSS_ADDRESS as usize)
-            .map_err(|e| VmError::Setup("TSS", e))?;
-        fd.create_irq_chip()
-            .map_err(|e| VmError::Setup("irqchip", e))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        fd.create_pit2(pit).map_err(|e| VmError::Setup("PIT", e))?;
-        Ok(())
-    }
-
     pub fn fd(&self) -> &VmFd {
         &self.fd
+    }
+
+    pub fn kvm(&self) -> &Kvm {
+        &self.kvm
     }
 
     /// Checks the vCPU count against what KVM allows.
@@ -78,19 +64,12 @@ impl Vm {
         Ok(())
     }
 
-    /// KVM's supported CPUID for this host.
-    pub fn supported_cpuid(&self) -> Result<CpuId, VmError> {
-        self.kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(|e| VmError::Setup("CPUID", e))
-    }
-
     /// Registers every region of `mem` as a KVM memory slot.
     pub fn register_memory(&self, mem: &GuestMemoryMmap) -> Result<(), VmError> {
         for (slot, region) in mem.iter().enumerate() {
             let host = region.as_ptr() as u64;
             let region = kvm_userspace_memory_region {
-                slot: slot as u32,
+                slot: u32::try_from(slot).map_err(|_| VmError::TooManySlots)?,
                 guest_phys_addr: region.start_addr().0,
                 memory_size: region.len(),
                 userspace_addr: host,
@@ -130,12 +109,5 @@ impl Vm {
         self.fd
             .register_ioevent(evt, &addr, datamatch)
             .map_err(|e| VmError::Setup("ioeventfd", e))
-    }
-}
-
-impl Vm {
-    /// MSR indices KVM knows on this host, to try when saving vCPU state.
-    pub fn msr_candidates(&self) -> Result<Vec<u32>, crate::kvm::state::StateError> {
-        crate::kvm::state::msr_candidates(&self.kvm)
     }
 }

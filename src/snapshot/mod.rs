@@ -6,7 +6,7 @@
 //! back, then a 4 KiB trailer: magic `FLICKMEM`, format version, snapshot id (u64), RAM bytes
 //! (u64). Pure I/O and format checks; the VMM builds and applies the state.
 
-pub mod state;
+pub mod format;
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -14,8 +14,9 @@ use std::path::Path;
 
 const STATE_MAGIC: &[u8; 8] = b"FLICKSNP";
 const MEM_MAGIC: &[u8; 8] = b"FLICKMEM";
-/// Bumped whenever the state layout changes incompatibly.
-pub const FORMAT_VERSION: u32 = 1;
+/// Bumped whenever the state layout changes incompatibly. Version 1 (flick 0.1 before the device
+/// registry) stored the API's configuration types and crate-serialized KVM structures.
+pub const FORMAT_VERSION: u32 = 2;
 const HEADER_BYTES: usize = 8 + 4 + 8 + 4;
 /// Size of the memory file's trailer.
 pub const MEM_TRAILER_BYTES: u64 = 4096;
@@ -31,7 +32,7 @@ pub enum SnapshotError {
     #[error("{0} is not a flick snapshot state file")]
     NotAState(String),
     #[error(
-        "{path} has snapshot format version {found}; this flick reads version {FORMAT_VERSION}"
+        "{path} has snapshot format version {found}; this flick reads version {FORMAT_VERSION} (take the snapshot again with this flick)"
     )]
     Version { path: String, found: u32 },
     #[error("{0} is truncated")]
@@ -245,6 +246,20 @@ mod tests {
             decode_state("s", &bytes),
             Err(SnapshotError::Version { found: 99, .. })
         ));
+    }
+
+    #[test]
+    fn a_version_1_state_file_is_refused_with_a_clear_message() {
+        // Version 1 headers were laid out like today's; only the payload schema differs.
+        let payload = br#"{"snapshot_id":1,"config":{},"ram":[[0,134217728]]}"#;
+        let mut bytes = encode_state(payload);
+        bytes[8..12].copy_from_slice(&1u32.to_le_bytes());
+        let err = decode_state("old.snap", &bytes).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "old.snap has snapshot format version 1; this flick reads version 2 \
+             (take the snapshot again with this flick)"
+        );
     }
 
     #[test]

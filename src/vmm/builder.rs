@@ -1,35 +1,23 @@
-//! Turns a validated [`VmConfig`] into a running VM: guest memory, KVM VM, kernel and boot
-//! structures, legacy devices on the buses, and one thread per vCPU.
+//! Turns a validated [`VmConfig`] into a running VM: guest memory, KVM VM, devices from the
+//! registry, the guest's kernel and boot structures (by the architecture), legacy devices on the
+//! buses, and one thread per vCPU. Snapshot loading ([`super::snapshot`]) reuses the steps.
 
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::atomic::AtomicBool;
+use std::sync::{mpsc, Arc};
 use std::time::Instant;
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::attach::{self, AttachError, Attached};
-use crate::arch::current::layout::{
-    self, BOOT_TIMER_START, EBDA_START, MMIO_SLOT_SIZE, PVH_INFO_START, PVH_MEMMAP_START,
-    PVH_MODLIST_START, SERIAL_IRQ, SERIAL_PORT, ZERO_PAGE_START,
-};
-use crate::arch::current::regs::{self, EntryMode};
-use crate::arch::current::{cpuid, mptable, zeropage};
-use crate::boot::{self, BootError};
+use super::registry::{Opened, Registry, RegistryError};
+use crate::arch::{Arch, ArchError, Current, GuestSetup, HostKind, Legacy};
 use crate::config::{CpuProfile, HugePages, VmConfig, DEFAULT_BOOT_ARGS};
 use crate::devices::boot_timer::{BootTimer, BootTimes};
 use crate::devices::bus::Bus;
-use crate::devices::i8042::I8042;
-use crate::devices::legacy::{SerialDevice, SerialOut};
-use crate::devices::EventFdTrigger;
-use crate::kvm::vcpu::{self, Vcpu, VcpuError, VcpuEvent, VcpuSetup, VcpuStats};
+use crate::devices::legacy::SerialOut;
+use crate::devices::virtio::{DeviceError, Overrides};
+use crate::kvm::vcpu::{self, Vcpu, VcpuError, VcpuEvent, VcpuStats};
 use crate::kvm::vm::{Vm, VmError};
-use crate::kvm::HostKind;
-
-/// Legacy port the older Firecracker guest images write the boot-timer byte to.
-const LEGACY_BOOT_TIMER_PORT: u64 = 0x3f0;
-const I8042_PORT: u64 = 0x60;
-const I8042_PORT_LEN: u64 = 5;
-const KEYBOARD_IRQ: u32 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -37,8 +25,6 @@ pub enum BuildError {
     NoBootSource,
     #[error("{0} is not supported by this build of flick yet")]
     Unsupported(&'static str),
-    #[error("invalid serial state: {0}")]
-    SerialState(String),
     #[error("mem_size_mib {requested} exceeds the host's memory ({host} MiB)")]
     MemoryTooLarge { requested: usize, host: u64 },
     #[error("cannot allocate {0} MiB of guest memory")]
@@ -46,17 +32,32 @@ pub enum BuildError {
     #[error(transparent)]
     Kvm(#[from] VmError),
     #[error(transparent)]
-    Boot(#[from] BootError),
+    Arch(#[from] ArchError),
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
-    #[error("cannot write boot structures into guest memory")]
-    GuestMemory(#[source] vm_memory::GuestMemoryError),
     #[error("cannot create an eventfd")]
     EventFd(#[source] std::io::Error),
-    #[error("device layout conflict")]
-    Bus(#[source] crate::devices::bus::BusError),
     #[error(transparent)]
-    Attach(#[from] AttachError),
+    Devices(#[from] RegistryError),
+}
+
+impl From<DeviceError> for BuildError {
+    fn from(e: DeviceError) -> Self {
+        BuildError::Devices(e.into())
+    }
+}
+
+impl BuildError {
+    /// Whether the host rather than the request is at fault.
+    pub fn is_internal(&self) -> bool {
+        match self {
+            BuildError::Kvm(VmError::TooManyVcpus { .. }) => false,
+            BuildError::Kvm(_) | BuildError::Vcpu(_) | BuildError::EventFd(_) => true,
+            BuildError::Arch(e) => e.is_internal(),
+            BuildError::Devices(e) => e.is_internal(),
+            _ => false,
+        }
+    }
 }
 
 /// Inputs of a build besides the config.
@@ -80,7 +81,8 @@ pub struct RunningVm {
     /// The vCPU threads and what reports from them.
     pub vcpus: Vcpus,
     pub cpu_profile: CpuProfile,
-    pub devices: Attached,
+    /// Every virtio device.
+    pub devices: Registry,
 }
 
 impl std::fmt::Debug for RunningVm {
@@ -91,7 +93,7 @@ impl std::fmt::Debug for RunningVm {
     }
 }
 
-pub(crate) fn eventfd() -> Result<EventFd, BuildError> {
+fn eventfd() -> Result<EventFd, BuildError> {
     EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)
 }
 
@@ -100,7 +102,8 @@ fn host_memory_mib() -> u64 {
     let pages = unsafe { libc::sysconf(libc::_SC_PHYS_PAGES) };
     // SAFETY: as above.
     let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    (pages.max(0) as u64 * page_size.max(0) as u64) >> 20
+    let positive = |n: libc::c_long| u64::try_from(n).unwrap_or(0);
+    (positive(pages) * positive(page_size)) >> 20
 }
 
 /// Times the build's phases for the debug log.
@@ -118,28 +121,13 @@ impl Phases {
     }
 }
 
-/// On PVM hosts the guest kernel's CPUID instructions are not intercepted, so a CPUID profile
-/// alone cannot hide features the instruction emulator lacks; Linux guests are told on their
-/// command line instead (measured: without these a 6.1 guest stops on `xrstor` at FPU init).
-pub const PVM_FEATURE_ARGS: &str = "clearcpuid=xsave,xsaveopt,xsavec,xsaves,smap,smep,popcnt,\
-rdrand,rdseed,fsgsbase,avx,avx2,bmi1,bmi2,movbe,pcid,invpcid,rdpid,umip,pku,ospke";
-
-/// Resolves `auto` for this host.
-pub fn effective_profile(profile: CpuProfile, host: HostKind) -> CpuProfile {
-    match (profile, host) {
-        (CpuProfile::Auto, HostKind::Pvm) => CpuProfile::Conservative,
-        (CpuProfile::Auto, HostKind::HardwareVirt) => CpuProfile::Host,
-        (other, _) => other,
-    }
-}
-
-/// The kernel command line: the user's (or the default) arguments, then the device entries.
-pub fn kernel_cmdline(config: &VmConfig, devices: &[String]) -> String {
+/// The kernel command line: the user's (or the default) arguments, then the extra entries.
+pub fn kernel_cmdline(config: &VmConfig, extra: &[String]) -> String {
     let boot = config.boot_source.as_ref();
     let mut cmdline = boot
         .and_then(|b| b.boot_args.clone())
         .unwrap_or_else(|| DEFAULT_BOOT_ARGS.to_string());
-    for entry in devices {
+    for entry in extra {
         if !cmdline.is_empty() {
             cmdline.push(' ');
         }
@@ -161,37 +149,7 @@ fn check_supported(config: &VmConfig) -> Result<(), BuildError> {
     Ok(())
 }
 
-/// Writes the boot structures for `kernel` into guest memory.
-fn write_boot_info(
-    mem: &GuestMemoryMmap,
-    kernel: &boot::LoadedKernel,
-    info: &zeropage::BootInfo,
-    ram: &[(u64, u64)],
-    vcpus: u8,
-) -> Result<(), BuildError> {
-    let map = zeropage::memory_map(ram);
-    let write = |bytes: &[u8], addr: u64| {
-        mem.write_slice(bytes, GuestAddress(addr))
-            .map_err(BuildError::GuestMemory)
-    };
-    write(&mptable::build(vcpus, EBDA_START), EBDA_START)?;
-    match kernel.mode {
-        EntryMode::Linux64 => {
-            let params = zeropage::linux_boot_params(kernel.setup_header, info, &map);
-            mem.write_obj(params, GuestAddress(ZERO_PAGE_START))
-                .map_err(BuildError::GuestMemory)?;
-        }
-        EntryMode::Pvh => {
-            let blobs = zeropage::pvh_start_info(info, &map, PVH_MODLIST_START, PVH_MEMMAP_START);
-            write(&blobs.start_info, PVH_INFO_START)?;
-            write(&blobs.modlist, PVH_MODLIST_START)?;
-            write(&blobs.memmap, PVH_MEMMAP_START)?;
-        }
-    }
-    regs::write_boot_tables(mem, kernel.mode).map_err(BuildError::GuestMemory)
-}
-
-/// Creates the KVM VM around `mem`: memory slots first, then irqchip and PIT.
+/// Creates the KVM VM around `mem`: memory slots first, then the architecture's irqchip.
 pub(crate) fn create_vm(
     mem: &GuestMemoryMmap,
     vcpus: u8,
@@ -202,67 +160,9 @@ pub(crate) fn create_vm(
     vm.check_vcpu_count(vcpus)?;
     vm.register_memory(mem)?;
     phases.mark("register memory");
-    vm.create_irqchip()?;
-    phases.mark("irqchip and PIT");
+    Current::setup_vm(vm.fd())?;
+    phases.mark("irqchip");
     Ok(vm)
-}
-
-/// Legacy devices on their buses.
-pub struct Legacy {
-    pub serial: Arc<Mutex<SerialDevice>>,
-    /// Signalled when the guest drains the serial receive FIFO.
-    pub serial_drained: EventFd,
-    /// Signalled by the i8042 when the guest requests a reset.
-    pub reset: EventFd,
-    /// The keyboard controller, for `SendCtrlAltDel`.
-    pub i8042: Arc<Mutex<I8042>>,
-    /// Raised when the guest resets the machine; the vCPUs stop running guest code.
-    pub stopping: Arc<std::sync::atomic::AtomicBool>,
-}
-
-/// Creates serial (through `make_serial(interrupt, drained)`), i8042 and boot timer; returns them
-/// with the port bus they are on (the boot timer also goes on `mmio`).
-pub(crate) fn legacy_devices(
-    vm: &Vm,
-    mmio: &mut Bus,
-    timer: BootTimer,
-    make_serial: impl FnOnce(EventFdTrigger, EventFdTrigger) -> Result<SerialDevice, BuildError>,
-) -> Result<(Legacy, Bus), BuildError> {
-    let serial_irq = eventfd()?;
-    vm.register_irqfd(&serial_irq, SERIAL_IRQ)?;
-    let serial_drained = eventfd()?;
-    let drained = EventFdTrigger(serial_drained.try_clone().map_err(BuildError::EventFd)?);
-    let serial = Arc::new(Mutex::new(make_serial(
-        EventFdTrigger(serial_irq),
-        drained,
-    )?));
-    let reset = eventfd()?;
-    let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let keyboard_irq = eventfd()?;
-    vm.register_irqfd(&keyboard_irq, KEYBOARD_IRQ)?;
-    let i8042 = Arc::new(Mutex::new(I8042::new(
-        EventFdTrigger(reset.try_clone().map_err(BuildError::EventFd)?),
-        EventFdTrigger(keyboard_irq),
-        stopping.clone(),
-    )));
-    let timer = Arc::new(Mutex::new(timer));
-    let mut pio = Bus::new();
-    pio.insert(serial.clone(), u64::from(SERIAL_PORT), 8)
-        .map_err(BuildError::Bus)?;
-    pio.insert(i8042.clone(), I8042_PORT, I8042_PORT_LEN)
-        .map_err(BuildError::Bus)?;
-    pio.insert(timer.clone(), LEGACY_BOOT_TIMER_PORT, 1)
-        .map_err(BuildError::Bus)?;
-    mmio.insert(timer, BOOT_TIMER_START, MMIO_SLOT_SIZE)
-        .map_err(BuildError::Bus)?;
-    let legacy = Legacy {
-        serial,
-        serial_drained,
-        reset,
-        i8042,
-        stopping,
-    };
-    Ok((legacy, pio))
 }
 
 /// Running vCPU threads and what the VMM needs to watch them.
@@ -274,27 +174,26 @@ pub struct Vcpus {
     pub wake: EventFd,
 }
 
-/// Starts one thread per configured vCPU (`(fd, cpuid)` in index order).
+/// Starts one thread per configured vCPU (`(fd, config)` in index order).
 pub(crate) fn start_vcpus(
-    configured: Vec<(kvm_ioctls::VcpuFd, kvm_bindings::CpuId)>,
+    configured: Vec<(kvm_ioctls::VcpuFd, <Current as Arch>::VcpuConfig)>,
     mem: &GuestMemoryMmap,
-    pio: Bus,
-    mmio: Bus,
+    buses: (Bus, Bus),
     start_paused: bool,
-    stopping: &Arc<std::sync::atomic::AtomicBool>,
+    stopping: &Arc<AtomicBool>,
 ) -> Result<Vcpus, BuildError> {
-    let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
+    let (pio, mmio) = (Arc::new(buses.0), Arc::new(buses.1));
     let (events_tx, events) = mpsc::channel();
     let wake = eventfd()?;
     let mut stats = Vec::new();
     let mut handles = Vec::new();
-    for (index, (fd, cpuid)) in configured.into_iter().enumerate() {
+    for (index, (fd, config)) in (0u8..).zip(configured) {
         let vcpu_stats = Arc::new(VcpuStats::default());
         stats.push(vcpu_stats.clone());
         let vcpu = Vcpu {
             fd,
-            index: index as u8,
-            cpuid,
+            index,
+            config,
             start_paused,
             stopping: stopping.clone(),
             pio: pio.clone(),
@@ -317,13 +216,25 @@ pub(crate) fn start_vcpus(
 /// Checks the memory size against the host.
 pub(crate) fn check_memory(mem_size_mib: usize) -> Result<(), BuildError> {
     let host_mib = host_memory_mib();
-    if mem_size_mib as u64 > host_mib {
+    if u64::try_from(mem_size_mib).unwrap_or(u64::MAX) > host_mib {
         return Err(BuildError::MemoryTooLarge {
             requested: mem_size_mib,
             host: host_mib,
         });
     }
     Ok(())
+}
+
+/// Anonymous guest memory for `ram`.
+pub(crate) fn guest_memory(
+    ram: &[(u64, u64)],
+    mem_size_mib: usize,
+) -> Result<GuestMemoryMmap, BuildError> {
+    let ranges: Vec<_> = ram
+        .iter()
+        .map(|&(s, l)| (GuestAddress(s), usize::try_from(l).unwrap_or(usize::MAX)))
+        .collect();
+    GuestMemoryMmap::from_ranges(&ranges).map_err(|e| BuildError::Memory(mem_size_mib, e))
 }
 
 /// Builds the VM described by `config` and starts its vCPUs.
@@ -335,43 +246,29 @@ pub fn build(config: &VmConfig, ctx: BuildContext) -> Result<RunningVm, BuildErr
     check_supported(config)?;
     let machine = &config.machine_config;
     check_memory(machine.mem_size_mib)?;
-    let drives = attach::open_drives(&config.drives)?;
-    let nets = attach::open_nets(&config.network_interfaces, &[])?;
-    let ram = layout::ram_ranges((machine.mem_size_mib as u64) << 20);
-    let ranges: Vec<_> = ram
-        .iter()
-        .map(|&(s, l)| (GuestAddress(s), l as usize))
-        .collect();
-    let mem = GuestMemoryMmap::from_ranges(&ranges)
-        .map_err(|e| BuildError::Memory(machine.mem_size_mib, e))?;
+    let opened = Opened::from_config(config, Overrides::default())?;
+    let mem_bytes = u64::try_from(machine.mem_size_mib).unwrap_or(u64::MAX) << 20;
+    let ram = Current::ram_ranges(mem_bytes);
+    let mem = guest_memory(&ram, machine.mem_size_mib)?;
 
     let mut phases = Phases::new();
     let vm = create_vm(&mem, machine.vcpu_count, &mut phases)?;
-
-    let kernel = boot::load_kernel(&mem, &boot_source.kernel_image_path)?;
-    let low_ram_end = ram[0].1;
-    let initrd = match &boot_source.initrd_path {
-        Some(path) => Some(boot::load_initrd(&mem, path, kernel.end, low_ram_end)?),
-        None => None,
-    };
     let mut mmio = Bus::new();
-    let mut devices = Attached::default();
-    attach::attach_drives(&vm, &mem, &mut mmio, &mut devices, drives)?;
-    attach::attach_nets(&vm, &mem, &mut mmio, &mut devices, nets)?;
-    let profile = effective_profile(machine.cpu_profile, ctx.host);
-    let mut extra = Vec::new();
-    if profile == CpuProfile::Conservative && ctx.host == HostKind::Pvm {
-        extra.push(PVM_FEATURE_ARGS.to_string());
-    }
-    extra.append(&mut devices.cmdline);
+    let devices = Registry::attach(&vm, &mem, &mut mmio, opened)?;
+    let profile = Current::effective_profile(machine.cpu_profile, ctx.host);
+    let mut extra: Vec<String> = Current::host_cmdline(profile, ctx.host)
+        .map(str::to_string)
+        .into_iter()
+        .collect();
+    extra.extend(devices.cmdline.iter().cloned());
     let cmdline = kernel_cmdline(config, &extra);
-    boot::write_cmdline(&mem, &cmdline)?;
-    let info = zeropage::BootInfo {
-        cmdline_addr: layout::CMDLINE_START,
-        cmdline_len: cmdline.len(),
-        initrd,
-    };
-    write_boot_info(&mem, &kernel, &info, &ram, machine.vcpu_count)?;
+    let entry = Current::load_guest(&GuestSetup {
+        mem: &mem,
+        ram: &ram,
+        boot: boot_source,
+        cmdline: &cmdline,
+        vcpu_count: machine.vcpu_count,
+    })?;
     phases.mark("load kernel, initrd, boot structures");
 
     let timer = BootTimer::new(
@@ -381,30 +278,24 @@ pub fn build(config: &VmConfig, ctx: BuildContext) -> Result<RunningVm, BuildErr
         ctx.boot_timer_log,
     );
     let serial_out = ctx.serial_out;
-    let (legacy, pio) = legacy_devices(&vm, &mut mmio, timer, |irq, drained| {
-        Ok(SerialDevice::new(irq, drained, serial_out))
-    })?;
+    let make_serial = Box::new(move |irq, drained| {
+        Ok(crate::devices::legacy::SerialDevice::new(
+            irq, drained, serial_out,
+        ))
+    });
+    let (legacy, pio) = Current::legacy_devices(vm.fd(), &mut mmio, timer, make_serial)?;
     phases.mark("devices");
 
-    let supported = vm.supported_cpuid()?;
-    phases.mark("supported CPUID");
-    let topo = cpuid::Topology {
-        vcpu_count: machine.vcpu_count,
-        threads_per_core: if machine.smt { 2 } else { 1 },
-    };
-    let mut configured = Vec::new();
-    for index in 0..machine.vcpu_count {
+    let configs = Current::vcpu_configs(vm.kvm(), machine, profile)?;
+    phases.mark("vCPU configurations");
+    let mut configured = Vec::with_capacity(configs.len());
+    for (index, config) in (0u8..).zip(configs) {
         let fd = vm.create_vcpu(index)?;
-        let setup = VcpuSetup {
-            index,
-            cpuid: cpuid::for_vcpu(&supported, index, topo, profile),
-            entry: (index == 0).then_some((kernel.mode, kernel.entry)),
-        };
-        vcpu::configure(&fd, &setup)?;
-        configured.push((fd, setup.cpuid));
+        Current::configure_vcpu(&fd, index, &config, (index == 0).then_some(&entry))?;
+        configured.push((fd, config));
     }
     phases.mark("create and configure vCPUs");
-    let vcpus = start_vcpus(configured, &mem, pio, mmio, false, &legacy.stopping)?;
+    let vcpus = start_vcpus(configured, &mem, (pio, mmio), false, &legacy.stopping)?;
     phases.mark("spawn vCPU threads");
     Ok(RunningVm {
         vm,

@@ -5,23 +5,21 @@
 use std::fs::File;
 use std::io::{Seek, SeekFrom, Write};
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Instant;
 
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
-use super::attach::{self, Attached};
 use super::builder::{self, BuildContext, BuildError, Phases, RunningVm};
+use super::registry::{Opened, Registry, RegistryError};
+use crate::arch::{Arch, ArchError, Current};
 use crate::config::{SnapshotCreateConfig, SnapshotLoadConfig, SnapshotType};
 use crate::devices::boot_timer::BootTimer;
 use crate::devices::bus::{lock, Bus};
 use crate::devices::legacy::SerialDevice;
-use crate::devices::virtio::mmio::{MmioTransport, TransportSnapshot};
-use crate::devices::virtio::SharedVirtioDevice;
-use crate::kvm::state::VmState;
-use crate::kvm::vcpu::{VcpuCommand, VcpuResponse};
-use crate::snapshot::state::VmSnapshot;
+use crate::devices::virtio::Overrides;
+use crate::kvm::vcpu::{VcpuCommand, VcpuError, VcpuResponse};
+use crate::snapshot::format::{saved_machine, VmSnapshot};
 use crate::snapshot::{self, SnapshotError};
 
 const PAGE: usize = 4096;
@@ -31,16 +29,43 @@ const CHUNK: usize = 1 << 20;
 pub enum SnapshotOpError {
     #[error(transparent)]
     File(#[from] SnapshotError),
+    #[error("Diff snapshots are not supported by flick yet")]
+    DiffUnsupported,
     #[error("{0}")]
-    Refused(String),
+    BadParameters(String),
+    #[error("network_overrides: the snapshot has no interface \"{0}\"")]
+    UnknownOverride(String),
+    #[error("the snapshot was taken on {0}; this flick runs {arch}", arch = Current::NAME)]
+    WrongArch(String),
     #[error("cannot capture VM state")]
-    Capture(#[source] crate::kvm::state::StateError),
+    Capture(#[source] ArchError),
+    #[error("cannot capture vCPU state")]
+    CaptureVcpu(#[source] VcpuError),
+    #[error("cannot encode the snapshot")]
+    Encode(#[source] serde_json::Error),
     #[error("cannot restore VM state")]
-    Restore(#[source] crate::kvm::state::StateError),
+    Restore(#[source] ArchError),
+    #[error("cannot restore the devices")]
+    Devices(#[source] RegistryError),
     #[error(transparent)]
     Build(#[from] BuildError),
     #[error("cannot map the memory file {0}")]
     Map(String, #[source] std::io::Error),
+}
+
+impl SnapshotOpError {
+    /// Whether the host rather than the request is at fault.
+    pub fn is_internal(&self) -> bool {
+        match self {
+            SnapshotOpError::Capture(_)
+            | SnapshotOpError::CaptureVcpu(_)
+            | SnapshotOpError::Encode(_)
+            | SnapshotOpError::Restore(_) => true,
+            SnapshotOpError::Devices(e) => e.is_internal(),
+            SnapshotOpError::Build(e) => e.is_internal(),
+            _ => false,
+        }
+    }
 }
 
 /// Writes guest RAM to `file`, leaving all-zero pages as holes, then the trailer.
@@ -82,49 +107,38 @@ pub fn create(
     params: &SnapshotCreateConfig,
 ) -> Result<(), SnapshotOpError> {
     if params.snapshot_type == SnapshotType::Diff {
-        return Err(SnapshotOpError::Refused(
-            "Diff snapshots are not supported by flick yet".into(),
-        ));
+        return Err(SnapshotOpError::DiffUnsupported);
     }
     let started = Instant::now();
-    let candidates = Arc::new(vm.vm.msr_candidates().map_err(SnapshotOpError::Capture)?);
+    let context = Current::save_context(vm.vm.kvm()).map_err(SnapshotOpError::Capture)?;
     let mut vcpus = Vec::with_capacity(vm.vcpus.handles.len());
     for handle in &vm.vcpus.handles {
-        match handle.call(VcpuCommand::SaveState(candidates.clone())) {
-            Ok(VcpuResponse::State(Ok(state))) => vcpus.push(*state),
-            Ok(VcpuResponse::State(Err(message))) | Err(message) => {
-                return Err(SnapshotOpError::Refused(message))
+        let answer = handle.call(VcpuCommand::SaveState(context.clone()));
+        match answer.map_err(SnapshotOpError::CaptureVcpu)? {
+            VcpuResponse::State(Ok(state)) => vcpus.push(*state),
+            VcpuResponse::State(Err(e)) => {
+                let e = VcpuError::State(handle.index, e);
+                return Err(SnapshotOpError::CaptureVcpu(e));
             }
-            Ok(other) => {
-                return Err(SnapshotOpError::Refused(format!(
-                    "unexpected vCPU answer {other:?}"
-                )))
+            _ => {
+                let e = VcpuError::UnexpectedAnswer(handle.index);
+                return Err(SnapshotOpError::CaptureVcpu(e));
             }
         }
     }
+    let (machine, boot) = saved_machine(config, vm.cpu_profile);
     let snapshot = VmSnapshot {
         snapshot_id: snapshot::new_snapshot_id(),
-        config: config.clone(),
+        arch: Current::NAME.to_string(),
+        machine,
+        boot,
         ram: vm.ram.clone(),
-        cpu_profile: vm.cpu_profile,
-        kvm: VmState::capture(vm.vm.fd()).map_err(SnapshotOpError::Capture)?,
+        vm: Current::save_vm(vm.vm.fd()).map_err(SnapshotOpError::Capture)?,
         vcpus,
         serial: lock(&vm.legacy.serial).snapshot(),
-        drives: vm
-            .devices
-            .drives
-            .iter()
-            .map(|d| (d.id.clone(), lock(&d.transport).snapshot()))
-            .collect(),
-        nets: vm
-            .devices
-            .nets
-            .iter()
-            .map(|n| (n.id.clone(), lock(&n.transport).snapshot()))
-            .collect(),
+        devices: vm.devices.save(),
     };
-    let payload = serde_json::to_vec(&snapshot)
-        .map_err(|e| SnapshotOpError::Refused(format!("cannot encode the snapshot: {e}")))?;
+    let payload = serde_json::to_vec(&snapshot).map_err(SnapshotOpError::Encode)?;
 
     let mem_path = Path::new(&params.mem_file_path);
     let mem_tmp = mem_path.with_extension("partial");
@@ -171,52 +185,21 @@ fn map_memory(
         .map_err(|e| SnapshotOpError::Map(path.into(), std::io::Error::other(e.to_string())))
 }
 
-/// Restores each transport from its snapshot (matched by id, in slot order) and lets active
-/// devices process requests the guest queued just before the snapshot.
-fn restore_slots(
-    state_name: &str,
-    what: &str,
-    slots: &[(
-        &str,
-        &Arc<std::sync::Mutex<MmioTransport>>,
-        SharedVirtioDevice,
-    )],
-    snaps: &[(String, TransportSnapshot)],
-) -> Result<(), SnapshotOpError> {
-    if slots.len() != snaps.len() {
-        let msg = format!("{what} list does not match its configuration");
-        return Err(SnapshotError::Payload(state_name.into(), msg).into());
-    }
-    for ((id, transport, device), (snap_id, snap)) in slots.iter().zip(snaps) {
-        if id != snap_id {
-            let msg = format!("{what} {snap_id} is out of order");
-            return Err(SnapshotError::Payload(state_name.into(), msg).into());
-        }
-        lock(transport)
-            .restore(snap)
-            .map_err(|e| SnapshotOpError::Refused(format!("{what} {id}: {e}")))?;
-        let mut device = lock(device);
-        if device.is_active() {
-            for queue in 0..device.queue_max_sizes().len() {
-                device.process_queue(queue);
-            }
-        }
-    }
-    Ok(())
-}
-
 /// Builds a VM from the snapshot named by `params`. vCPUs start paused unless `resume_vm`.
 pub fn load(
     params: &SnapshotLoadConfig,
     ctx: BuildContext,
 ) -> Result<(RunningVm, VmSnapshot), SnapshotOpError> {
-    let mem_path = params.mem_file().map_err(SnapshotOpError::Refused)?;
+    let mem_path = params.mem_file().map_err(SnapshotOpError::BadParameters)?;
     let state_name = params.snapshot_path.clone();
     let payload = snapshot::read_state_file(Path::new(&params.snapshot_path))?;
     let snap: VmSnapshot = serde_json::from_slice(&payload)
         .map_err(|e| SnapshotError::Payload(state_name.clone(), e.to_string()))?;
+    if snap.arch != Current::NAME {
+        return Err(SnapshotOpError::WrongArch(snap.arch));
+    }
     let vcpu_count = snap.vcpus.len();
-    if vcpu_count == 0 || vcpu_count != usize::from(snap.config.machine_config.vcpu_count) {
+    if vcpu_count == 0 || vcpu_count != usize::from(snap.machine.vcpu_count) {
         return Err(SnapshotError::Payload(
             state_name,
             "vCPU count does not match its configuration".into(),
@@ -231,64 +214,31 @@ pub fn load(
         snap.snapshot_id,
         snap.ram_bytes(),
     )?;
-    builder::check_memory(snap.config.machine_config.mem_size_mib)?;
-    let drives = attach::open_drives(&snap.config.drives).map_err(BuildError::from)?;
-    let overrides: Vec<(String, String)> = params
+    builder::check_memory(snap.machine.mem_size_mib)?;
+    let taps: Vec<(String, String)> = params
         .network_overrides
         .iter()
         .map(|o| (o.iface_id.clone(), o.host_dev_name.clone()))
         .collect();
-    for (id, _) in &overrides {
-        if !snap
-            .config
-            .network_interfaces
-            .iter()
-            .any(|n| &n.iface_id == id)
-        {
-            return Err(SnapshotOpError::Refused(format!(
-                "network_overrides: the snapshot has no interface {id:?}"
-            )));
+    for (id, _) in &taps {
+        if !snap.devices.iter().any(|d| d.kind == "net" && &d.id == id) {
+            return Err(SnapshotOpError::UnknownOverride(id.clone()));
         }
     }
-    let nets =
-        attach::open_nets(&snap.config.network_interfaces, &overrides).map_err(BuildError::from)?;
+    let opened = Opened::from_saved(&snap.devices, Overrides { taps: &taps })
+        .map_err(SnapshotOpError::Devices)?;
 
     let mut phases = Phases::new();
     let mem = map_memory(&mem_file, mem_path, &snap.ram)?;
     phases.mark("map memory file");
-    let vm = builder::create_vm(&mem, vcpu_count as u8, &mut phases)?;
-    snap.kvm
-        .restore(vm.fd())
-        .map_err(SnapshotOpError::Restore)?;
+    let vm = builder::create_vm(&mem, snap.machine.vcpu_count, &mut phases)?;
+    Current::restore_vm(vm.fd(), &snap.vm).map_err(SnapshotOpError::Restore)?;
 
     let mut mmio = Bus::new();
-    let mut devices = Attached::default();
-    attach::attach_drives(&vm, &mem, &mut mmio, &mut devices, drives).map_err(BuildError::from)?;
-    attach::attach_nets(&vm, &mem, &mut mmio, &mut devices, nets).map_err(BuildError::from)?;
-    let drive_slots: Vec<_> = devices
-        .drives
-        .iter()
-        .map(|d| {
-            (
-                d.id.as_str(),
-                &d.transport,
-                d.device.clone() as SharedVirtioDevice,
-            )
-        })
-        .collect();
-    restore_slots(&state_name, "drive", &drive_slots, &snap.drives)?;
-    let net_slots: Vec<_> = devices
-        .nets
-        .iter()
-        .map(|n| {
-            (
-                n.id.as_str(),
-                &n.transport,
-                n.device.clone() as SharedVirtioDevice,
-            )
-        })
-        .collect();
-    restore_slots(&state_name, "network interface", &net_slots, &snap.nets)?;
+    let devices = Registry::attach(&vm, &mem, &mut mmio, opened).map_err(BuildError::from)?;
+    devices
+        .restore(&snap.devices)
+        .map_err(SnapshotOpError::Devices)?;
     let timer = BootTimer::new(
         ctx.started,
         ctx.started_cpu_us,
@@ -297,26 +247,24 @@ pub fn load(
     );
     let serial_out = ctx.serial_out;
     let serial_snap = snap.serial.clone();
-    let (legacy, pio) = builder::legacy_devices(&vm, &mut mmio, timer, |irq, drained| {
+    let make_serial = Box::new(move |irq, drained| {
         SerialDevice::restored(&serial_snap, irq, drained, serial_out)
-            .map_err(BuildError::SerialState)
-    })?;
+    });
+    let (legacy, pio) = Current::legacy_devices(vm.fd(), &mut mmio, timer, make_serial)
+        .map_err(BuildError::from)?;
     phases.mark("devices");
 
     let mut configured = Vec::with_capacity(vcpu_count);
-    for (index, state) in snap.vcpus.iter().enumerate() {
-        let fd = vm.create_vcpu(index as u8).map_err(BuildError::from)?;
-        state.restore(&fd).map_err(SnapshotOpError::Restore)?;
-        let cpuid = kvm_bindings::CpuId::from_entries(&state.cpuid)
-            .map_err(|_| SnapshotError::Payload(state_name.clone(), "invalid CPUID".into()))?;
-        configured.push((fd, cpuid));
+    for (index, state) in (0u8..).zip(&snap.vcpus) {
+        let fd = vm.create_vcpu(index).map_err(BuildError::from)?;
+        let config = Current::restore_vcpu(&fd, state).map_err(SnapshotOpError::Restore)?;
+        configured.push((fd, config));
     }
     phases.mark("restore vCPUs");
     let vcpus = builder::start_vcpus(
         configured,
         &mem,
-        pio,
-        mmio,
+        (pio, mmio),
         !params.resume_vm,
         &legacy.stopping,
     )?;
@@ -327,7 +275,7 @@ pub fn load(
         ram: snap.ram.clone(),
         legacy,
         vcpus,
-        cpu_profile: snap.cpu_profile,
+        cpu_profile: snap.cpu_profile(),
         devices,
     };
     Ok((running, snap))

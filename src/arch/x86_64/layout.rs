@@ -65,6 +65,16 @@ pub fn mmio_slot(index: u64) -> u64 {
     MMIO_GAP_START + (index + 1) * MMIO_SLOT_SIZE
 }
 
+/// The `index`th virtio device's slot and IRQ; `None` once the IO-APIC's pins run out.
+pub fn device_slot(index: usize) -> Option<crate::arch::DeviceSlot> {
+    let irq = FIRST_DEVICE_IRQ.checked_add(u32::try_from(index).ok()?)?;
+    (irq <= LAST_DEVICE_IRQ).then(|| crate::arch::DeviceSlot {
+        base: mmio_slot(index as u64),
+        size: MMIO_SLOT_SIZE,
+        irq,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -85,5 +95,13 @@ mod tests {
     fn first_virtio_slot_follows_boot_timer() {
         assert_eq!(mmio_slot(0), 0xc000_1000);
         assert_eq!(mmio_slot(1), 0xc000_2000);
+    }
+
+    #[test]
+    fn device_slots_end_with_the_io_apic_pins() {
+        let first = device_slot(0).unwrap();
+        assert_eq!((first.base, first.irq), (0xc000_1000, 5));
+        assert_eq!(device_slot(18).unwrap().irq, 23);
+        assert!(device_slot(19).is_none());
     }
 }

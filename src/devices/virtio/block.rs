@@ -7,31 +7,152 @@ use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
+use serde::{Deserialize, Serialize};
+use virtio_bindings::virtio_blk as vb;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::devices::rate_limiter::RateLimiter;
+use crate::config::{CacheType, DriveConfig, VmConfig};
+use crate::devices::rate_limiter::{LimiterBudget, RateLimiter, SavedLimits};
+use crate::metrics::Sample;
 
 use super::{
-    ActivateError, Activation, Interrupt, VirtioDevice, INT_VRING, TYPE_BLOCK, VIRTIO_F_VERSION_1,
+    from_saved, to_saved, ActivateError, Activation, ConfigSpace, DeviceError, DeviceKind,
+    DeviceUpdate, Interrupt, NewDevice, Overrides, VirtioDevice, INT_VRING, TYPE_BLOCK,
+    VIRTIO_F_VERSION_1,
 };
 
 pub const SECTOR_SIZE: u64 = 512;
 const QUEUE_SIZE: u16 = 256;
-const VIRTIO_BLK_F_RO: u64 = 1 << 5;
-const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
-const T_IN: u32 = 0;
-const T_OUT: u32 = 1;
-const T_FLUSH: u32 = 4;
-const T_GET_ID: u32 = 8;
-const S_OK: u8 = 0;
-const S_IOERR: u8 = 1;
-const S_UNSUPP: u8 = 2;
-const ID_BYTES: usize = 20;
+const VIRTIO_BLK_F_RO: u64 = 1 << vb::VIRTIO_BLK_F_RO;
+const VIRTIO_BLK_F_FLUSH: u64 = 1 << vb::VIRTIO_BLK_F_FLUSH;
+const T_IN: u32 = vb::VIRTIO_BLK_T_IN;
+const T_OUT: u32 = vb::VIRTIO_BLK_T_OUT;
+const T_FLUSH: u32 = vb::VIRTIO_BLK_T_FLUSH;
+const T_GET_ID: u32 = vb::VIRTIO_BLK_T_GET_ID;
+// The status values are 0, 1 and 2: they fit a byte.
+const S_OK: u8 = vb::VIRTIO_BLK_S_OK as u8;
+const S_IOERR: u8 = vb::VIRTIO_BLK_S_IOERR as u8;
+const S_UNSUPP: u8 = vb::VIRTIO_BLK_S_UNSUPP as u8;
+const ID_BYTES: usize = vb::VIRTIO_BLK_ID_BYTES as usize;
 const HEADER_BYTES: u32 = 16;
+
+/// The block device kind, for the VMM's device registry.
+pub const KIND: DeviceKind = DeviceKind {
+    name: "block",
+    noun: "drive",
+    id_label: "drive",
+    open: open_drives,
+    reopen: reopen_drive,
+    describe: describe_drive,
+};
+
+/// A drive's settings as snapshots store them (independent of the API's field names).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedDrive {
+    pub id: String,
+    pub path: String,
+    pub read_only: bool,
+    pub root: bool,
+    pub partuuid: Option<String>,
+    pub writeback: bool,
+    pub limits: SavedLimits,
+}
+
+/// What a snapshot keeps of a drive beyond its queues.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct BlockState {
+    limiter: LimiterBudget,
+}
+
+fn saved_from_config(config: &DriveConfig) -> SavedDrive {
+    SavedDrive {
+        id: config.drive_id.clone(),
+        path: config.path_on_host.clone(),
+        read_only: config.is_read_only,
+        root: config.is_root_device,
+        partuuid: config.partuuid.clone(),
+        writeback: config.cache_type == CacheType::Writeback,
+        limits: SavedLimits::from(config.rate_limiter.as_ref()),
+    }
+}
+
+fn new_device(saved: SavedDrive) -> Result<NewDevice, DeviceError> {
+    let backing = Backing::open(&saved.path, saved.read_only)?;
+    let limiter =
+        RateLimiter::new(saved.limits.to_config().as_ref()).map_err(DeviceError::Timer)?;
+    let id = saved.id.clone();
+    let block = Block::new(saved, backing, limiter);
+    Ok(NewDevice {
+        id,
+        device: Arc::new(Mutex::new(block)),
+        cmdline: Vec::new(),
+    })
+}
+
+/// Opens every configured drive, root device first (so it becomes `/dev/vda`).
+fn open_drives(config: &VmConfig, _: Overrides<'_>) -> Result<Vec<NewDevice>, DeviceError> {
+    let drives = &config.drives;
+    let mut ordered: Vec<&DriveConfig> = drives.iter().filter(|d| d.is_root_device).collect();
+    ordered.extend(drives.iter().filter(|d| !d.is_root_device));
+    let mut devices = Vec::with_capacity(ordered.len());
+    for (n, drive) in ordered.into_iter().enumerate() {
+        let mut device =
+            new_device(saved_from_config(drive)).map_err(|e| e.of(KIND.noun, &drive.drive_id))?;
+        if drive.is_root_device {
+            let root = match &drive.partuuid {
+                Some(uuid) => format!("root=PARTUUID={uuid}"),
+                None => format!("root=/dev/vd{}", disk_letter(n)),
+            };
+            let mode = if drive.is_read_only { "ro" } else { "rw" };
+            device.cmdline = vec![root, mode.into()];
+        }
+        devices.push(device);
+    }
+    Ok(devices)
+}
+
+/// `a` for the first disk, `b` for the second, ...; the registry allows far fewer than 26.
+fn disk_letter(index: usize) -> char {
+    let offset = u8::try_from(index % 26).unwrap_or(0);
+    char::from(b'a' + offset)
+}
+
+fn reopen_drive(saved: &serde_json::Value, _: Overrides<'_>) -> Result<NewDevice, DeviceError> {
+    let saved: SavedDrive = from_saved(KIND.name, saved)?;
+    let id = saved.id.clone();
+    new_device(saved).map_err(|e| e.of(KIND.noun, &id))
+}
+
+fn describe_drive(saved: &serde_json::Value, config: &mut VmConfig) -> Result<(), DeviceError> {
+    let saved: SavedDrive = from_saved(KIND.name, saved)?;
+    let drive = DriveConfig {
+        drive_id: saved.id,
+        path_on_host: saved.path,
+        is_root_device: saved.root,
+        is_read_only: saved.read_only,
+        partuuid: saved.partuuid,
+        cache_type: if saved.writeback {
+            CacheType::Writeback
+        } else {
+            CacheType::Unsafe
+        },
+        io_engine: Default::default(),
+        rate_limiter: saved.limits.to_config(),
+    };
+    match config
+        .drives
+        .iter_mut()
+        .find(|d| d.drive_id == drive.drive_id)
+    {
+        Some(existing) => *existing = drive,
+        None => config.drives.push(drive),
+    }
+    Ok(())
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
@@ -204,12 +325,13 @@ fn decode(mem: &GuestMemoryMmap, descs: &[Descriptor], capacity: u64) -> Result<
 
 /// A virtio-blk device.
 pub struct Block {
-    pub id: String,
+    /// Its settings, kept current (a swapped file, new limits) for snapshots.
+    saved: SavedDrive,
     backing: Backing,
     limiter: RateLimiter,
-    flush_on_request: bool,
     features: u64,
     queue_sizes: [u16; 1],
+    config_space: Arc<ConfigSpace>,
     active: Option<(GuestMemoryMmap, Queue, Arc<Interrupt>)>,
     pub stats: Arc<BlockStats>,
 }
@@ -217,27 +339,32 @@ pub struct Block {
 impl std::fmt::Debug for Block {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Block")
-            .field("id", &self.id)
+            .field("id", &self.saved.id)
             .field("backing", &self.backing)
             .finish()
     }
 }
 
+/// Config space: capacity in sectors (le64) only.
+fn config_bytes(backing: &Backing) -> Vec<u8> {
+    backing.capacity_sectors.to_le_bytes().to_vec()
+}
+
 impl Block {
-    /// `writeback`: offer FLUSH and fdatasync on flush requests (cache_type Writeback).
-    pub fn new(id: String, backing: Backing, writeback: bool, limiter: RateLimiter) -> Block {
+    /// A drive on `backing`; `saved.writeback` offers FLUSH and fdatasyncs on flush requests.
+    pub fn new(saved: SavedDrive, backing: Backing, limiter: RateLimiter) -> Block {
         let mut features = VIRTIO_F_VERSION_1;
         if backing.read_only {
             features |= VIRTIO_BLK_F_RO;
         }
-        if writeback {
+        if saved.writeback {
             features |= VIRTIO_BLK_F_FLUSH;
         }
         Block {
-            id,
+            config_space: ConfigSpace::new(config_bytes(&backing)),
+            saved,
             backing,
             limiter,
-            flush_on_request: writeback,
             features,
             queue_sizes: [QUEUE_SIZE],
             active: None,
@@ -245,23 +372,18 @@ impl Block {
         }
     }
 
-    /// Replaces the rate limits (PATCH /drives).
-    pub fn set_rate_limiter(&mut self, config: Option<&crate::config::RateLimiterConfig>) {
-        self.limiter.update(config);
-    }
-
-    pub fn backing_read_only(&self) -> bool {
-        self.backing.read_only
-    }
-
-    /// Replaces the backing file (PATCH /drives). The caller tells the driver the config changed.
-    pub fn swap_backing(&mut self, backing: Backing) {
+    /// Replaces the backing file (PATCH /drives); the new file keeps the drive's read-only mode.
+    fn swap_backing(&mut self, path: &str) -> Result<(), DeviceError> {
+        let backing = Backing::open(path, self.backing.read_only)?;
+        self.config_space.replace(config_bytes(&backing));
         self.backing = backing;
+        self.saved.path = path.to_string();
+        Ok(())
     }
 
     fn serial(&self) -> [u8; ID_BYTES] {
         let mut id = [0u8; ID_BYTES];
-        let bytes = self.id.as_bytes();
+        let bytes = self.saved.id.as_bytes();
         let n = bytes.len().min(ID_BYTES);
         id[..n].copy_from_slice(&bytes[..n]);
         id
@@ -304,7 +426,7 @@ impl Block {
             }
             Request::Flush => {
                 stats.flush_ops.fetch_add(1, Ordering::Relaxed);
-                if self.flush_on_request && !self.backing.read_only {
+                if self.saved.writeback && !self.backing.read_only {
                     self.backing.file.sync_data().map_err(|_| S_IOERR)?;
                 }
                 Ok(0)
@@ -381,10 +503,8 @@ impl VirtioDevice for Block {
         self.features
     }
 
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        // Config space: capacity (le64) only.
-        let config = self.backing.capacity_sectors.to_le_bytes();
-        super::read_config_bytes(&config, offset, data);
+    fn config_space(&self) -> Arc<ConfigSpace> {
+        self.config_space.clone()
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
@@ -425,6 +545,93 @@ impl VirtioDevice for Block {
             if self.is_active() {
                 self.process_queue(0);
             }
+        }
+    }
+
+    fn saved_config(&self) -> serde_json::Value {
+        to_saved(&self.saved)
+    }
+
+    fn save_state(&self) -> serde_json::Value {
+        to_saved(&BlockState {
+            limiter: self.limiter.budget(),
+        })
+    }
+
+    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), DeviceError> {
+        let state: BlockState = from_saved(KIND.name, state)?;
+        self.limiter.set_budget(&state.limiter);
+        Ok(())
+    }
+
+    fn metrics(&self, out: &mut Vec<Sample>) {
+        let s = &self.stats;
+        let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let kind = |k: &str| vec![("kind", k.to_string())];
+        const OPS: &str = "flick_block_operations_total";
+        const OPS_HELP: &str = "virtio-blk requests completed, by drive and kind.";
+        out.push(Sample::counter(OPS, OPS_HELP, kind("read"), n(&s.read_ops)));
+        out.push(Sample::counter(
+            OPS,
+            OPS_HELP,
+            kind("write"),
+            n(&s.write_ops),
+        ));
+        out.push(Sample::counter(
+            OPS,
+            OPS_HELP,
+            kind("flush"),
+            n(&s.flush_ops),
+        ));
+        const BYTES: &str = "flick_block_bytes_total";
+        const BYTES_HELP: &str = "Bytes read or written by virtio-blk, by drive and direction.";
+        let dir = |d: &str| vec![("direction", d.to_string())];
+        out.push(Sample::counter(
+            BYTES,
+            BYTES_HELP,
+            dir("read"),
+            n(&s.read_bytes),
+        ));
+        out.push(Sample::counter(
+            BYTES,
+            BYTES_HELP,
+            dir("write"),
+            n(&s.write_bytes),
+        ));
+        const ERRORS: &str = "flick_block_errors_total";
+        const ERRORS_HELP: &str =
+            "virtio-blk requests refused as malformed or failed on the host, by drive.";
+        out.push(Sample::counter(
+            ERRORS,
+            ERRORS_HELP,
+            kind("invalid_request"),
+            n(&s.invalid_requests),
+        ));
+        out.push(Sample::counter(
+            ERRORS,
+            ERRORS_HELP,
+            kind("io_error"),
+            n(&s.io_errors),
+        ));
+        out.push(Sample::counter(
+            "flick_rate_limiter_throttled_total",
+            "Times a device stopped to wait for its rate limiter, by device and queue.",
+            vec![("queue", "requests".into())],
+            self.limiter.throttled,
+        ));
+    }
+
+    fn update(&mut self, update: &DeviceUpdate) -> Result<bool, DeviceError> {
+        let DeviceUpdate::Drive(update) = update else {
+            return Err(DeviceError::WrongUpdate(KIND.name));
+        };
+        if let Some(limits) = &update.rate_limiter {
+            self.limiter.update(Some(limits));
+            self.saved.limits = SavedLimits::from(Some(limits));
+        }
+        match &update.path_on_host {
+            Some(path) => self.swap_backing(path).map(|()| true),
+            None => Ok(false),
         }
     }
 
@@ -476,11 +683,16 @@ mod tests {
         let backing = Backing::open(path.to_str().unwrap(), read_only).unwrap();
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
         let limiter = RateLimiter::new(None).unwrap();
-        (
-            Block::new("disk_0".into(), backing, true, limiter),
-            mem,
-            path,
-        )
+        let saved = SavedDrive {
+            id: "disk_0".into(),
+            path: path.to_str().unwrap().into(),
+            read_only,
+            root: false,
+            partuuid: None,
+            writeback: true,
+            limits: SavedLimits::default(),
+        };
+        (Block::new(saved, backing, limiter), mem, path)
     }
 
     fn header(mem: &GuestMemoryMmap, addr: u64, kind: u32, sector: u64) {
@@ -673,11 +885,65 @@ mod tests {
     fn capacity_is_in_config_space() {
         let (blk, _mem, _p) = setup(6, false);
         let mut data = [0u8; 8];
-        blk.read_config(0, &mut data);
+        blk.config_space().read(0, &mut data);
         assert_eq!(u64::from_le_bytes(data), 6);
         let mut beyond = [0xffu8; 4];
-        blk.read_config(8, &mut beyond);
+        blk.config_space().read(8, &mut beyond);
         assert_eq!(beyond, [0; 4]);
+    }
+
+    #[test]
+    fn swapping_the_file_updates_capacity_and_saved_path() {
+        let (mut blk, _mem, _p) = setup(6, false);
+        let (_other, _mem2, other_path) = setup(3, true);
+        let update = DeviceUpdate::Drive(crate::control::DriveUpdate {
+            drive_id: "disk_0".into(),
+            path_on_host: Some(other_path.to_str().unwrap().into()),
+            rate_limiter: None,
+        });
+        // The other drive holds a shared lock: a writable reopen of it is refused.
+        assert!(blk.update(&update).is_err());
+        let (_third, _mem3, third_path) = setup(3, false);
+        drop(_third);
+        let update = DeviceUpdate::Drive(crate::control::DriveUpdate {
+            drive_id: "disk_0".into(),
+            path_on_host: Some(third_path.to_str().unwrap().into()),
+            rate_limiter: None,
+        });
+        assert!(blk.update(&update).unwrap(), "the guest must be told");
+        let mut data = [0u8; 8];
+        blk.config_space().read(0, &mut data);
+        assert_eq!(u64::from_le_bytes(data), 3);
+        let saved: SavedDrive = from_saved("block", &blk.saved_config()).unwrap();
+        assert_eq!(saved.path, third_path.to_str().unwrap());
+    }
+
+    #[test]
+    fn block_metrics_keep_one_unit_per_family() {
+        let (mut blk, mem, _p) = setup(8, false);
+        header(&mem, 0x1000, T_IN, 0);
+        blk.execute(
+            &mem,
+            &chain(&[
+                (0x1000, 16, F_NEXT),
+                (0x2000, 512, F_NEXT | F_WRITE),
+                (0x3000, 1, F_WRITE),
+            ]),
+        );
+        let mut samples = Vec::new();
+        blk.metrics(&mut samples);
+        let find = |family: &str, label: &str| {
+            samples
+                .iter()
+                .find(|s| s.family == family && s.labels.iter().any(|(_, v)| v == label))
+                .map(|s| s.value)
+        };
+        use crate::metrics::Value::Count;
+        assert_eq!(find("flick_block_operations_total", "read"), Some(Count(1)));
+        assert_eq!(find("flick_block_bytes_total", "read"), Some(Count(512)));
+        assert!(samples
+            .iter()
+            .any(|s| s.family == "flick_rate_limiter_throttled_total"));
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! The virtio-mmio transport, version 2 (virtio 1.x, spec 4.2.2): the register file a driver
 //! uses to discover the device, negotiate features, set up queues and drive the status machine.
-//! Runs on vCPU threads; activation itself is requested through an eventfd and done by the VMM
-//! thread ([`super::VirtioSlot`]).
+//! Runs on vCPU threads and never takes the device's lock there (the VMM thread holds it across
+//! host I/O): what it reports of the device (type, features, queue sizes) is copied at creation,
+//! configuration space is shared through [`ConfigSpace`], and activation and reset are requested
+//! through an eventfd and carried out by the VMM thread ([`super::VirtioSlot`]).
 
 use std::sync::Arc;
 
@@ -10,7 +12,7 @@ use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{ActivateError, Activation, Interrupt, SharedVirtioDevice, INT_CONFIG};
+use super::{ActivateError, Activation, ConfigSpace, Interrupt, SharedVirtioDevice, INT_CONFIG};
 use crate::devices::bus::{lock, BusDevice};
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
@@ -87,10 +89,17 @@ pub struct TransportSnapshot {
 
 /// One device's transport state.
 pub struct MmioTransport {
+    /// Locked only on the VMM thread (activation, reset, snapshots).
     device: SharedVirtioDevice,
+    device_type: u32,
+    offered_features: u64,
+    config: Arc<ConfigSpace>,
     mem: GuestMemoryMmap,
     interrupt: Arc<Interrupt>,
+    /// Signalled when the VMM thread has work: a driver reset or DRIVER_OK.
     activate_evt: EventFd,
+    /// The driver reset the device; the VMM thread resets it before anything else.
+    reset_pending: bool,
     features_select: u32,
     acked_features_select: u32,
     acked_features: u64,
@@ -116,16 +125,28 @@ impl MmioTransport {
         interrupt: Arc<Interrupt>,
         activate_evt: EventFd,
     ) -> Self {
-        let sizes = lock(&device).queue_max_sizes().to_vec();
+        let (sizes, device_type, offered_features, config) = {
+            let d = lock(&device);
+            (
+                d.queue_max_sizes().to_vec(),
+                d.device_type(),
+                d.features(),
+                d.config_space(),
+            )
+        };
         let queues = sizes
             .iter()
             .filter_map(|&size| Queue::new(size).ok())
             .collect();
         MmioTransport {
             device,
+            device_type,
+            offered_features,
+            config,
             mem,
             interrupt,
             activate_evt,
+            reset_pending: false,
             features_select: 0,
             acked_features_select: 0,
             acked_features: 0,
@@ -211,8 +232,13 @@ impl MmioTransport {
         self.interrupt.raise(INT_CONFIG);
     }
 
+    /// The driver's reset: the registers go back to their initial values at once; the device
+    /// itself is reset by the VMM thread ([`MmioTransport::sync_device`]).
     fn reset(&mut self) {
-        lock(&self.device).reset();
+        self.reset_pending = true;
+        if let Err(e) = self.activate_evt.write(1) {
+            tracing::warn!("cannot request a virtio device reset: {e}");
+        }
         for queue in &mut self.queues {
             queue.reset();
         }
@@ -252,6 +278,15 @@ impl MmioTransport {
                 self.mark_needs_reset();
             }
         }
+    }
+
+    /// Called on the VMM thread when the transport signalled: applies a pending driver reset,
+    /// then activates the device if the driver has set DRIVER_OK.
+    pub fn sync_device(&mut self) -> Result<(), ActivateError> {
+        if std::mem::take(&mut self.reset_pending) {
+            lock(&self.device).reset();
+        }
+        self.activate_device()
     }
 
     /// Called on the VMM thread after DRIVER_OK: hands the queues to the device.
@@ -295,15 +330,15 @@ impl MmioTransport {
     }
 
     fn read_register(&mut self, offset: u64) -> u32 {
-        let device = lock(&self.device);
         match offset {
             0x000 => MAGIC,
             0x004 => VERSION,
-            0x008 => device.device_type(),
+            0x008 => self.device_type,
             0x00c => VENDOR_ID,
+            // Feature pages: the low and the high 32 bits.
             0x010 => match self.features_select {
-                0 => device.features() as u32,
-                1 => (device.features() >> 32) as u32,
+                0 => (self.offered_features & 0xffff_ffff) as u32,
+                1 => (self.offered_features >> 32) as u32,
                 _ => 0,
             },
             0x034 => {
@@ -332,7 +367,7 @@ impl MmioTransport {
         match offset {
             0x014 => self.features_select = value,
             0x020 if features_writable => {
-                let offered = lock(&self.device).features();
+                let offered = self.offered_features;
                 let (shift, mask) = match self.acked_features_select {
                     0 => (0, 0xffff_ffffu64),
                     1 => (32, 0xffff_ffff_0000_0000u64),
@@ -382,7 +417,7 @@ impl MmioTransport {
 impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= CONFIG_SPACE {
-            lock(&self.device).read_config(offset - CONFIG_SPACE, data);
+            self.config.read(offset - CONFIG_SPACE, data);
             return;
         }
         if data.len() != 4 {
@@ -394,9 +429,7 @@ impl BusDevice for MmioTransport {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         if offset >= CONFIG_SPACE {
-            if self.status & STATUS_FAILED == 0 {
-                lock(&self.device).write_config(offset - CONFIG_SPACE, data);
-            }
+            // No device has writable configuration fields: the write is ignored.
             return;
         }
         if let Ok(bytes) = <[u8; 4]>::try_from(data) {
@@ -415,7 +448,7 @@ mod tests {
 
     struct Dummy {
         active: bool,
-        config: [u8; 8],
+        config: Arc<ConfigSpace>,
         resets: u32,
     }
 
@@ -429,9 +462,8 @@ mod tests {
         fn features(&self) -> u64 {
             VIRTIO_F_VERSION_1 | 0b101
         }
-        fn read_config(&self, offset: u64, data: &mut [u8]) {
-            let start = offset as usize;
-            data.copy_from_slice(&self.config[start..start + data.len()]);
+        fn config_space(&self) -> Arc<ConfigSpace> {
+            self.config.clone()
         }
         fn activate(&mut self, _: Activation) -> Result<(), ActivateError> {
             self.active = true;
@@ -448,12 +480,31 @@ mod tests {
         fn queue_states(&self) -> Vec<QueueState> {
             Vec::new()
         }
+        fn saved_config(&self) -> serde_json::Value {
+            serde_json::Value::Null
+        }
+        fn save_state(&self) -> serde_json::Value {
+            serde_json::Value::Null
+        }
+        fn restore_state(
+            &mut self,
+            _: &serde_json::Value,
+        ) -> Result<(), super::super::DeviceError> {
+            Ok(())
+        }
+        fn metrics(&self, _: &mut Vec<crate::metrics::Sample>) {}
+        fn update(
+            &mut self,
+            _: &super::super::DeviceUpdate,
+        ) -> Result<bool, super::super::DeviceError> {
+            Ok(false)
+        }
     }
 
     fn setup() -> (MmioTransport, Arc<Mutex<Dummy>>, EventFd) {
         let dev = Arc::new(Mutex::new(Dummy {
             active: false,
-            config: *b"abcdefgh",
+            config: ConfigSpace::new(b"abcdefgh".to_vec()),
             resets: 0,
         }));
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
@@ -590,7 +641,27 @@ mod tests {
         wr(&mut t, 0x70, 0);
         assert_eq!(rd(&mut t, 0x70), 0);
         assert_eq!(rd(&mut t, 0x44), 0);
+        assert_eq!(
+            dev.lock().unwrap().resets,
+            0,
+            "the vCPU does not touch the device"
+        );
+        t.sync_device().unwrap();
         assert_eq!(dev.lock().unwrap().resets, 1);
+    }
+
+    #[test]
+    fn registers_are_served_while_the_device_is_locked() {
+        let (mut t, dev, _) = setup();
+        let held = dev.lock().unwrap();
+        assert_eq!(rd(&mut t, 0x8), 2);
+        assert_eq!(rd(&mut t, 0x10), 0b101);
+        let mut two = [0u8; 2];
+        t.read(0x100, &mut two);
+        assert_eq!(&two, b"ab");
+        negotiate(&mut t, 1);
+        wr(&mut t, 0x70, 0);
+        drop(held);
     }
 
     #[test]

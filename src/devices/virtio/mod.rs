@@ -20,6 +20,8 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::bus::lock;
+use crate::config::VmConfig;
+use crate::metrics::Sample;
 
 /// Feature bit every modern device offers.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
@@ -66,6 +68,50 @@ pub enum ActivateError {
     BadQueue(usize),
 }
 
+/// Why a device could not be opened, updated or restored.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Block(#[from] block::BlockError),
+    #[error(transparent)]
+    Tap(#[from] crate::devices::tap::TapError),
+    #[error("cannot create a rate-limiter timer")]
+    Timer(#[source] std::io::Error),
+    #[error("this update does not apply to a {0} device")]
+    WrongUpdate(&'static str),
+    #[error("invalid saved {0} state: {1}")]
+    SavedState(&'static str, String),
+    #[error("{noun} {id}")]
+    Of {
+        noun: &'static str,
+        id: String,
+        #[source]
+        source: Box<DeviceError>,
+    },
+}
+
+impl DeviceError {
+    /// Whether the host rather than the request is at fault.
+    pub fn is_internal(&self) -> bool {
+        match self {
+            DeviceError::Timer(_) => true,
+            DeviceError::Of { source, .. } => source.is_internal(),
+            _ => false,
+        }
+    }
+
+    /// The error, naming the device it happened to (`drive rootfs: ...`).
+    pub fn of(self, noun: &'static str, id: &str) -> DeviceError {
+        DeviceError::Of {
+            noun,
+            id: id.to_string(),
+            source: Box::new(self),
+        }
+    }
+}
+
 /// What a device receives when the driver sets DRIVER_OK.
 pub struct Activation {
     pub mem: GuestMemoryMmap,
@@ -74,15 +120,39 @@ pub struct Activation {
     pub interrupt: Arc<Interrupt>,
 }
 
-/// Copies the part of a device's configuration space at `offset` into `data`; bytes past its
-/// end read as zero.
-pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
-    data.fill(0);
-    let start = usize::try_from(offset).unwrap_or(usize::MAX);
-    if start < config.len() {
-        let n = data.len().min(config.len() - start);
-        data[..n].copy_from_slice(&config[start..start + n]);
+/// A device's configuration space, shared with its transport: vCPU threads read it without
+/// taking the device's lock (which the VMM thread holds across host I/O). Guest writes are
+/// ignored: no device here has writable configuration fields.
+#[derive(Debug, Default)]
+pub struct ConfigSpace(Mutex<Vec<u8>>);
+
+impl ConfigSpace {
+    pub fn new(bytes: Vec<u8>) -> Arc<Self> {
+        Arc::new(ConfigSpace(Mutex::new(bytes)))
     }
+
+    /// Copies the bytes at `offset` into `data`; bytes past the end read as zero.
+    pub fn read(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        let config = lock(&self.0);
+        let start = usize::try_from(offset).unwrap_or(usize::MAX);
+        if start < config.len() {
+            let n = data.len().min(config.len() - start);
+            data[..n].copy_from_slice(&config[start..start + n]);
+        }
+    }
+
+    /// Replaces the contents (the device's configuration changed).
+    pub fn replace(&self, bytes: Vec<u8>) {
+        *lock(&self.0) = bytes;
+    }
+}
+
+/// A runtime change asked of a device (`PATCH /drives`, `PATCH /network-interfaces`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceUpdate {
+    Drive(crate::control::DriveUpdate),
+    Net(crate::control::NetUpdate),
 }
 
 /// A virtio device's own behaviour; the transport does the rest.
@@ -93,15 +163,13 @@ pub trait VirtioDevice: Send {
     fn queue_max_sizes(&self) -> &[u16];
     /// Features offered to the driver.
     fn features(&self) -> u64;
-    /// Reads device configuration space at `offset`.
-    fn read_config(&self, offset: u64, data: &mut [u8]);
-    /// Writes device configuration space at `offset` (most devices ignore it).
-    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    /// The device configuration space, shared with the transport.
+    fn config_space(&self) -> Arc<ConfigSpace>;
     /// Starts the device with the driver's queues. Runs on the VMM thread.
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
     /// Whether the device is running.
     fn is_active(&self) -> bool;
-    /// Stops the device and forgets its queues (driver reset).
+    /// Stops the device and forgets its queues (driver reset). Runs on the VMM thread.
     fn reset(&mut self);
     /// Processes queue `index` after the driver notified it. Runs on the VMM thread.
     fn process_queue(&mut self, index: usize);
@@ -114,6 +182,66 @@ pub trait VirtioDevice: Send {
     }
     /// One of [`VirtioDevice::event_fds`] is ready.
     fn process_fd(&mut self, _fd: RawFd) {}
+    /// What reopening the device in another process needs (its backing and settings), in the
+    /// device's own saved form.
+    fn saved_config(&self) -> serde_json::Value;
+    /// Device state beyond its queues (a frame in flight, rate-limiter budgets), for snapshots.
+    fn save_state(&self) -> serde_json::Value;
+    /// Applies what [`VirtioDevice::save_state`] captured.
+    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), DeviceError>;
+    /// The device's counters, labelled by the registry with its id.
+    fn metrics(&self, out: &mut Vec<Sample>);
+    /// Applies a runtime update; `Ok(true)` when the guest must be told its configuration changed.
+    fn update(&mut self, update: &DeviceUpdate) -> Result<bool, DeviceError>;
+}
+
+/// A device opened from its configuration, ready to be attached to a VM.
+pub struct NewDevice {
+    pub id: String,
+    pub device: SharedVirtioDevice,
+    /// Kernel command line entries the device needs (`root=` for a root drive).
+    pub cmdline: Vec<String>,
+}
+
+/// Snapshot-load retargeting of devices to other host resources.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Overrides<'a> {
+    /// `(iface_id, host_dev_name)`: attach the interface to another TAP.
+    pub taps: &'a [(String, String)],
+}
+
+/// What a kind of virtio device provides to the VMM's device registry. Each kind describes
+/// itself in its own file; [`KINDS`] lists them.
+#[derive(Debug)]
+pub struct DeviceKind {
+    /// Short name, also the tag of its entries in snapshots ("block").
+    pub name: &'static str,
+    /// What one device is called in messages ("drive", "network interface").
+    pub noun: &'static str,
+    /// The metrics label that carries a device's id ("drive", "iface").
+    pub id_label: &'static str,
+    /// Opens the devices `config` asks for (files, TAPs), in slot order, before the VM exists.
+    pub open: fn(&VmConfig, Overrides<'_>) -> Result<Vec<NewDevice>, DeviceError>,
+    /// Reopens one device from its [`VirtioDevice::saved_config`].
+    pub reopen: fn(&serde_json::Value, Overrides<'_>) -> Result<NewDevice, DeviceError>,
+    /// Writes a saved device's settings into `config` (replacing an entry with its id).
+    pub describe: fn(&serde_json::Value, &mut VmConfig) -> Result<(), DeviceError>,
+}
+
+/// Every kind of virtio device, in the order their devices take slots.
+pub const KINDS: &[&DeviceKind] = &[&block::KIND, &net::KIND];
+
+/// Decodes a device's saved form, naming the kind on failure.
+pub fn from_saved<T: serde::de::DeserializeOwned>(
+    kind: &'static str,
+    value: &serde_json::Value,
+) -> Result<T, DeviceError> {
+    T::deserialize(value).map_err(|e| DeviceError::SavedState(kind, e.to_string()))
+}
+
+/// Encodes a device's saved form.
+pub fn to_saved<T: serde::Serialize>(value: &T) -> serde_json::Value {
+    serde_json::to_value(value).unwrap_or(serde_json::Value::Null)
 }
 
 /// A device shared between its transport and its event-loop subscriber.
@@ -142,10 +270,10 @@ impl VirtioSlot {
         }
     }
 
-    fn activate(&mut self) {
-        let _ = self.activate_evt.read();
+    /// Carries out what the transport asked for (reset, activation).
+    fn sync(&mut self) {
         let mut transport = lock(&self.transport);
-        if let Err(e) = transport.activate_device() {
+        if let Err(e) = transport.sync_device() {
             tracing::warn!("virtio device activation failed: {e}");
         }
     }
@@ -155,11 +283,16 @@ impl MutEventSubscriber for VirtioSlot {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
         let fd = events.fd();
         if fd == self.activate_evt.as_raw_fd() {
-            self.activate();
+            let _ = self.activate_evt.read();
+            self.sync();
             return;
         }
         if let Some(index) = self.queue_evts.iter().position(|e| e.as_raw_fd() == fd) {
             let _ = self.queue_evts[index].read();
+            // A reset or activation the driver asked for comes before its later notifications.
+            if self.activate_evt.read().is_ok() {
+                self.sync();
+            }
             let mut device = lock(&self.device);
             if device.is_active() {
                 device.process_queue(index);

@@ -1,22 +1,29 @@
-//! virtio-net backed by a host TAP device: receive queue 0, transmit queue 1, the 12-byte
-//! virtio-net header passed through to the TAP (which is told the guest's offloads). Frames the
-//! guest has no room for wait in the device (back-pressure) instead of being dropped; frames that
-//! cannot be delivered at all are counted. Runs on the VMM thread.
+//! virtio-net on a host backend (a TAP device, or a fake one in tests): receive queue 0,
+//! transmit queue 1, the 12-byte virtio-net header passed through to the backend (which is told
+//! the guest's offloads). Frames the guest has no room for wait in the device (back-pressure)
+//! instead of being dropped; frames that cannot be delivered at all are counted. Runs on the VMM
+//! thread.
 
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
+use serde::{Deserialize, Serialize};
+use virtio_bindings::virtio_net as vn;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
 use super::{
-    ActivateError, Activation, Interrupt, VirtioDevice, INT_VRING, TYPE_NET, VIRTIO_F_VERSION_1,
+    from_saved, to_saved, ActivateError, Activation, ConfigSpace, DeviceError, DeviceKind,
+    DeviceUpdate, Interrupt, NewDevice, Overrides, VirtioDevice, INT_VRING, TYPE_NET,
+    VIRTIO_F_VERSION_1,
 };
-use crate::devices::rate_limiter::RateLimiter;
+use crate::config::{NetConfig, VmConfig};
+use crate::devices::rate_limiter::{LimiterBudget, RateLimiter, SavedLimits};
 use crate::devices::tap::{self, Tap, VNET_HDR_LEN};
+use crate::metrics::Sample;
 
 const RX: usize = 0;
 const TX: usize = 1;
@@ -24,16 +31,167 @@ const QUEUE_SIZE: u16 = 256;
 /// Largest frame with its header: a 64 KiB GSO frame plus the Ethernet header and the vnet header.
 const MAX_FRAME: usize = 65_562;
 
-const F_CSUM: u64 = 1 << 0;
-const F_GUEST_CSUM: u64 = 1 << 1;
-const F_MTU: u64 = 1 << 3;
-const F_MAC: u64 = 1 << 5;
-const F_GUEST_TSO4: u64 = 1 << 7;
-const F_GUEST_TSO6: u64 = 1 << 8;
-const F_GUEST_UFO: u64 = 1 << 10;
-const F_HOST_TSO4: u64 = 1 << 11;
-const F_HOST_TSO6: u64 = 1 << 12;
-const F_HOST_UFO: u64 = 1 << 14;
+const F_CSUM: u64 = 1 << vn::VIRTIO_NET_F_CSUM;
+const F_GUEST_CSUM: u64 = 1 << vn::VIRTIO_NET_F_GUEST_CSUM;
+const F_MTU: u64 = 1 << vn::VIRTIO_NET_F_MTU;
+const F_MAC: u64 = 1 << vn::VIRTIO_NET_F_MAC;
+const F_GUEST_TSO4: u64 = 1 << vn::VIRTIO_NET_F_GUEST_TSO4;
+const F_GUEST_TSO6: u64 = 1 << vn::VIRTIO_NET_F_GUEST_TSO6;
+const F_GUEST_UFO: u64 = 1 << vn::VIRTIO_NET_F_GUEST_UFO;
+const F_HOST_TSO4: u64 = 1 << vn::VIRTIO_NET_F_HOST_TSO4;
+const F_HOST_TSO6: u64 = 1 << vn::VIRTIO_NET_F_HOST_TSO6;
+const F_HOST_UFO: u64 = 1 << vn::VIRTIO_NET_F_HOST_UFO;
+
+/// The host side of a virtio-net device: frames in and out, each with its virtio-net header.
+pub trait NetBackend: Send {
+    /// Reads one frame; `WouldBlock` when none is waiting.
+    fn read_frame(&mut self, buf: &mut [u8]) -> std::io::Result<usize>;
+    /// Writes one frame.
+    fn write_frame(&mut self, frame: &[u8]) -> std::io::Result<usize>;
+    /// Tells the backend which offloads the guest accepts (`tap::TUN_F_*`).
+    fn set_offloads(&mut self, flags: u32) -> std::io::Result<()>;
+    /// The fd that becomes readable when frames arrive (watched edge-triggered).
+    fn fd(&self) -> RawFd;
+    /// Its name, for messages and snapshots.
+    fn name(&self) -> &str;
+}
+
+impl NetBackend for Tap {
+    fn read_frame(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        Tap::read_frame(self, buf)
+    }
+
+    fn write_frame(&mut self, frame: &[u8]) -> std::io::Result<usize> {
+        Tap::write_frame(self, frame)
+    }
+
+    fn set_offloads(&mut self, flags: u32) -> std::io::Result<()> {
+        self.set_offload(flags)
+            .map_err(|e| std::io::Error::other(crate::error_chain(&e)))
+    }
+
+    fn fd(&self) -> RawFd {
+        Tap::fd(self)
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// The network device kind, for the VMM's device registry.
+pub const KIND: DeviceKind = DeviceKind {
+    name: "net",
+    noun: "network interface",
+    id_label: "iface",
+    open: open_nets,
+    reopen: reopen_net,
+    describe: describe_net,
+};
+
+/// An interface's settings as snapshots store them (independent of the API's field names).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedNet {
+    pub id: String,
+    pub tap: String,
+    pub mac: Option<[u8; 6]>,
+    pub mtu: Option<u16>,
+    pub rx_limits: SavedLimits,
+    pub tx_limits: SavedLimits,
+}
+
+/// What a snapshot keeps of an interface beyond its queues.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct NetState {
+    /// A frame read from the backend but not yet delivered to the guest (with its header).
+    #[serde(with = "crate::hex")]
+    pending_rx: Vec<u8>,
+    rx_limiter: LimiterBudget,
+    tx_limiter: LimiterBudget,
+}
+
+fn retarget(mut saved: SavedNet, overrides: Overrides<'_>) -> SavedNet {
+    if let Some((_, tap)) = overrides.taps.iter().find(|(id, _)| *id == saved.id) {
+        saved.tap = tap.clone();
+    }
+    saved
+}
+
+fn new_device(saved: SavedNet) -> Result<NewDevice, DeviceError> {
+    crate::config::validate_tap_name(&saved.tap)?;
+    let tap = Tap::open(&saved.tap)?;
+    let limiter = |l: SavedLimits| RateLimiter::new(l.to_config().as_ref());
+    let rx = limiter(saved.rx_limits).map_err(DeviceError::Timer)?;
+    let tx = limiter(saved.tx_limits).map_err(DeviceError::Timer)?;
+    let id = saved.id.clone();
+    let net = Net::new(saved, tap, (rx, tx));
+    Ok(NewDevice {
+        id,
+        device: Arc::new(Mutex::new(net)),
+        cmdline: Vec::new(),
+    })
+}
+
+fn saved_from_config(config: &NetConfig) -> Result<SavedNet, DeviceError> {
+    config.validate()?;
+    let mac = match &config.guest_mac {
+        Some(mac) => Some(crate::config::parse_mac(mac)?),
+        None => None,
+    };
+    Ok(SavedNet {
+        id: config.iface_id.clone(),
+        tap: config.host_dev_name.clone(),
+        mac,
+        mtu: config.mtu,
+        rx_limits: SavedLimits::from(config.rx_rate_limiter.as_ref()),
+        tx_limits: SavedLimits::from(config.tx_rate_limiter.as_ref()),
+    })
+}
+
+/// Opens every configured interface's TAP (`overrides` retarget interfaces to other TAPs).
+fn open_nets(config: &VmConfig, overrides: Overrides<'_>) -> Result<Vec<NewDevice>, DeviceError> {
+    config
+        .network_interfaces
+        .iter()
+        .map(|n| {
+            saved_from_config(n)
+                .and_then(|saved| new_device(retarget(saved, overrides)))
+                .map_err(|e| e.of(KIND.noun, &n.iface_id))
+        })
+        .collect()
+}
+
+fn reopen_net(
+    saved: &serde_json::Value,
+    overrides: Overrides<'_>,
+) -> Result<NewDevice, DeviceError> {
+    let saved: SavedNet = from_saved(KIND.name, saved)?;
+    let id = saved.id.clone();
+    new_device(retarget(saved, overrides)).map_err(|e| e.of(KIND.noun, &id))
+}
+
+fn describe_net(saved: &serde_json::Value, config: &mut VmConfig) -> Result<(), DeviceError> {
+    let saved: SavedNet = from_saved(KIND.name, saved)?;
+    let net = NetConfig {
+        iface_id: saved.id,
+        host_dev_name: saved.tap,
+        guest_mac: saved.mac.map(|m| {
+            m.iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(":")
+        }),
+        mtu: saved.mtu,
+        rx_rate_limiter: saved.rx_limits.to_config(),
+        tx_rate_limiter: saved.tx_limits.to_config(),
+    };
+    let list = &mut config.network_interfaces;
+    match list.iter_mut().find(|n| n.iface_id == net.iface_id) {
+        Some(existing) => *existing = net,
+        None => list.push(net),
+    }
+    Ok(())
+}
 
 /// Counters of one interface, read by the metrics code.
 #[derive(Debug, Default)]
@@ -58,12 +216,12 @@ struct Active {
 }
 
 /// A virtio-net device.
-pub struct Net {
-    pub id: String,
-    tap: Tap,
-    mac: Option<[u8; 6]>,
-    mtu: Option<u16>,
+pub struct Net<B: NetBackend = Tap> {
+    /// Its settings, kept current (new limits) for snapshots.
+    saved: SavedNet,
+    backend: B,
     features: u64,
+    config_space: Arc<ConfigSpace>,
     queue_sizes: [u16; 2],
     active: Option<Active>,
     rx_buf: Vec<u8>,
@@ -75,13 +233,24 @@ pub struct Net {
     pub stats: Arc<NetStats>,
 }
 
-impl std::fmt::Debug for Net {
+impl<B: NetBackend> std::fmt::Debug for Net<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Net")
-            .field("id", &self.id)
-            .field("tap", &self.tap.name)
+            .field("id", &self.saved.id)
+            .field("backend", &self.backend.name())
             .finish()
     }
+}
+
+/// Config space: mac, status (unused), max_virtqueue_pairs = 1, mtu.
+fn config_bytes(saved: &SavedNet) -> Vec<u8> {
+    let mut config = vec![0u8; 12];
+    if let Some(mac) = saved.mac {
+        config[..6].copy_from_slice(&mac);
+    }
+    config[8..10].copy_from_slice(&1u16.to_le_bytes());
+    config[10..12].copy_from_slice(&saved.mtu.unwrap_or(1500).to_le_bytes());
+    config
 }
 
 /// Copies `frame` into the device-writable buffers of a chain; `None` if it does not fit or a
@@ -117,14 +286,9 @@ fn gather(mem: &GuestMemoryMmap, descs: &[Descriptor], buf: &mut [u8]) -> Option
     (len >= VNET_HDR_LEN).then_some(len)
 }
 
-impl Net {
-    pub fn new(
-        id: String,
-        tap: Tap,
-        mac: Option<[u8; 6]>,
-        mtu: Option<u16>,
-        limiters: (RateLimiter, RateLimiter),
-    ) -> Net {
+impl<B: NetBackend> Net<B> {
+    /// An interface on `backend` with `saved`'s settings and `(rx, tx)` limiters.
+    pub fn new(saved: SavedNet, backend: B, limiters: (RateLimiter, RateLimiter)) -> Self {
         let mut features = VIRTIO_F_VERSION_1
             | F_CSUM
             | F_GUEST_CSUM
@@ -134,17 +298,16 @@ impl Net {
             | F_HOST_TSO4
             | F_HOST_TSO6
             | F_HOST_UFO;
-        if mac.is_some() {
+        if saved.mac.is_some() {
             features |= F_MAC;
         }
-        if mtu.is_some() {
+        if saved.mtu.is_some() {
             features |= F_MTU;
         }
         Net {
-            id,
-            tap,
-            mac,
-            mtu,
+            config_space: ConfigSpace::new(config_bytes(&saved)),
+            saved,
+            backend,
             features,
             queue_sizes: [QUEUE_SIZE, QUEUE_SIZE],
             active: None,
@@ -157,20 +320,6 @@ impl Net {
         }
     }
 
-    /// Replaces the rate limits (PATCH /network-interfaces).
-    pub fn set_rate_limiters(
-        &mut self,
-        rx: Option<&crate::config::RateLimiterConfig>,
-        tx: Option<&crate::config::RateLimiterConfig>,
-    ) {
-        if let Some(rx) = rx {
-            self.rx_limiter.update(Some(rx));
-        }
-        if let Some(tx) = tx {
-            self.tx_limiter.update(Some(tx));
-        }
-    }
-
     /// Moves frames from the TAP into the guest until the TAP is empty, the guest has no
     /// buffers, or the receive limiter says stop.
     fn receive(&mut self) {
@@ -180,12 +329,12 @@ impl Net {
         let mut delivered = false;
         loop {
             if self.rx_pending == 0 {
-                match self.tap.read_frame(&mut self.rx_buf) {
+                match self.backend.read_frame(&mut self.rx_buf) {
                     Ok(n) if n > VNET_HDR_LEN => self.rx_pending = n,
                     Ok(_) => continue, // runt: nothing to deliver
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                     Err(e) => {
-                        tracing::debug!("TAP {} read failed: {e}", self.tap.name);
+                        tracing::debug!("{} read failed: {e}", self.backend.name());
                         break;
                     }
                 }
@@ -243,7 +392,7 @@ impl Net {
                 break;
             }
             match gather(&active.mem, &descs, &mut self.tx_buf) {
-                Some(len) => match self.tap.write_frame(&self.tx_buf[..len]) {
+                Some(len) => match self.backend.write_frame(&self.tx_buf[..len]) {
                     Ok(_) => {
                         self.stats.tx_frames.fetch_add(1, Ordering::Relaxed);
                         let payload = (len - VNET_HDR_LEN) as u64;
@@ -268,7 +417,7 @@ impl Net {
     }
 }
 
-impl VirtioDevice for Net {
+impl<B: NetBackend> VirtioDevice for Net<B> {
     fn device_type(&self) -> u32 {
         TYPE_NET
     }
@@ -281,14 +430,8 @@ impl VirtioDevice for Net {
         self.features
     }
 
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let mut config = [0u8; 12];
-        if let Some(mac) = self.mac {
-            config[..6].copy_from_slice(&mac);
-        }
-        config[8..10].copy_from_slice(&1u16.to_le_bytes()); // max_virtqueue_pairs
-        config[10..12].copy_from_slice(&self.mtu.unwrap_or(1500).to_le_bytes());
-        super::read_config_bytes(&config, offset, data);
+    fn config_space(&self) -> Arc<ConfigSpace> {
+        self.config_space.clone()
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
@@ -309,8 +452,8 @@ impl VirtioDevice for Net {
                 offload |= flag;
             }
         }
-        if let Err(e) = self.tap.set_offload(offload) {
-            tracing::warn!("{}: {}", self.id, crate::error_chain(&e));
+        if let Err(e) = self.backend.set_offloads(offload) {
+            tracing::warn!("{}: cannot set offloads: {e}", self.saved.id);
         }
         self.active = Some(Active {
             mem: activation.mem,
@@ -349,14 +492,14 @@ impl VirtioDevice for Net {
 
     fn event_fds(&self) -> Vec<(RawFd, EventSet)> {
         vec![
-            (self.tap.fd(), EventSet::IN | EventSet::EDGE_TRIGGERED),
+            (self.backend.fd(), EventSet::IN | EventSet::EDGE_TRIGGERED),
             (self.rx_limiter.timer_fd(), EventSet::IN),
             (self.tx_limiter.timer_fd(), EventSet::IN),
         ]
     }
 
     fn process_fd(&mut self, fd: RawFd) {
-        if fd == self.tap.fd() {
+        if fd == self.backend.fd() {
             self.receive();
         } else if fd == self.rx_limiter.timer_fd() {
             self.rx_limiter.timer_fired();
@@ -366,14 +509,351 @@ impl VirtioDevice for Net {
             self.transmit();
         }
     }
+
+    fn saved_config(&self) -> serde_json::Value {
+        to_saved(&self.saved)
+    }
+
+    fn save_state(&self) -> serde_json::Value {
+        to_saved(&NetState {
+            pending_rx: self.rx_buf[..self.rx_pending].to_vec(),
+            rx_limiter: self.rx_limiter.budget(),
+            tx_limiter: self.tx_limiter.budget(),
+        })
+    }
+
+    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), DeviceError> {
+        let state: NetState = from_saved(KIND.name, state)?;
+        let n = state.pending_rx.len();
+        if n > self.rx_buf.len() || (n != 0 && n <= VNET_HDR_LEN) {
+            return Err(DeviceError::SavedState(
+                KIND.name,
+                format!("pending frame of {n} bytes"),
+            ));
+        }
+        self.rx_buf[..n].copy_from_slice(&state.pending_rx);
+        self.rx_pending = n;
+        self.rx_limiter.set_budget(&state.rx_limiter);
+        self.tx_limiter.set_budget(&state.tx_limiter);
+        Ok(())
+    }
+
+    fn metrics(&self, out: &mut Vec<Sample>) {
+        let s = &self.stats;
+        let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let dir = |d: &str| vec![("direction", d.to_string())];
+        const FRAMES: &str = "flick_net_frames_total";
+        const FRAMES_HELP: &str = "Frames moved by virtio-net, by interface and direction.";
+        out.push(Sample::counter(
+            FRAMES,
+            FRAMES_HELP,
+            dir("rx"),
+            n(&s.rx_frames),
+        ));
+        out.push(Sample::counter(
+            FRAMES,
+            FRAMES_HELP,
+            dir("tx"),
+            n(&s.tx_frames),
+        ));
+        const BYTES: &str = "flick_net_bytes_total";
+        const BYTES_HELP: &str = "Payload bytes moved by virtio-net, by interface and direction.";
+        out.push(Sample::counter(
+            BYTES,
+            BYTES_HELP,
+            dir("rx"),
+            n(&s.rx_bytes),
+        ));
+        out.push(Sample::counter(
+            BYTES,
+            BYTES_HELP,
+            dir("tx"),
+            n(&s.tx_bytes),
+        ));
+        const DROPPED: &str = "flick_net_dropped_frames_total";
+        const DROPPED_HELP: &str =
+            "Frames that could not be delivered (rx) or were refused or failed (tx).";
+        out.push(Sample::counter(
+            DROPPED,
+            DROPPED_HELP,
+            dir("rx"),
+            n(&s.rx_dropped),
+        ));
+        out.push(Sample::counter(
+            DROPPED,
+            DROPPED_HELP,
+            dir("tx"),
+            n(&s.tx_dropped),
+        ));
+        out.push(Sample::counter(
+            "flick_net_rx_waits_total",
+            "Times the receive path waited for the guest to post buffers.",
+            Vec::new(),
+            n(&s.rx_waits),
+        ));
+        const THROTTLED: &str = "flick_rate_limiter_throttled_total";
+        const THROTTLED_HELP: &str =
+            "Times a device stopped to wait for its rate limiter, by device and queue.";
+        let queue = |q: &str| vec![("queue", q.to_string())];
+        out.push(Sample::counter(
+            THROTTLED,
+            THROTTLED_HELP,
+            queue("rx"),
+            self.rx_limiter.throttled,
+        ));
+        out.push(Sample::counter(
+            THROTTLED,
+            THROTTLED_HELP,
+            queue("tx"),
+            self.tx_limiter.throttled,
+        ));
+    }
+
+    fn update(&mut self, update: &DeviceUpdate) -> Result<bool, DeviceError> {
+        let DeviceUpdate::Net(update) = update else {
+            return Err(DeviceError::WrongUpdate(KIND.name));
+        };
+        if let Some(rx) = &update.rx_rate_limiter {
+            self.rx_limiter.update(Some(rx));
+            self.saved.rx_limits = SavedLimits::from(Some(rx));
+        }
+        if let Some(tx) = &update.tx_rate_limiter {
+            self.tx_limiter.update(Some(tx));
+            self.saved.tx_limits = SavedLimits::from(Some(tx));
+        }
+        Ok(false)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::VecDeque;
+    use std::os::fd::AsRawFd;
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::mock::MockSplitQueue;
     use vm_memory::GuestAddress;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     const F_WRITE: u16 = 2;
+    const RX_RING: u64 = 0;
+    const TX_RING: u64 = 0x8000;
+    const BUFFERS: u64 = 0x10_0000;
+
+    /// A backend that hands out queued frames and records what it was given.
+    #[derive(Default)]
+    struct Fake {
+        incoming: VecDeque<Vec<u8>>,
+        written: Vec<Vec<u8>>,
+        offloads: Option<u32>,
+        fd: Option<EventFd>,
+    }
+
+    impl NetBackend for Fake {
+        fn read_frame(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let frame = self
+                .incoming
+                .pop_front()
+                .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::WouldBlock))?;
+            buf[..frame.len()].copy_from_slice(&frame);
+            Ok(frame.len())
+        }
+        fn write_frame(&mut self, frame: &[u8]) -> std::io::Result<usize> {
+            self.written.push(frame.to_vec());
+            Ok(frame.len())
+        }
+        fn set_offloads(&mut self, flags: u32) -> std::io::Result<()> {
+            self.offloads = Some(flags);
+            Ok(())
+        }
+        fn fd(&self) -> RawFd {
+            self.fd.as_ref().map_or(-1, |e| e.as_raw_fd())
+        }
+        fn name(&self) -> &str {
+            "fake"
+        }
+    }
+
+    fn big_mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap()
+    }
+
+    fn saved() -> SavedNet {
+        SavedNet {
+            id: "eth0".into(),
+            tap: "fake".into(),
+            mac: None,
+            mtu: None,
+            rx_limits: SavedLimits::default(),
+            tx_limits: SavedLimits::default(),
+        }
+    }
+
+    fn frame(tag: u8, payload: usize) -> Vec<u8> {
+        let mut f = vec![0u8; VNET_HDR_LEN];
+        f.extend(std::iter::repeat_n(tag, payload));
+        f
+    }
+
+    /// A device on `fake`, activated with empty rx and tx rings.
+    fn active_net<'m>(
+        mem: &'m GuestMemoryMmap,
+        fake: Fake,
+        tx_limiter: RateLimiter,
+    ) -> (
+        Net<Fake>,
+        MockSplitQueue<'m, GuestMemoryMmap>,
+        MockSplitQueue<'m, GuestMemoryMmap>,
+    ) {
+        let rx = MockSplitQueue::create(mem, GuestAddress(RX_RING), 16);
+        let tx = MockSplitQueue::create(mem, GuestAddress(TX_RING), 16);
+        let limiters = (RateLimiter::new(None).unwrap(), tx_limiter);
+        let mut net = Net::new(saved(), fake, limiters);
+        let activation = Activation {
+            mem: mem.clone(),
+            queues: vec![rx.create_queue().unwrap(), tx.create_queue().unwrap()],
+            acked_features: F_GUEST_CSUM,
+            interrupt: Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap())),
+        };
+        net.activate(activation).unwrap();
+        (net, rx, tx)
+    }
+
+    fn used_idx(mem: &GuestMemoryMmap, queue: &MockSplitQueue<'_, GuestMemoryMmap>) -> u16 {
+        mem.read_obj::<u16>(queue.used_addr().unchecked_add(2))
+            .unwrap()
+    }
+
+    fn post_rx_buffers(queue: &MockSplitQueue<'_, GuestMemoryMmap>, count: u16, offset: u16) {
+        let descs: Vec<RawDescriptor> = (0..count)
+            .map(|i| {
+                let addr = BUFFERS + u64::from(offset + i) * 0x1000;
+                RawDescriptor::from(Descriptor::new(addr, 0x1000, F_WRITE, 0))
+            })
+            .collect();
+        queue.add_desc_chains(&descs, offset).unwrap();
+    }
+
+    use vm_memory::Address;
+
+    #[test]
+    fn frames_wait_for_guest_buffers_then_arrive_in_order() {
+        let mem = big_mem();
+        let fake = Fake {
+            incoming: [frame(1, 60), frame(2, 70)].into(),
+            ..Fake::default()
+        };
+        let (mut net, rx, _tx) = active_net(&mem, fake, RateLimiter::new(None).unwrap());
+        assert_eq!(net.backend.offloads, Some(tap::TUN_F_CSUM));
+        assert_eq!(
+            net.stats.rx_waits.load(Ordering::Relaxed),
+            1,
+            "no buffer yet"
+        );
+        assert_eq!(
+            net.rx_pending,
+            frame(1, 60).len(),
+            "the frame is held, not dropped"
+        );
+
+        post_rx_buffers(&rx, 2, 0);
+        net.process_queue(RX);
+
+        assert_eq!(used_idx(&mem, &rx), 2);
+        assert_eq!(net.stats.rx_frames.load(Ordering::Relaxed), 2);
+        assert_eq!(net.stats.rx_dropped.load(Ordering::Relaxed), 0);
+        let mut first = [0u8; 1];
+        mem.read_slice(&mut first, GuestAddress(BUFFERS + VNET_HDR_LEN as u64))
+            .unwrap();
+        let mut second = [0u8; 1];
+        mem.read_slice(
+            &mut second,
+            GuestAddress(BUFFERS + 0x1000 + VNET_HDR_LEN as u64),
+        )
+        .unwrap();
+        assert_eq!((first[0], second[0]), (1, 2));
+    }
+
+    #[test]
+    fn guest_frames_reach_the_backend_with_their_header() {
+        let mem = big_mem();
+        let (mut net, _rx, tx) = active_net(&mem, Fake::default(), RateLimiter::new(None).unwrap());
+        mem.write_slice(&frame(7, 20), GuestAddress(BUFFERS))
+            .unwrap();
+        let desc = RawDescriptor::from(Descriptor::new(BUFFERS, 32, 0, 0));
+        tx.add_desc_chains(&[desc], 0).unwrap();
+        net.process_queue(TX);
+        assert_eq!(net.backend.written, vec![frame(7, 20)]);
+        assert_eq!(used_idx(&mem, &tx), 1);
+        assert_eq!(net.stats.tx_bytes.load(Ordering::Relaxed), 20);
+    }
+
+    #[test]
+    fn throttled_transmit_rewinds_and_resumes_when_the_timer_fires() {
+        let mem = big_mem();
+        let one_per_ms = crate::config::RateLimiterConfig {
+            bandwidth: None,
+            ops: Some(crate::config::TokenBucketConfig {
+                size: 1,
+                refill_time: 1,
+                one_time_burst: None,
+            }),
+        };
+        let limiter = RateLimiter::new(Some(&one_per_ms)).unwrap();
+        let (mut net, _rx, tx) = active_net(&mem, Fake::default(), limiter);
+        for i in 0..2u16 {
+            let addr = BUFFERS + u64::from(i) * 0x1000;
+            mem.write_slice(&frame(9, 10), GuestAddress(addr)).unwrap();
+            let desc = RawDescriptor::from(Descriptor::new(addr, 22, 0, 0));
+            tx.add_desc_chains(&[desc], i).unwrap();
+        }
+        net.process_queue(TX);
+        assert_eq!(
+            net.backend.written.len(),
+            1,
+            "the second frame waits for tokens"
+        );
+        assert_eq!(used_idx(&mem, &tx), 1);
+        assert_eq!(net.tx_limiter.throttled, 1);
+
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let timer = net.tx_limiter.timer_fd();
+        net.process_fd(timer);
+        assert_eq!(net.backend.written.len(), 2);
+        assert_eq!(used_idx(&mem, &tx), 2);
+    }
+
+    #[test]
+    fn a_held_frame_survives_save_and_restore() {
+        let mem = big_mem();
+        let fake = Fake {
+            incoming: [frame(5, 40)].into(),
+            ..Fake::default()
+        };
+        let (net, _rx, _tx) = active_net(&mem, fake, RateLimiter::new(None).unwrap());
+        let state = net.save_state();
+
+        let mem2 = big_mem();
+        let (mut restored, rx2, _tx2) =
+            active_net(&mem2, Fake::default(), RateLimiter::new(None).unwrap());
+        restored.restore_state(&state).unwrap();
+        post_rx_buffers(&rx2, 1, 0);
+        restored.process_queue(RX);
+        assert_eq!(used_idx(&mem2, &rx2), 1);
+        let mut byte = [0u8; 1];
+        mem2.read_slice(&mut byte, GuestAddress(BUFFERS + VNET_HDR_LEN as u64))
+            .unwrap();
+        assert_eq!(byte[0], 5);
+    }
+
+    #[test]
+    fn a_saved_state_with_a_runt_frame_is_refused() {
+        let mem = big_mem();
+        let (mut net, _rx, _tx) =
+            active_net(&mem, Fake::default(), RateLimiter::new(None).unwrap());
+        let bad = serde_json::json!({"pending_rx": "0011", "rx_limiter": {}, "tx_limiter": {}});
+        assert!(net.restore_state(&bad).is_err());
+    }
 
     fn mem() -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap()

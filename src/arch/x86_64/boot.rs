@@ -9,8 +9,8 @@ use linux_loader::loader::elf::PvhBootCapability;
 use linux_loader::loader::{BzImage, Elf, KernelLoader};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::arch::current::layout::{CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START};
-use crate::arch::current::regs::EntryMode;
+use super::layout::{CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START};
+use super::regs::EntryMode;
 
 /// bzImage `xloadflags` bit: the kernel has a 64-bit entry point at +0x200.
 const XLF_KERNEL_64: u16 = 1;
