@@ -6,16 +6,20 @@
 //!   (default 30): min / median / p90;
 //! - `GET /` and `PUT /machine-config` latency over one keep-alive connection (default 2000 each):
 //!   p50 / p99;
+//!
+//! (percentiles are nearest-rank, see `flick_fixtures::stats`);
 //! - memory overhead: with the test guest idling (`tg.exit=halt`) in a 128 MiB VM, the Rss of
 //!   every mapping in /proc/PID/smaps except the guest memory mapping (the one sized like guest
 //!   RAM), the way Firecracker measures its own overhead.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
+
+use flick_fixtures::http::{self, Connection};
+use flick_fixtures::stats::percentile;
+use flick_fixtures::{kvm_available, test_guest, TempDir};
 
 const FLICK: &str = env!("CARGO_BIN_EXE_flick");
 const GUEST_MEM_MIB: u64 = 128;
@@ -53,13 +57,6 @@ fn parse_args() -> Args {
     args
 }
 
-fn scratch_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("flick-bench-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 /// A flick process, killed when dropped (also when the bench panics).
 struct Running(Child);
 
@@ -82,51 +79,13 @@ fn spawn(sock: &Path, stdout: Stdio) -> Running {
     Running(child)
 }
 
-fn send(stream: &mut UnixStream, method: &str, path: &str, body: Option<&str>) {
-    let request = match body {
-        Some(body) => format!(
-            "{method} {path} HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        ),
-        None => format!("{method} {path} HTTP/1.1\r\n\r\n"),
-    };
-    stream.write_all(request.as_bytes()).unwrap();
-}
-
-/// Reads one response; returns its status code.
-fn read_response(reader: &mut impl BufRead) -> u16 {
-    let mut line = String::new();
-    reader.read_line(&mut line).unwrap();
-    let status = line
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let mut length = 0;
-    loop {
-        line.clear();
-        if reader.read_line(&mut line).unwrap() == 0 || line == "\r\n" {
-            break;
-        }
-        if let Some(value) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-            length = value.trim().parse().unwrap();
-        }
-    }
-    let mut body = vec![0; length];
-    reader.read_exact(&mut body).unwrap();
-    status
-}
-
 /// Spawns flick and retries `GET /` until it answers 200; returns the time since spawn.
 fn time_to_first_answer(sock: &Path) -> Duration {
     let start = Instant::now();
     let child = spawn(sock, Stdio::null());
     let elapsed = loop {
-        if let Ok(mut stream) = UnixStream::connect(sock) {
-            send(&mut stream, "GET", "/", None);
-            if read_response(&mut BufReader::new(stream)) == 200 {
-                break start.elapsed();
-            }
+        if let Ok((200, _)) = http::request(sock, "GET", "/", None) {
+            break start.elapsed();
         }
         assert!(start.elapsed() < READY_TIMEOUT, "flick never answered");
         thread::sleep(Duration::from_micros(20));
@@ -137,16 +96,7 @@ fn time_to_first_answer(sock: &Path) -> Duration {
 }
 
 fn wait_ready(sock: &Path) {
-    let start = Instant::now();
-    while UnixStream::connect(sock).is_err() {
-        assert!(start.elapsed() < READY_TIMEOUT, "flick never listened");
-        thread::sleep(Duration::from_millis(1));
-    }
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[index]
+    http::wait_for_socket(sock, READY_TIMEOUT);
 }
 
 fn ms(d: Duration) -> String {
@@ -158,8 +108,8 @@ fn us(d: Duration) -> String {
 }
 
 fn bench_startup(runs: usize) {
-    let dir = scratch_dir("startup");
-    let sock = dir.join("api.sock");
+    let dir = TempDir::new("bench-startup");
+    let sock = dir.path("api.sock");
     time_to_first_answer(&sock); // warm the page cache
     let mut times: Vec<Duration> = (0..runs).map(|_| time_to_first_answer(&sock)).collect();
     times.sort();
@@ -169,16 +119,14 @@ fn bench_startup(runs: usize) {
         ms(percentile(&times, 0.5)),
         ms(percentile(&times, 0.9))
     );
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 fn bench_requests(requests: usize) {
-    let dir = scratch_dir("latency");
-    let sock = dir.join("api.sock");
+    let dir = TempDir::new("bench-latency");
+    let sock = dir.path("api.sock");
     let child = spawn(&sock, Stdio::null());
     wait_ready(&sock);
-    let mut stream = UnixStream::connect(&sock).unwrap();
-    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut conn = Connection::open(&sock).unwrap();
     let body = r#"{"vcpu_count": 1, "mem_size_mib": 128}"#;
     for (method, path, body, expected) in [
         ("GET", "/", None, 200),
@@ -187,8 +135,7 @@ fn bench_requests(requests: usize) {
         let mut times = Vec::with_capacity(requests);
         for _ in 0..requests {
             let start = Instant::now();
-            send(&mut stream, method, path, body);
-            assert_eq!(read_response(&mut reader), expected);
+            assert_eq!(conn.call(method, path, body).unwrap().0, expected);
             times.push(start.elapsed());
         }
         times.sort();
@@ -199,32 +146,6 @@ fn bench_requests(requests: usize) {
         );
     }
     drop(child);
-    let _ = std::fs::remove_dir_all(dir);
-}
-
-/// Builds the test guest; `None` (with the reason printed) when that is not possible.
-fn test_guest() -> Option<PathBuf> {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("resources/guest/test-guest");
-    if !Path::new("/dev/kvm").exists() || !src.join("Makefile").exists() {
-        println!(
-            "memory overhead: skipped (needs /dev/kvm and {})",
-            src.display()
-        );
-        return None;
-    }
-    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("test-guest");
-    let built = Command::new("make")
-        .arg("-s")
-        .arg("-C")
-        .arg(&src)
-        .arg(format!("OUT={}", out.display()))
-        .status()
-        .is_ok_and(|s| s.success());
-    if !built {
-        println!("memory overhead: skipped (the test guest did not build)");
-        return None;
-    }
-    Some(out.join("testguest.elf"))
 }
 
 /// Rss of one process, split around guest memory (all in KiB).
@@ -266,16 +187,18 @@ fn rss_kib(pid: u32) -> Rss {
 }
 
 fn bench_memory() {
-    let Some(guest) = test_guest() else { return };
-    let dir = scratch_dir("memory");
-    let sock = dir.join("api.sock");
-    let out = dir.join("stdout");
+    if !kvm_available() {
+        return; // the [SKIP] line says why
+    }
+    let guest = test_guest();
+    let dir = TempDir::new("bench-memory");
+    let sock = dir.path("api.sock");
+    let out = dir.path("stdout");
     let child = spawn(&sock, Stdio::from(std::fs::File::create(&out).unwrap()));
     wait_ready(&sock);
     let boot = serde_json::json!({"kernel_image_path": guest, "boot_args": "tg.exit=halt"});
     let machine = format!(r#"{{"vcpu_count": 1, "mem_size_mib": {GUEST_MEM_MIB}}}"#);
-    let mut stream = UnixStream::connect(&sock).unwrap();
-    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut conn = Connection::open(&sock).unwrap();
     for (path, body) in [
         ("/boot-source", boot.to_string()),
         ("/machine-config", machine),
@@ -284,8 +207,11 @@ fn bench_memory() {
             r#"{"action_type": "InstanceStart"}"#.to_string(),
         ),
     ] {
-        send(&mut stream, "PUT", path, Some(&body));
-        assert_eq!(read_response(&mut reader), 204, "PUT {path}");
+        assert_eq!(
+            conn.call("PUT", path, Some(&body)).unwrap().0,
+            204,
+            "PUT {path}"
+        );
     }
     let start = Instant::now();
     while !std::fs::read_to_string(&out)
@@ -312,7 +238,6 @@ fn bench_memory() {
         worst.guest
     );
     drop(child);
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 fn main() {

@@ -8,21 +8,17 @@
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
+use flick_fixtures::stats::stats;
+use flick_fixtures::{test_guest, TempDir};
+
 const FLICK: &str = env!("CARGO_BIN_EXE_flick");
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let idx = ((sorted.len() - 1) as f64 * p).round() as usize;
-    sorted[idx]
-}
-
-fn summary(name: &str, mut values: Vec<f64>) {
-    values.sort_by(|a, b| a.total_cmp(b));
+/// min / median / p90, nearest-rank (see `flick_fixtures::stats`).
+fn summary(name: &str, values: Vec<f64>) {
+    let s = stats(values).expect("no samples");
     println!(
         "{name:<40} min {:>7.2}  median {:>7.2}  p90 {:>7.2}  (ms, n={})",
-        values[0],
-        percentile(&values, 0.5),
-        percentile(&values, 0.9),
-        values.len()
+        s.min, s.median, s.p90, s.n
     );
 }
 
@@ -36,18 +32,7 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return; // `cargo test --benches` asks for a listing; there is nothing to list.
     }
-    let root = env!("CARGO_MANIFEST_DIR");
-    let out = format!("{root}/target/test-guest");
-    let status = Command::new("make")
-        .args([
-            "-s",
-            "-C",
-            &format!("{root}/resources/guest/test-guest"),
-            &format!("OUT={out}"),
-        ])
-        .status()
-        .expect("run make");
-    assert!(status.success(), "building the test guest failed");
+    let kernel = test_guest();
     // `cargo test --all-targets` runs this without `--bench`: a short smoke run then.
     let smoke = !std::env::args().any(|a| a == "--bench");
     let runs: usize = std::env::var("FLICK_BENCH_RUNS")
@@ -60,14 +45,12 @@ fn main() {
         .unwrap_or(128);
     let extra = std::env::var("FLICK_BENCH_ARGS").unwrap_or_default();
     let args = format!("tg.smp=0 tg.quiet=1 {extra}");
-    let dir = std::env::temp_dir().join(format!("flick-bench-boot-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("vm.json");
+    let dir = TempDir::new("bench-boot");
     let json = serde_json::json!({
-        "boot-source": {"kernel_image_path": format!("{out}/testguest.elf"), "boot_args": args},
+        "boot-source": {"kernel_image_path": kernel, "boot_args": args},
         "machine-config": {"vcpu_count": 1, "mem_size_mib": mem}
     });
-    std::fs::write(&config, json.to_string()).unwrap();
+    let config = dir.write("vm.json", json.to_string().as_bytes());
 
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!("flick boot benchmark: {runs} runs, 1 vCPU, {mem} MiB, guest args {args:?}");
@@ -125,5 +108,4 @@ fn main() {
     }
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!("host load after: {}", load.trim());
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -6,46 +6,33 @@
 //!
 //! `cargo bench --bench snapshot` (runs: FLICK_BENCH_RUNS, default 30).
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::UnixStream;
+use std::io::Read;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use flick_fixtures::stats::stats;
+use flick_fixtures::{http, test_guest, TempDir};
+
 const FLICK: &str = env!("CARGO_BIN_EXE_flick");
 
-fn summary(name: &str, mut v: Vec<f64>) {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let p = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+/// min / median / p90, nearest-rank (see `flick_fixtures::stats`).
+fn summary(name: &str, values: Vec<f64>) {
+    let s = stats(values).expect("no samples");
     println!(
         "{name:<52} min {:>7.2}  median {:>7.2}  p90 {:>7.2}  (ms, n={})",
-        v[0],
-        p(0.5),
-        p(0.9),
-        v.len()
+        s.min, s.median, s.p90, s.n
     );
 }
 
+/// One API call; returns the status code.
 fn api(sock: &std::path::Path, method: &str, path: &str, body: &str) -> u16 {
-    let mut s = UnixStream::connect(sock).expect("connect");
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).unwrap();
-    let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).unwrap();
-    line.split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0)
+    http::request(sock, method, path, Some(body))
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+        .0
 }
 
 fn wait_socket(sock: &std::path::Path) {
-    let start = Instant::now();
-    while UnixStream::connect(sock).is_err() {
-        assert!(start.elapsed() < Duration::from_secs(10), "no API socket");
-        std::thread::sleep(Duration::from_micros(100));
-    }
+    http::wait_for_socket(sock, Duration::from_secs(10));
 }
 
 /// Starts flick with `args`, stdin and stderr closed, stdout as given.
@@ -86,29 +73,15 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    let root = env!("CARGO_MANIFEST_DIR");
-    let guest_dir = format!("{root}/target/test-guest");
-    let ok = Command::new("make")
-        .args([
-            "-s",
-            "-C",
-            &format!("{root}/resources/guest/test-guest"),
-            &format!("OUT={guest_dir}"),
-        ])
-        .status()
-        .expect("make")
-        .success();
-    assert!(ok, "building the test guest failed");
+    let kernel = test_guest();
     // `cargo test --all-targets` runs this without `--bench`: a short smoke run then.
     let smoke = !std::env::args().any(|a| a == "--bench");
     let runs: usize = std::env::var("FLICK_BENCH_RUNS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(if smoke { 2 } else { 30 });
-    let dir = std::env::temp_dir().join(format!("flick-bench-snap-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let kernel = format!("{guest_dir}/testguest.elf");
+    let tmp = TempDir::new("bench-snap");
+    let dir = &tmp.0;
     let args = "tg.smp=0 tg.quiet=1 tg.count=100000000 tg.exit=halt";
 
     // Take the snapshot: boot, let it count, pause, snapshot.
@@ -226,5 +199,4 @@ fn main() {
     );
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!("host load after: {}", load.trim());
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
 # Runs flick's whole test suite: formatting, lints, unit tests and the integration tests that
-# boot guests on KVM. Installs the few Debian packages the tests use when they are missing.
+# boot guests on KVM, for flick (with its fixture crate tests/fixtures) and for the benchmark
+# harness in harness/. Installs the few Debian packages the tests use when they are missing
+# (tests never install anything themselves).
+#
+# A test that cannot run on this host prints a `[SKIP] <test>: <reason>` line and passes; the
+# summary at the end counts and lists them. Under CI (`CI` set) skipping is a failure.
 #
 #   scripts/test.sh            everything
 #   scripts/test.sh -- ARGS    extra arguments for `cargo test` (e.g. a test name filter)
@@ -32,11 +37,36 @@ artifacts=$(scripts/guest-artifacts.sh)
 eval "$artifacts"
 export FLICK_KERNEL_VMLINUX FLICK_KERNEL_BZIMAGE FLICK_ROOTFS_EXT4 FLICK_INITRAMFS
 
-echo "== cargo fmt --check" >&2
-cargo fmt --check
-echo "== cargo clippy" >&2
+log_dir=$(mktemp -d)
+trap 'rm -rf "$log_dir"' EXIT
+
+echo "== cargo fmt --check (flick, tests/fixtures, harness)" >&2
+cargo fmt --all --check
+cargo fmt --manifest-path harness/Cargo.toml --check
+echo "== cargo clippy (flick, tests/fixtures, harness)" >&2
 cargo clippy --all-targets --quiet -- -D warnings
+cargo clippy --manifest-path harness/Cargo.toml --all-targets --quiet -- -D warnings
+
 echo "== cargo test" >&2
 shift_args=()
 if [[ "${1:-}" == "--" ]]; then shift; shift_args=("$@"); fi
-cargo test --all-targets "${shift_args[@]}"
+status=0
+cargo test --all-targets "${shift_args[@]}" 2>&1 | tee "$log_dir/flick.log" || status=$?
+
+echo "== cargo test (harness)" >&2
+target_dir=$(cd "${CARGO_TARGET_DIR:-target}" && pwd)
+FLICK_BIN="$target_dir/debug/flick" cargo test --manifest-path harness/Cargo.toml 2>&1 \
+    | tee "$log_dir/harness.log" || status=$?
+
+skipped=$(grep -ho '\[SKIP\] .*' "$log_dir/flick.log" "$log_dir/harness.log" || true)
+if [[ -n "$skipped" ]]; then
+    echo "test.sh: $(wc -l <<<"$skipped") tests SKIPPED (cargo counts them as passed):" >&2
+    sed 's/^/  /' <<<"$skipped" >&2
+    [[ -z "${CI:-}" ]] || status=1
+else
+    echo "test.sh: no test was skipped" >&2
+fi
+if ((status)); then
+    echo "test.sh: FAILED" >&2
+fi
+exit "$status"

@@ -1,119 +1,54 @@
 //! The HTTP API end to end: the real `flick` binary on a unix socket in a temporary directory,
-//! driven with `curl --unix-socket` and with a small client over `UnixStream`.
+//! driven with `curl --unix-socket` and with the fixtures' HTTP client.
 //!
-//! Tests that boot the test guest need /dev/kvm and the guest's sources; without them they fail
-//! when `CI` is set and are skipped (with the reason printed) otherwise.
+//! Tests that boot the test guest need /dev/kvm, and the curl tests need curl (scripts/test.sh
+//! installs it); without them they fail when `CI` is set and are skipped with a `[SKIP]` line
+//! otherwise.
 
-use std::io::{BufRead, BufReader, Write};
+mod common;
+
+use std::io::{BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::OnceLock;
 use std::thread;
 use std::time::{Duration, Instant};
 
-const FLICK: &str = env!("CARGO_BIN_EXE_flick");
-const READY_TIMEOUT: Duration = Duration::from_secs(5);
-const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+use common::http::{read_response, Connection};
+use common::*;
 
-/// Says why a test cannot run: a failure under CI, a printed skip elsewhere.
-fn unavailable(reason: &str) -> bool {
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "required for this test: {reason}"
-    );
-    eprintln!("skipping: {reason}");
-    true
-}
+const FLICK: &str = env!("CARGO_BIN_EXE_flick");
 
 fn kvm_missing() -> bool {
-    !Path::new("/dev/kvm").exists() && unavailable("/dev/kvm does not exist")
+    !kvm_available()
 }
 
-/// Builds the test guest once per test run; `None` when it cannot be built.
-fn test_guest() -> Option<PathBuf> {
-    static GUEST: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    let built = GUEST.get_or_init(|| {
-        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("resources/guest/test-guest");
-        if !src.join("Makefile").exists() {
-            return Err(format!("test guest sources missing at {}", src.display()));
-        }
-        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("test-guest");
-        let status = Command::new("make")
-            .arg("-s")
-            .arg("-C")
-            .arg(&src)
-            .arg(format!("OUT={}", out.display()))
-            .status()
-            .map_err(|e| format!("cannot run make: {e}"))?;
-        if !status.success() {
-            return Err(format!("building the test guest failed: {status}"));
-        }
-        Ok(out.join("testguest.elf"))
-    });
-    match built {
-        Ok(path) => Some(path.clone()),
-        Err(reason) => {
-            unavailable(reason);
-            None
-        }
-    }
-}
-
-/// Whether `curl` can be run, installing it with apt-get once if it is missing.
+/// Whether `curl` is missing (a skip, or a failure under CI); scripts/test.sh installs it.
 fn curl_missing() -> bool {
-    static PRESENT: OnceLock<bool> = OnceLock::new();
-    let present = *PRESENT.get_or_init(|| {
-        let works = || {
-            Command::new("curl")
-                .arg("--version")
-                .stdout(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        };
-        works()
-            || (Command::new("apt-get")
-                .args(["install", "-y", "-q", "curl"])
-                .stdout(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-                && works())
-    });
-    !present && unavailable("curl is not installed and apt-get could not install it")
-}
-
-/// A scratch directory under /tmp (short enough for a unix socket path).
-fn scratch_dir() -> PathBuf {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!("flick-api-test-{}-{n}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    !tool_available("curl", "curl")
 }
 
 /// A running `flick --api-sock DIR/api.sock`; killed and cleaned up on drop.
 struct Flick {
     child: Child,
-    dir: PathBuf,
+    dir: TempDir,
     sock: PathBuf,
 }
 
 impl Flick {
     fn spawn(args: &[&str]) -> Flick {
-        Flick::spawn_in(scratch_dir(), args)
+        Flick::spawn_in(TempDir::new("api"), args)
     }
 
-    fn spawn_in(dir: PathBuf, args: &[&str]) -> Flick {
-        let sock = dir.join("api.sock");
+    fn spawn_in(dir: TempDir, args: &[&str]) -> Flick {
+        let sock = dir.path("api.sock");
         let child = Command::new(FLICK)
             .arg("--api-sock")
             .arg(&sock)
             .args(args)
             .stdin(Stdio::null())
-            .stdout(std::fs::File::create(dir.join("stdout")).unwrap())
-            .stderr(std::fs::File::create(dir.join("stderr")).unwrap())
+            .stdout(std::fs::File::create(dir.path("stdout")).unwrap())
+            .stderr(std::fs::File::create(dir.path("stderr")).unwrap())
             .spawn()
             .unwrap();
         let flick = Flick { child, dir, sock };
@@ -125,7 +60,7 @@ impl Flick {
         let start = Instant::now();
         while UnixStream::connect(&self.sock).is_err() {
             assert!(
-                start.elapsed() < READY_TIMEOUT,
+                start.elapsed() < VM_TIMEOUT,
                 "flick did not listen on {}; stderr: {}",
                 self.sock.display(),
                 self.stderr()
@@ -135,11 +70,16 @@ impl Flick {
     }
 
     fn stderr(&self) -> String {
-        std::fs::read_to_string(self.dir.join("stderr")).unwrap_or_default()
+        std::fs::read_to_string(self.dir.path("stderr")).unwrap_or_default()
     }
 
     fn stdout(&self) -> String {
-        std::fs::read_to_string(self.dir.join("stdout")).unwrap_or_default()
+        std::fs::read_to_string(self.dir.path("stdout")).unwrap_or_default()
+    }
+
+    /// Waits until the guest's console output contains `needle`.
+    fn wait_for_output(&self, needle: &str) {
+        wait_for_text(&self.dir.path("stdout"), needle);
     }
 
     fn wait_exit(&mut self) -> ExitStatus {
@@ -148,18 +88,13 @@ impl Flick {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            assert!(start.elapsed() < EXIT_TIMEOUT, "flick did not exit");
+            assert!(start.elapsed() < VM_TIMEOUT, "flick did not exit");
             thread::sleep(Duration::from_millis(5));
         }
     }
 
     fn request(&self, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
-        let mut stream = UnixStream::connect(&self.sock).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        send(&mut stream, method, path, body);
-        read_response(&mut BufReader::new(stream))
+        api_call(&self.sock, method, path, body)
     }
 
     fn curl(&self, args: &[&str]) -> Output {
@@ -222,48 +157,7 @@ impl Drop for Flick {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-fn send(stream: &mut UnixStream, method: &str, path: &str, body: Option<&str>) {
-    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\n");
-    if let Some(body) = body {
-        request.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        ));
-    } else {
-        request.push_str("\r\n");
-    }
-    stream.write_all(request.as_bytes()).unwrap();
-}
-
-/// Reads one response: status code and body (framed by Content-Length, absent on 204).
-fn read_response(reader: &mut impl BufRead) -> (u16, String) {
-    let mut line = String::new();
-    reader.read_line(&mut line).unwrap();
-    let status = line
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("bad status line {line:?}"));
-    let mut length = 0;
-    loop {
-        line.clear();
-        reader.read_line(&mut line).unwrap();
-        if line == "\r\n" || line.is_empty() {
-            break;
-        }
-        if let Some((name, value)) = line.split_once(':') {
-            if name.eq_ignore_ascii_case("content-length") {
-                length = value.trim().parse().unwrap();
-            }
-        }
-    }
-    let mut body = vec![0; length];
-    reader.read_exact(&mut body).unwrap();
-    (status, String::from_utf8(body).unwrap())
 }
 
 fn fault_message(body: &str) -> String {
@@ -289,15 +183,11 @@ fn getting_started_sequence_boots_the_guest() {
     if curl_missing() || kvm_missing() {
         return;
     }
-    let Some(guest) = test_guest() else { return };
+    let guest = test_guest();
     let flick = Flick::spawn(&[]);
     flick.boot(&guest, "console=ttyS0 tg.exit=halt");
     assert_eq!(flick.state(), "Running");
-    let start = Instant::now();
-    while !flick.stdout().contains("testguest: done") && start.elapsed() < EXIT_TIMEOUT {
-        thread::sleep(Duration::from_millis(5));
-    }
-    assert!(flick.stdout().contains("testguest: done"));
+    flick.wait_for_output("testguest: done");
     assert_eq!(flick.state(), "Running");
 }
 
@@ -306,7 +196,7 @@ fn pre_boot_calls_after_boot_are_refused() {
     if curl_missing() || kvm_missing() {
         return;
     }
-    let Some(guest) = test_guest() else { return };
+    let guest = test_guest();
     let flick = Flick::spawn(&[]);
     flick.boot(&guest, "tg.exit=halt");
     for (path, body) in [
@@ -349,9 +239,8 @@ fn runtime_calls_before_boot_are_refused() {
 
 #[test]
 fn existing_socket_path_makes_flick_exit_with_one_line_error() {
-    let dir = scratch_dir();
-    let sock = dir.join("api.sock");
-    std::fs::write(&sock, b"").unwrap();
+    let dir = TempDir::new("api-exists");
+    let sock = dir.write("api.sock", b"");
     let out = Command::new(FLICK)
         .arg("--api-sock")
         .arg(&sock)
@@ -368,7 +257,6 @@ fn existing_socket_path_makes_flick_exit_with_one_line_error() {
         )
     );
     assert!(sock.exists(), "the existing file must be left alone");
-    std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[test]
@@ -376,7 +264,7 @@ fn socket_is_removed_when_the_guest_resets() {
     if curl_missing() || kvm_missing() {
         return;
     }
-    let Some(guest) = test_guest() else { return };
+    let guest = test_guest();
     let mut flick = Flick::spawn(&[]);
     flick.boot(&guest, "tg.exit=reboot");
     let status = flick.wait_exit();
@@ -397,14 +285,12 @@ fn socket_is_removed_on_sigterm() {
 
 #[test]
 fn socket_is_removed_when_a_config_error_ends_flick() {
-    let dir = scratch_dir();
-    let config = dir.join("vm.json");
-    std::fs::write(
-        &config,
-        r#"{"boot-source": {"kernel_image_path": "/no/such/kernel"}}"#,
-    )
-    .unwrap();
-    let sock = dir.join("api.sock");
+    let dir = TempDir::new("api-config-error");
+    let config = dir.write(
+        "vm.json",
+        br#"{"boot-source": {"kernel_image_path": "/no/such/kernel"}}"#,
+    );
+    let sock = dir.path("api.sock");
     let out = Command::new(FLICK)
         .arg("--api-sock")
         .arg(&sock)
@@ -415,7 +301,6 @@ fn socket_is_removed_when_a_config_error_ends_flick() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(!sock.exists());
-    std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[test]
@@ -423,14 +308,13 @@ fn config_file_with_api_boots_and_keeps_serving() {
     if kvm_missing() {
         return;
     }
-    let Some(guest) = test_guest() else { return };
-    let dir = scratch_dir();
-    let config = dir.join("vm.json");
+    let guest = test_guest();
+    let dir = TempDir::new("api-config");
     let text = serde_json::json!({
         "boot-source": {"kernel_image_path": guest, "boot_args": "tg.exit=halt"},
         "machine-config": {"vcpu_count": 1, "mem_size_mib": 64},
     });
-    std::fs::write(&config, text.to_string()).unwrap();
+    let config = dir.write("vm.json", text.to_string().as_bytes());
     let config = config.to_str().unwrap().to_string();
     let flick = Flick::spawn_in(dir, &["--config-file", &config]);
     assert_eq!(flick.state(), "Running");
@@ -439,26 +323,35 @@ fn config_file_with_api_boots_and_keeps_serving() {
     assert!(body.contains("\"mem_size_mib\":64"), "{body}");
 }
 
+// The next two tests prove concurrency by order, not by time: the second client is answered
+// while the first one's connection is still open and waiting, and the first one is served
+// afterwards on that same connection, so the server neither waited for it nor dropped it.
+
 #[test]
 fn silent_client_does_not_block_another() {
     let flick = Flick::spawn(&[]);
-    let _silent = UnixStream::connect(&flick.sock).unwrap();
-    let start = Instant::now();
+    let mut silent = Connection::open(&flick.sock).unwrap();
     let (status, _) = flick.request("GET", "/", None);
     assert_eq!(status, 200);
-    assert!(start.elapsed() < Duration::from_secs(1));
+    let (status, _) = silent.call("GET", "/", None).unwrap();
+    assert_eq!(status, 200, "the silent client was dropped");
 }
 
 #[test]
 fn half_request_does_not_block_another() {
     let flick = Flick::spawn(&[]);
-    let mut half = UnixStream::connect(&flick.sock).unwrap();
-    half.write_all(b"PUT /machine-config HTTP/1.1\r\nContent-Len")
+    let mut half = Connection::open(&flick.sock).unwrap();
+    half.send_raw(b"PUT /machine-config HTTP/1.1\r\nContent-Len")
         .unwrap();
-    let start = Instant::now();
     let (status, _) = flick.request("GET", "/version", None);
     assert_eq!(status, 200);
-    assert!(start.elapsed() < Duration::from_secs(1));
+    let body = r#"{"vcpu_count": 1, "mem_size_mib": 96}"#;
+    let rest = format!("gth: {}\r\n\r\n{body}", body.len());
+    half.send_raw(rest.as_bytes()).unwrap();
+    let (status, answer) = half.receive().unwrap();
+    assert_eq!(status, 204, "the half request was dropped: {answer}");
+    let (_, config) = flick.request("GET", "/machine-config", None);
+    assert!(config.contains("\"mem_size_mib\":96"), "{config}");
 }
 
 #[test]
@@ -468,14 +361,7 @@ fn fifty_concurrent_clients_all_get_answers() {
     let clients: Vec<_> = (0..50)
         .map(|_| {
             let sock = sock.clone();
-            thread::spawn(move || {
-                let mut stream = UnixStream::connect(&sock).unwrap();
-                stream
-                    .set_read_timeout(Some(Duration::from_secs(10)))
-                    .unwrap();
-                send(&mut stream, "GET", "/", None);
-                read_response(&mut BufReader::new(stream)).0
-            })
+            thread::spawn(move || http::request(&sock, "GET", "/", None).unwrap().0)
         })
         .collect();
     let statuses: Vec<u16> = clients.into_iter().map(|c| c.join().unwrap()).collect();
@@ -500,18 +386,12 @@ fn client_disconnecting_mid_request_leaves_the_server_serving() {
 #[test]
 fn keep_alive_connection_serves_many_requests() {
     let flick = Flick::spawn(&[]);
-    let stream = UnixStream::connect(&flick.sock).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let mut writer = stream.try_clone().unwrap();
-    let mut reader = BufReader::new(stream);
+    let mut conn = Connection::open(&flick.sock).unwrap();
     for i in 0..20 {
         let body = format!(r#"{{"vcpu_count": 1, "mem_size_mib": {}}}"#, 64 + i);
-        send(&mut writer, "PUT", "/machine-config", Some(&body));
-        assert_eq!(read_response(&mut reader).0, 204);
-        send(&mut writer, "GET", "/machine-config", None);
-        let (status, answer) = read_response(&mut reader);
+        let (status, _) = conn.call("PUT", "/machine-config", Some(&body)).unwrap();
+        assert_eq!(status, 204);
+        let (status, answer) = conn.call("GET", "/machine-config", None).unwrap();
         assert_eq!(status, 200);
         assert!(answer.contains(&format!("\"mem_size_mib\":{}", 64 + i)));
     }
@@ -577,15 +457,18 @@ fn curl_large_body_with_expect_continue_does_not_stall() {
         return;
     }
     let flick = Flick::spawn(&["--http-api-max-payload-size", "4000000"]);
-    let body_path = flick.dir.join("body.json");
+    let body_path = flick.dir.path("body.json");
     let body = format!(
         r#"{{"kernel_image_path": "/k", "boot_args": "{}"}}"#,
         "x".repeat(2 * 1024 * 1024)
     );
     std::fs::write(&body_path, body).unwrap();
     let data = format!("@{}", body_path.display());
-    let start = Instant::now();
+    // curl waits this long for `100 Continue` before it sends the body anyway; longer than
+    // `--max-time`, so a server that never says `100 Continue` fails the request.
     let out = flick.curl(&[
+        "--expect100-timeout",
+        "60",
         "-v",
         "-X",
         "PUT",
@@ -597,12 +480,10 @@ fn curl_large_body_with_expect_continue_does_not_stall() {
         "%{http_code}",
         "http://localhost/boot-source",
     ]);
-    let elapsed = start.elapsed();
     let trace = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "204");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "204", "{trace}");
     assert!(trace.contains("Expect: 100-continue"), "{trace}");
     assert!(trace.contains("100 Continue"), "{trace}");
-    assert!(elapsed < Duration::from_millis(900), "took {elapsed:?}");
 }
 
 #[test]
@@ -641,13 +522,16 @@ fn connections_over_the_limit_are_told_to_come_back() {
         .unwrap();
     // The server may answer and close before the request is written: ignore a broken pipe.
     let _ = extra.write_all(b"GET / HTTP/1.1\r\n\r\n");
-    let (status, answer) = read_response(&mut BufReader::new(extra));
+    let (status, answer) = read_response(&mut BufReader::new(extra)).unwrap();
     assert_eq!(status, 503);
     assert!(fault_message(&answer).contains("Too many open connections"));
     drop(held);
     let start = Instant::now();
     while flick.request("GET", "/", None).0 != 200 {
-        assert!(start.elapsed() < Duration::from_secs(5));
+        assert!(
+            start.elapsed() < VM_TIMEOUT,
+            "the held slots were never freed"
+        );
         thread::sleep(Duration::from_millis(10));
     }
 }
@@ -685,11 +569,19 @@ fn no_api_without_config_file_is_refused() {
         .contains("--no-api requires --config-file"));
 }
 
-/// Waits until the guest's console output stops or keeps growing, for pause tests.
-fn output_grows(flick: &Flick, over: Duration) -> bool {
-    let before = flick.stdout().len();
+/// The guest's console output has grown past `len` bytes within `over`.
+fn output_grows(flick: &Flick, len: usize, over: Duration) -> bool {
     thread::sleep(over);
-    flick.stdout().len() > before
+    flick.stdout().len() > len
+}
+
+/// Waits until the guest's console output grows past `len` bytes: it is running.
+fn wait_for_growth(flick: &Flick, len: usize, what: &str) {
+    let start = Instant::now();
+    while flick.stdout().len() <= len {
+        assert!(start.elapsed() < VM_TIMEOUT, "{what}: {}", flick.stdout());
+        thread::sleep(Duration::from_millis(5));
+    }
 }
 
 #[test]
@@ -697,37 +589,30 @@ fn pause_stops_the_guest_and_resume_continues_it() {
     if curl_missing() || kvm_missing() {
         return;
     }
-    let Some(guest) = test_guest() else { return };
+    let guest = test_guest();
     let flick = Flick::spawn(&[]);
     flick.boot(
         &guest,
         "tg.smp=0 tg.count=1000000 tg.delay_ms=2 tg.exit=halt",
     );
-    let start = Instant::now();
-    while !flick.stdout().contains("count: 5\n") && start.elapsed() < EXIT_TIMEOUT {
-        thread::sleep(Duration::from_millis(5));
-    }
-    assert!(
-        output_grows(&flick, Duration::from_millis(200)),
-        "guest is not counting"
-    );
+    flick.wait_for_output("count: 5\n");
+    wait_for_growth(&flick, flick.stdout().len(), "guest is not counting");
 
     let (status, body) = flick.curl_call("PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
     assert_eq!(status, 204, "{body}");
     assert_eq!(flick.state(), "Paused");
     thread::sleep(Duration::from_millis(50));
+    let paused_len = flick.stdout().len();
+    // A paused guest prints nothing however long we watch; a slow host cannot break this.
     assert!(
-        !output_grows(&flick, Duration::from_millis(300)),
+        !output_grows(&flick, paused_len, Duration::from_millis(300)),
         "guest ran while paused"
     );
 
     let (status, body) = flick.curl_call("PATCH", "/vm", Some(r#"{"state": "Resumed"}"#));
     assert_eq!(status, 204, "{body}");
     assert_eq!(flick.state(), "Running");
-    assert!(
-        output_grows(&flick, Duration::from_millis(300)),
-        "guest did not resume"
-    );
+    wait_for_growth(&flick, paused_len, "guest did not resume");
 }
 
 #[test]
@@ -735,7 +620,7 @@ fn pausing_twice_and_resuming_a_running_vm_are_harmless() {
     if curl_missing() || kvm_missing() {
         return;
     }
-    let Some(guest) = test_guest() else { return };
+    let guest = test_guest();
     let flick = Flick::spawn(&[]);
     flick.boot(&guest, "tg.smp=0 tg.exit=halt");
     for state in ["Resumed", "Paused", "Paused", "Resumed"] {
@@ -751,7 +636,7 @@ fn pause_of_a_multi_vcpu_guest_stops_every_vcpu() {
     if curl_missing() || kvm_missing() {
         return;
     }
-    let Some(guest) = test_guest() else { return };
+    let guest = test_guest();
     let flick = Flick::spawn(&[]);
     let boot = serde_json::json!({"kernel_image_path": guest, "boot_args": "tg.exit=halt"});
     let (status, body) = flick.curl_call("PUT", "/boot-source", Some(&boot.to_string()));
@@ -778,9 +663,9 @@ fn flush_metrics_appends_json_lines_to_the_metrics_file() {
     if curl_missing() || kvm_missing() {
         return;
     }
-    let Some(guest) = test_guest() else { return };
+    let guest = test_guest();
     let flick = Flick::spawn(&[]);
-    let metrics = flick.dir.join("metrics.jsonl");
+    let metrics = flick.dir.path("metrics.jsonl");
     let body = serde_json::json!({"metrics_path": metrics}).to_string();
     let (status, answer) = flick.curl_call("PUT", "/metrics", Some(&body));
     assert_eq!(status, 204, "{answer}");
@@ -817,13 +702,10 @@ fn send_ctrl_alt_del_reaches_the_guest_keyboard() {
     if curl_missing() || kvm_missing() {
         return;
     }
-    let Some(guest) = test_guest() else { return };
+    let guest = test_guest();
     let mut flick = Flick::spawn(&[]);
     flick.boot(&guest, "tg.smp=0 tg.quiet=1 tg.kbd=1");
-    let start = Instant::now();
-    while !flick.stdout().contains("kbd: waiting") && start.elapsed() < EXIT_TIMEOUT {
-        thread::sleep(Duration::from_millis(5));
-    }
+    flick.wait_for_output("kbd: waiting");
     let (status, body) = flick.curl_call(
         "PUT",
         "/actions",

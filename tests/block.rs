@@ -303,25 +303,22 @@ fn ops_rate_limit_slows_random_reads_to_the_configured_rate() {
     let dir = TempDir::new("blkrl");
     let image = disk(&dir, "rl.img", 2048, 0);
     let args = "tg.blk=bench tg.blk_ops=300 tg.blk_mib=1";
-    let unlimited = run_config(&config(args, vec![drive("rl", &image, true)]), &[], b"");
-    unlimited.assert_clean_exit();
     let mut limited_drive = drive("rl", &image, true);
     // 50 ops per 100 ms = 500 ops/s; the first 50 come from the full bucket.
     limited_drive["rate_limiter"] = serde_json::json!({"ops": {"size": 50, "refill_time": 100}});
     let limited = run_config(&config(args, vec![limited_drive]), &[], b"");
     limited.assert_clean_exit();
-    let fast = bench_us(&unlimited, "randread4k");
     let slow = bench_us(&limited, "randread4k");
-    eprintln!("randread4k: unlimited {fast} us, limited {slow} us");
-    // 250 throttled ops at 500/s take at least 0.5 s.
+    eprintln!("randread4k limited to 500 ops/s: {slow} us");
+    // 250 throttled ops at 500/s take at least 0.5 s however fast or slow the host is (10%
+    // slack for how the guest's clock brackets the run). No comparison with an unlimited run:
+    // on a loaded host that one is slow too.
     assert!(slow >= 450_000.0, "limited run too fast: {slow} us");
+    // Ten times the configured time: catches a limiter that refills far too slowly, with room
+    // for a slow host's own run time.
     assert!(
         slow <= 5_000_000.0,
         "limited run far slower than configured: {slow} us"
-    );
-    assert!(
-        slow > fast * 2.0,
-        "limit had no visible effect: {fast} vs {slow}"
     );
 }
 

@@ -133,13 +133,6 @@ fn tx_rate_limit_slows_the_guest_to_the_configured_rate() {
     let ns = NetNs::new("rl", 24);
     let dir = TempDir::new("netrl");
     let args = "tg.net=bench tg.net_frames=400 tg.net_size=200";
-    let (child, out) = spawn_in(
-        &ns,
-        &dir,
-        "free",
-        &net_config(&ns, args, "06:00:0a:00:18:02"),
-    );
-    assert_eq!(finish(child), Some(0));
     let mut cfg = net_config(&ns, args, "06:00:0a:00:18:02");
     // 100 frames per 100 ms = 1000 frames/s; the first 100 come from the full bucket.
     cfg["network-interfaces"][0]["tx_rate_limiter"] =
@@ -149,26 +142,22 @@ fn tx_rate_limit_slows_the_guest_to_the_configured_rate() {
     let err = std::fs::read_to_string(dir.path("limited.err")).unwrap_or_default();
     let text = std::fs::read_to_string(&limited_out).unwrap_or_default();
     assert_eq!(code, Some(0), "{text}\n{err}");
-    let us = |path: &PathBuf| -> f64 {
-        let text = std::fs::read_to_string(path).unwrap();
-        let line = text
-            .lines()
-            .find(|l| l.starts_with("netbench: tx "))
-            .unwrap_or_default();
-        line.split("us=")
-            .nth(1)
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_else(|| panic!("{text}"))
-    };
-    let (fast, slow) = (us(&out), us(&limited_out));
-    eprintln!("tx 400 frames: unlimited {fast} us, limited {slow} us");
-    // 300 frames beyond the full bucket at 1000/s take 0.3 s; allow 20% for how the guest's
-    // clock brackets the run.
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("netbench: tx "))
+        .unwrap_or_default();
+    let slow: f64 = line
+        .split("us=")
+        .nth(1)
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{text}"));
+    eprintln!("tx 400 frames limited to 1000 frames/s: {slow} us");
+    // 300 frames beyond the full bucket at 1000/s take at least 0.3 s however fast or slow the
+    // host is; allow 20% for how the guest's clock brackets the run. No comparison with an
+    // unlimited run: on a loaded host that one is slow too.
     assert!(slow >= 240_000.0, "limited run too fast: {slow} us");
-    assert!(
-        slow > fast * 3.0,
-        "limit had no visible effect: {fast} vs {slow}"
-    );
+    // About 16 times the configured time: catches a limiter that refills far too slowly, with
+    // room for a slow host's own run time.
     assert!(
         slow <= 5_000_000.0,
         "limited run far slower than configured: {slow} us"

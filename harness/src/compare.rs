@@ -812,7 +812,7 @@ fn plan_restore(
         // Let it count for a moment, then snapshot it mid-count.
         std::thread::sleep(Duration::from_millis(50));
         let call = |m: &str, p: &str, b: String| -> Result<(), String> {
-            match crate::http::request(&sock, m, p, Some(&b)) {
+            match flick_fixtures::http::request(&sock, m, p, Some(&b)) {
                 Ok((c, _)) if (200..300).contains(&c) => Ok(()),
                 Ok((c, body)) => Err(format!("{m} {p} answered {c}: {}", body.trim())),
                 Err(e) => Err(format!("{m} {p}: {e}")),
@@ -874,22 +874,25 @@ fn plan_restore(
 mod tests {
     use super::*;
 
-    /// The `--vmm NAME=PATH` path, pointed at flick itself (needs a release build and KVM).
+    /// The `--vmm NAME=PATH` path, pointed at flick itself: the binary named by `FLICK_BIN`
+    /// (scripts/test.sh passes the one its test run built), else the release build.
     #[test]
     fn vmm_variant_runs_flick() {
-        let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .unwrap()
-            .to_path_buf();
-        let flick = repo.join("target/release/flick");
-        let guest = repo.join("target/test-guest");
-        if !flick.is_file()
-            || !guest.join("testguest.elf").is_file()
-            || !Path::new("/dev/kvm").exists()
-        {
-            eprintln!("skipped: needs target/release/flick, target/test-guest and /dev/kvm");
+        let repo = flick_fixtures::repo_root();
+        let flick = std::env::var_os("FLICK_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| repo.join("target/release/flick"));
+        if !flick.is_file() {
+            flick_fixtures::skip(&format!(
+                "no flick binary at {} (set FLICK_BIN or build the release)",
+                flick.display()
+            ));
             return;
         }
+        if !flick_fixtures::kvm_available() {
+            return;
+        }
+        let guest = flick_fixtures::test_guest_dir().to_path_buf();
         let opts = Opts {
             runs: 2,
             linux_runs: 1,

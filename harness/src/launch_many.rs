@@ -347,7 +347,12 @@ pub fn run(o: &Opts) -> i32 {
         let ok = (0..n)
             .filter(|i| {
                 matches!(
-                    crate::http::request(&dir.join(format!("vm{i}.sock")), "GET", "/", None),
+                    flick_fixtures::http::request(
+                        &dir.join(format!("vm{i}.sock")),
+                        "GET",
+                        "/",
+                        None
+                    ),
                     Ok((200, _))
                 )
             })
@@ -450,7 +455,7 @@ fn probe_api(flick: &str, guest: &Path, dir: &Path) -> Result<(), String> {
             }
             break Err(err.trim().to_string());
         }
-        if let Ok((200, _)) = crate::http::request(&sock, "GET", "/", None) {
+        if let Ok((200, _)) = flick_fixtures::http::request(&sock, "GET", "/", None) {
             break Ok(());
         }
         if t0.elapsed() > Duration::from_secs(5) {
@@ -476,6 +481,8 @@ fn watch(dir: &Path, n: usize, stop: &AtomicBool) -> (Vec<Option<Instant>>, Vec<
     let fd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC | libc::IN_NONBLOCK) };
     if fd >= 0 {
         let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: `fd` is our inotify descriptor and `c` a NUL-terminated path that outlives
+        // the call.
         unsafe { libc::inotify_add_watch(fd, c.as_ptr(), libc::IN_MODIFY) };
     }
     let mut check = |i: usize, now: Instant, ready: &mut Vec<Option<Instant>>, left: &mut usize| {
@@ -503,6 +510,7 @@ fn watch(dir: &Path, n: usize, stop: &AtomicBool) -> (Vec<Option<Instant>>, Vec<
             unsafe { libc::poll(&mut pfd, 1, 20) };
             let now = Instant::now();
             loop {
+                // SAFETY: reads at most `buf.len()` bytes into `buf`, which we own.
                 let r = unsafe { libc::read(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len()) };
                 if r <= 0 {
                     break;
@@ -541,6 +549,7 @@ fn watch(dir: &Path, n: usize, stop: &AtomicBool) -> (Vec<Option<Instant>>, Vec<
         }
     }
     if fd >= 0 {
+        // SAFETY: closes the inotify descriptor this function opened; nothing uses it after.
         unsafe { libc::close(fd) };
     }
     (ready, boot)

@@ -5,7 +5,6 @@
 
 mod compare;
 mod host;
-mod http;
 mod launch_many;
 mod measure;
 mod plot;

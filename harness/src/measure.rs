@@ -11,7 +11,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::http;
+use flick_fixtures::http;
 
 /// Set by the SIGINT/SIGTERM handler; every wait loop checks it.
 pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -160,6 +160,7 @@ fn wait_exit_nowait(pid: i32) {
     loop {
         // SAFETY: plain syscall on our own child; `info` is written by the kernel.
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: waitid on our own child, writing only into `info`.
         let r = unsafe {
             libc::waitid(
                 libc::P_PID,
@@ -176,8 +177,9 @@ fn wait_exit_nowait(pid: i32) {
 
 /// Has `pid` exited? (does not reap)
 pub fn exited_nowait(pid: i32) -> bool {
-    // SAFETY: as above.
+    // SAFETY: siginfo_t is plain data; all zeroes is a valid value.
     let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: waitid on our own child, writing only into `info`.
     let r = unsafe {
         libc::waitid(
             libc::P_PID,
@@ -196,6 +198,7 @@ fn reap(pid: i32) -> (String, Option<i32>, f64, u64) {
     // SAFETY: `ru` is written by the kernel.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
     loop {
+        // SAFETY: wait4 on our own child, writing only into `status` and `ru`.
         let r = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
         if r == pid || std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
             break;

@@ -4,36 +4,8 @@ use serde_json::{json, Value};
 
 use crate::compare::VariantResult;
 
-#[derive(Clone, Copy, Debug)]
-pub struct Stats {
-    pub min: f64,
-    pub median: f64,
-    pub p90: f64,
-    pub max: f64,
-    pub n: usize,
-}
-
-/// Percentile by linear interpolation between order statistics.
-fn pct(sorted: &[f64], p: f64) -> f64 {
-    let pos = (sorted.len() - 1) as f64 * p;
-    let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
-    sorted[lo] + (sorted[hi] - sorted[lo]) * (pos - lo as f64)
-}
-
-pub fn stats(mut v: Vec<f64>) -> Option<Stats> {
-    v.retain(|x| x.is_finite());
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    Some(Stats {
-        min: v[0],
-        median: pct(&v, 0.5),
-        p90: pct(&v, 0.9),
-        max: v[v.len() - 1],
-        n: v.len(),
-    })
-}
+/// min / median / p90 / max, nearest-rank: the one percentile definition of flick's benchmarks.
+pub use flick_fixtures::stats::{stats, Stats};
 
 fn stats_json(s: Option<Stats>) -> Value {
     match s {
@@ -222,7 +194,7 @@ pub fn markdown_table(results: &[VariantResult]) -> String {
             },
         ));
     }
-    md.push_str("\nTimes are min / median / p90 over the runs; CPU and peak RSS are medians.\n");
+    md.push_str("\nTimes are min / median / p90 over the runs (nearest-rank percentiles: always a measured value); CPU and peak RSS are medians.\n");
     let failed: Vec<&VariantResult> = results.iter().filter(|r| !r.failures.is_empty()).collect();
     for r in failed {
         md.push_str(&format!(
@@ -276,19 +248,4 @@ pub fn markdown(host: &Value, results: &[VariantResult], runs: usize, started: &
         }
     }
     md
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn percentiles_interpolate() {
-        let s = stats(vec![5.0, 1.0, 3.0, 2.0, 4.0]).unwrap();
-        assert_eq!((s.min, s.median, s.max, s.n), (1.0, 3.0, 5.0, 5));
-        assert!((s.p90 - 4.6).abs() < 1e-9);
-        let s = stats(vec![1.0, 2.0]).unwrap();
-        assert_eq!(s.median, 1.5);
-        assert!(stats(vec![f64::NAN]).is_none());
-    }
 }

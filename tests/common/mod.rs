@@ -1,98 +1,31 @@
-//! Shared fixtures for integration tests: the test guests, a `TestVm` that runs the real `flick`
-//! binary with a config file, and the KVM availability rule (required in CI, skippable elsewhere).
+//! Fixtures for the integration tests: the shared fixture crate (`tests/fixtures`: HTTP client,
+//! test-guest builder, skip rule, temporary directories) plus what needs the path of the `flick`
+//! binary, which only flick's own test targets know: `run_config` and friends that run the real
+//! binary, and network namespaces for virtio-net tests.
 
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-/// Longest a test VM may run before the test fails (it is killed, never left hanging).
-pub const VM_TIMEOUT: Duration = Duration::from_secs(30);
+// Each test binary uses its own part of these.
+#[allow(unused_imports)]
+pub use flick_fixtures::http;
+#[allow(unused_imports)]
+pub use flick_fixtures::{
+    kvm_available, repo_root, skip, test_guest, test_guest_dir, test_guest_pvh, tool_available,
+    TempDir,
+};
 
-pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+/// Longest a test VM may run, or a test may wait for one, before the test fails (the VM is
+/// killed, never left hanging). A hang detector, not a performance bound.
+pub const VM_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub fn flick_bin() -> &'static str {
     env!("CARGO_BIN_EXE_flick")
-}
-
-/// True when KVM is usable. Without it: a failure under CI, a skip (with a message) elsewhere.
-pub fn kvm_available() -> bool {
-    if Path::new("/dev/kvm").exists() {
-        return true;
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!("/dev/kvm is missing: KVM tests cannot be skipped in CI");
-    }
-    eprintln!("skipping: /dev/kvm is missing on this host");
-    false
-}
-
-/// A private temporary directory, removed on drop.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> TempDir {
-        static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("flick-{tag}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-
-    pub fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-
-    pub fn write(&self, name: &str, bytes: &[u8]) -> PathBuf {
-        let path = self.path(name);
-        std::fs::write(&path, bytes).unwrap();
-        path
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Builds the test guests once per test binary (make is incremental; a file lock serialises
-/// concurrent test binaries) and returns the output directory.
-pub fn test_guest_dir() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let out = repo_root().join("target/test-guest");
-        std::fs::create_dir_all(&out).unwrap();
-        let lock = std::fs::File::create(out.join(".lock")).unwrap();
-        // SAFETY: flock on an fd we own; released when `lock` is dropped.
-        unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
-        let status = Command::new("make")
-            .arg("-s")
-            .arg("-C")
-            .arg(repo_root().join("resources/guest/test-guest"))
-            .arg(format!("OUT={}", out.display()))
-            .status()
-            .expect("run make for the test guests");
-        assert!(status.success(), "building the test guests failed");
-        out
-    })
-}
-
-/// The 64-bit Linux boot protocol test guest.
-pub fn test_guest() -> PathBuf {
-    test_guest_dir().join("testguest.elf")
-}
-
-/// The PVH test guest.
-pub fn test_guest_pvh() -> PathBuf {
-    test_guest_dir().join("testguest-pvh.elf")
 }
 
 /// What a finished VM printed and how it ended.
@@ -203,46 +136,13 @@ pub fn guest_config(
 
 /// One HTTP request over the API socket; returns status and body.
 pub fn api_call(sock: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
-    use std::io::BufRead;
-    let mut stream = std::os::unix::net::UnixStream::connect(sock).expect("connect to the API");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    let body = body.unwrap_or("");
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).unwrap();
-    let mut reader = std::io::BufReader::new(stream);
-    let mut status_line = String::new();
-    reader.read_line(&mut status_line).unwrap();
-    let status = status_line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let mut rest = String::new();
-    let _ = reader.read_to_string(&mut rest);
-    let body = rest
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
+    http::request(sock, method, path, body)
+        .unwrap_or_else(|e| panic!("{method} {path} on {}: {e}", sock.display()))
 }
 
 /// Waits until `sock` accepts connections.
 pub fn wait_for_socket(sock: &Path) {
-    let start = Instant::now();
-    while std::os::unix::net::UnixStream::connect(sock).is_err() {
-        assert!(
-            start.elapsed() < VM_TIMEOUT,
-            "API socket {} never came up",
-            sock.display()
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    http::wait_for_socket(sock, VM_TIMEOUT);
 }
 
 /// Polls `file` until it contains `needle`.
@@ -392,10 +292,7 @@ pub fn netns_available() -> bool {
     if root && ip {
         return true;
     }
-    if std::env::var_os("CI").is_some() {
-        panic!("network tests need root and iproute2 in CI");
-    }
-    eprintln!("skipping: network namespace tests need root and iproute2");
+    skip("network namespace tests need root and iproute2");
     false
 }
 
