@@ -47,6 +47,19 @@ echo "== cargo clippy (flick, tests/fixtures, harness)" >&2
 cargo clippy --all-targets --quiet -- -D warnings
 cargo clippy --manifest-path harness/Cargo.toml --all-targets --quiet -- -D warnings
 
+echo "== layering (scripts/check-layering.sh)" >&2
+scripts/check-layering.sh
+
+echo "== generic code builds for aarch64 (cargo check --lib --target aarch64-unknown-linux-gnu)" >&2
+aarch64_skipped=
+if rustup target list --installed 2>/dev/null | grep -qx aarch64-unknown-linux-gnu ||
+    rustup target add aarch64-unknown-linux-gnu >&2; then
+    cargo check --lib --quiet --target aarch64-unknown-linux-gnu
+else
+    aarch64_skipped="[SKIP] aarch64 check: rustup cannot add the aarch64-unknown-linux-gnu target here"
+    echo "$aarch64_skipped" >&2
+fi
+
 echo "== cargo test" >&2
 shift_args=()
 if [[ "${1:-}" == "--" ]]; then shift; shift_args=("$@"); fi
@@ -59,6 +72,9 @@ FLICK_BIN="$target_dir/debug/flick" cargo test --manifest-path harness/Cargo.tom
     | tee "$log_dir/harness.log" || status=$?
 
 skipped=$(grep -ho '\[SKIP\] .*' "$log_dir/flick.log" "$log_dir/harness.log" || true)
+if [[ -n "$aarch64_skipped" ]]; then
+    skipped=$(printf '%s\n%s' "$aarch64_skipped" "$skipped" | sed '/^$/d')
+fi
 if [[ -n "$skipped" ]]; then
     echo "test.sh: $(wc -l <<<"$skipped") tests SKIPPED (cargo counts them as passed):" >&2
     sed 's/^/  /' <<<"$skipped" >&2

@@ -7,9 +7,6 @@
 //! Threads: the VMM thread (event loop in `vmm`), one thread per vCPU (`kvm::vcpu`), and the API
 //! threads (`api`: the `flick_api` acceptor and one thread per open connection).
 
-#![deny(clippy::undocumented_unsafe_blocks)]
-#![deny(unsafe_op_in_unsafe_fn)]
-
 pub mod api;
 pub mod arch;
 pub mod config;

@@ -276,7 +276,7 @@ fn socket_is_removed_when_the_guest_resets() {
 fn socket_is_removed_on_sigterm() {
     let mut flick = Flick::spawn(&[]);
     // SAFETY: sends a signal to a child process this test owns.
-    let rc = unsafe { libc::kill(flick.child.id() as i32, libc::SIGTERM) };
+    let rc = unsafe { libc::kill(flick.child.id().cast_signed(), libc::SIGTERM) };
     assert_eq!(rc, 0);
     let status = flick.wait_exit();
     assert!(!status.success());

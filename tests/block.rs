@@ -19,7 +19,7 @@ fn mix64(mut z: u64) -> u64 {
 /// The bytes the test guest writes to sectors `[first, first + count)` for `seed`.
 fn pattern(seed: u64, first: u64, count: u64) -> Vec<u8> {
     let base = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    let mut out = Vec::with_capacity(count as usize * SECTOR);
+    let mut out = Vec::with_capacity(usize::try_from(count).unwrap() * SECTOR);
     for s in first..first + count {
         for j in 0..64 {
             out.extend_from_slice(&mix64(base.wrapping_add(s * 64 + j)).to_le_bytes());

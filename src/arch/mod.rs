@@ -134,6 +134,14 @@ pub struct Legacy {
     pub stopping: Arc<AtomicBool>,
 }
 
+impl std::fmt::Debug for Legacy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Legacy")
+            .field("has_i8042", &self.i8042.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
 /// Makes the serial device from its interrupt trigger and its drained trigger.
 pub type MakeSerial<'a> =
     Box<dyn FnOnce(EventFdTrigger, EventFdTrigger) -> Result<SerialDevice, String> + 'a>;

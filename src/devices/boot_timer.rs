@@ -21,7 +21,8 @@ fn cpu_clock_us(clock: libc::clockid_t) -> u64 {
     if rc != 0 {
         return 0;
     }
-    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000
+    let positive = |n: libc::c_long| u64::try_from(n).unwrap_or(0);
+    positive(ts.tv_sec) * 1_000_000 + positive(ts.tv_nsec) / 1_000
 }
 
 /// CPU time this process has used, in microseconds.
@@ -84,7 +85,7 @@ impl BusDevice for BootTimer {
         if offset != 0 || data.first() != Some(&MAGIC_VALUE) {
             return;
         }
-        let boot_us = self.start.elapsed().as_micros() as u64;
+        let boot_us = u64::try_from(self.start.elapsed().as_micros()).unwrap_or(u64::MAX);
         let cpu_us = process_cpu_us().saturating_sub(self.start_cpu_us);
         if self.times.boot_us.load(Ordering::Relaxed) != 0 {
             return; // only the first write counts

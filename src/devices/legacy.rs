@@ -124,14 +124,20 @@ impl BusDevice for SerialDevice {
             data.fill(0);
             return;
         }
-        data[0] = self.inner.read(offset as u8);
+        let Ok(offset) = u8::try_from(offset) else {
+            return;
+        };
+        data[0] = self.inner.read(offset);
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         if data.len() != 1 || offset >= 8 {
             return;
         }
-        if self.inner.write(offset as u8, data[0]).is_err() {
+        let Ok(offset) = u8::try_from(offset) else {
+            return;
+        };
+        if self.inner.write(offset, data[0]).is_err() {
             self.lost_bytes += 1;
         }
     }

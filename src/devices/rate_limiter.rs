@@ -110,7 +110,8 @@ impl TokenBucket {
         let scaled = elapsed * u128::from(self.size) + self.carry;
         let tokens = scaled / u128::from(self.refill_ns);
         self.carry = scaled % u128::from(self.refill_ns);
-        self.budget = (u128::from(self.budget) + tokens).min(u128::from(self.size)) as u64;
+        let refilled = (u128::from(self.budget) + tokens).min(u128::from(self.size));
+        self.budget = u64::try_from(refilled).unwrap_or(self.size);
         if self.budget == self.size {
             self.carry = 0;
         }
@@ -137,7 +138,7 @@ impl TokenBucket {
         let rest = tokens.saturating_sub(self.one_time_burst).min(self.size);
         let missing = rest.saturating_sub(self.budget);
         let ns = (u128::from(missing) * u128::from(self.refill_ns)).div_ceil(u128::from(self.size));
-        Duration::from_nanos(ns.min(u128::from(u64::MAX)) as u64).max(Duration::from_micros(100))
+        Duration::from_nanos(u64::try_from(ns).unwrap_or(u64::MAX)).max(Duration::from_micros(100))
     }
 }
 

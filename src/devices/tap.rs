@@ -78,7 +78,8 @@ impl Tap {
                 _ => TapError::Attach(name.into(), err),
             });
         }
-        let hdr_len = VNET_HDR_LEN as libc::c_int;
+        const _: () = assert!(VNET_HDR_LEN == 12);
+        let hdr_len: libc::c_int = 12;
         // SAFETY: TUNSETVNETHDRSZ reads one int we own.
         let rc = unsafe {
             libc::ioctl(

@@ -183,6 +183,15 @@ pub struct Vcpu {
     pub wake: EventFd,
 }
 
+impl std::fmt::Debug for Vcpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vcpu")
+            .field("index", &self.index)
+            .field("start_paused", &self.start_paused)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Vcpu {
     /// Starts the run loop on a new thread.
     pub fn spawn(self) -> Result<VcpuHandle, VcpuError> {

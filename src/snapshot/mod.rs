@@ -20,6 +20,7 @@ pub const FORMAT_VERSION: u32 = 2;
 const HEADER_BYTES: usize = 8 + 4 + 8 + 4;
 /// Size of the memory file's trailer.
 pub const MEM_TRAILER_BYTES: u64 = 4096;
+const TRAILER_LEN: usize = 4096;
 /// Largest state payload accepted (a sanity bound against corrupted lengths).
 const MAX_PAYLOAD_BYTES: u64 = 64 << 20;
 
@@ -98,10 +99,9 @@ pub fn decode_state<'a>(name: &str, bytes: &'a [u8]) -> Result<&'a [u8], Snapsho
         return Err(SnapshotError::Checksum(name.into()));
     }
     let payload = &bytes[HEADER_BYTES..];
-    if (payload.len() as u64) < len {
+    let Some(payload) = usize::try_from(len).ok().and_then(|n| payload.get(..n)) else {
         return Err(SnapshotError::Truncated(name.into()));
-    }
-    let payload = &payload[..len as usize];
+    };
     if crc32(payload) != crc {
         return Err(SnapshotError::Checksum(name.into()));
     }
@@ -136,7 +136,7 @@ pub fn read_state_file(path: &Path) -> Result<Vec<u8>, SnapshotError> {
 
 /// The memory file's trailer.
 pub fn mem_trailer(snapshot_id: u64, ram_bytes: u64) -> Vec<u8> {
-    let mut page = vec![0u8; MEM_TRAILER_BYTES as usize];
+    let mut page = vec![0u8; TRAILER_LEN];
     page[..8].copy_from_slice(MEM_MAGIC);
     page[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
     page[12..20].copy_from_slice(&snapshot_id.to_le_bytes());
@@ -161,7 +161,7 @@ pub fn check_mem_file(
     if size < MEM_TRAILER_BYTES {
         return Err(SnapshotError::NotAMemFile(path.into()));
     }
-    let mut page = vec![0u8; MEM_TRAILER_BYTES as usize];
+    let mut page = vec![0u8; TRAILER_LEN];
     file.read_exact_at(&mut page, size - MEM_TRAILER_BYTES)
         .map_err(|e| SnapshotError::Read(path.into(), e))?;
     if &page[..8] != MEM_MAGIC {
@@ -190,7 +190,7 @@ pub fn check_mem_file(
 pub fn new_snapshot_id() -> u64 {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
+        .map(|d| u64::try_from(d.as_nanos() & u128::from(u64::MAX)).unwrap_or(0))
         .unwrap_or(0);
     let mut x = nanos ^ (u64::from(std::process::id()) << 32);
     x ^= x >> 33;

@@ -70,6 +70,15 @@ pub struct BuildContext {
     pub boot_times: Arc<BootTimes>,
 }
 
+impl std::fmt::Debug for BuildContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BuildContext")
+            .field("host", &self.host)
+            .field("boot_timer_log", &self.boot_timer_log)
+            .finish_non_exhaustive()
+    }
+}
+
 /// A VM whose vCPUs are running.
 pub struct RunningVm {
     pub vm: Vm,
@@ -172,6 +181,14 @@ pub struct Vcpus {
     /// Why a vCPU stopped; signalled on `wake`.
     pub events: mpsc::Receiver<VcpuEvent>,
     pub wake: EventFd,
+}
+
+impl std::fmt::Debug for Vcpus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vcpus")
+            .field("count", &self.handles.len())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Starts one thread per configured vCPU (`(fd, config)` in index order).

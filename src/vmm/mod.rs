@@ -52,6 +52,14 @@ pub struct VmmOptions {
     pub serial_in: bool,
 }
 
+impl std::fmt::Debug for VmmOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmmOptions")
+            .field("instance_id", &self.instance_id)
+            .finish_non_exhaustive()
+    }
+}
+
 /// The VMM: configuration, lifecycle and (once started) the running VM.
 pub struct Vmm {
     options: VmmOptions,
@@ -68,6 +76,15 @@ pub struct Vmm {
     metrics_timer: Option<vmm_sys_util::timerfd::TimerFd>,
     stdin_open: bool,
     pending_input: Vec<u8>,
+}
+
+impl std::fmt::Debug for Vmm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vmm")
+            .field("state", &self.state)
+            .field("host", &self.host)
+            .finish_non_exhaustive()
+    }
 }
 
 pub(crate) const STDIN_FD: i32 = 0;

@@ -70,7 +70,17 @@ pub struct DeviceEntry {
     pub transport: Arc<Mutex<MmioTransport>>,
 }
 
+impl std::fmt::Debug for DeviceEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceEntry")
+            .field("kind", &self.kind.name)
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Devices opened (files, TAPs) but not yet attached to a VM, in slot order.
+#[derive(Debug)]
 pub struct Opened(Vec<(&'static DeviceKind, NewDevice)>);
 
 impl Opened {
@@ -122,6 +132,14 @@ pub struct Registry {
     pub slots: Vec<VirtioSlot>,
     /// `virtio_mmio.device=` and device entries (`root=`) for the kernel command line.
     pub cmdline: Vec<String>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("devices", &self.entries)
+            .finish_non_exhaustive()
+    }
 }
 
 fn eventfd() -> Result<EventFd, RegistryError> {

@@ -23,6 +23,7 @@ use crate::snapshot::format::{saved_machine, VmSnapshot};
 use crate::snapshot::{self, SnapshotError};
 
 const PAGE: usize = 4096;
+const PAGE_I64: i64 = 4096;
 const CHUNK: usize = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
@@ -80,12 +81,12 @@ fn write_memory(
     for &(start, size) in ram {
         let mut done = 0u64;
         while done < size {
-            let n = (size - done).min(CHUNK as u64) as usize;
+            let n = usize::try_from((size - done).min(CHUNK as u64)).unwrap_or(CHUNK);
             mem.read_slice(&mut buf[..n], GuestAddress(start + done))
                 .map_err(|e| std::io::Error::other(e.to_string()))?;
             for page in buf[..n].chunks(PAGE) {
                 if page.iter().all(|&b| b == 0) {
-                    file.seek(SeekFrom::Current(page.len() as i64))?;
+                    file.seek(SeekFrom::Current(PAGE_I64))?;
                 } else {
                     file.write_all(page)?;
                 }
@@ -170,7 +171,8 @@ fn map_memory(
         let clone = file
             .try_clone()
             .map_err(|e| SnapshotOpError::Map(path.into(), e))?;
-        let region = MmapRegionBuilder::new(size as usize)
+        let len = usize::try_from(size).map_err(|_| map_err(&"RAM range too large"))?;
+        let region = MmapRegionBuilder::new(len)
             .with_file_offset(FileOffset::new(clone, offset))
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)

@@ -128,7 +128,8 @@ pub fn load_initrd(
         limit,
     };
     let addr = initrd_address(size, kernel_end, limit).ok_or_else(too_large)?;
-    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
+    let len = usize::try_from(size).map_err(|_| too_large())?;
+    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, len)
         .map_err(|e| BootError::ReadInitrd(path.into(), e))?;
     Ok((addr, size))
 }

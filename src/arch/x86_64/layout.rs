@@ -40,6 +40,7 @@ pub const IOAPIC_START: u64 = 0xfec0_0000;
 pub const APIC_START: u64 = 0xfee0_0000;
 /// KVM's TSS (three pages) just below the IO-APIC.
 pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
+pub const KVM_TSS_ADDRESS_USIZE: usize = 0xfffb_d000;
 /// Serial port base and IRQ.
 pub const SERIAL_PORT: u16 = 0x3f8;
 pub const SERIAL_IRQ: u32 = 4;

@@ -124,7 +124,7 @@ impl Arch for X86_64 {
     /// The TSS, the in-kernel irqchip and the PIT. After memory registration: installing memory
     /// slots is several times slower on some hosts once an irqchip exists.
     fn setup_vm(vm: &VmFd) -> Result<(), ArchError> {
-        vm.set_tss_address(layout::KVM_TSS_ADDRESS as usize)
+        vm.set_tss_address(layout::KVM_TSS_ADDRESS_USIZE)
             .map_err(kvm_error("set up the VM's TSS"))?;
         vm.create_irq_chip()
             .map_err(kvm_error("set up the VM's irqchip"))?;

@@ -1,5 +1,12 @@
 //! Intel MultiProcessor Specification 1.4 table: tells the guest how many CPUs it has, where the
 //! IO-APIC is and how legacy IRQs are wired. Pure data; the result is written at the EBDA.
+//!
+//! Narrowing casts here are exact: table fields are sized by the MP specification and filled from constants and a vCPU count of at most 32.
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap
+)]
 
 use super::layout::{APIC_START, IOAPIC_START, LAST_DEVICE_IRQ};
 

@@ -1,6 +1,13 @@
 //! Initial vCPU state for the two entry protocols: Linux 64-bit (long mode, identity-mapped first
 //! GiB, RSI = boot_params) and PVH (32-bit protected mode, paging off, EBX = hvm_start_info).
 //! Also the boot GDT and page tables, which live in guest memory.
+//!
+//! Narrowing casts here are exact: GDT fields and LAPIC register bytes are built from constants.
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap
+)]
 
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs, Msrs};
 use kvm_ioctls::VcpuFd;

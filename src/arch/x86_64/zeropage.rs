@@ -1,6 +1,13 @@
 //! Boot information handed to the guest: Linux `boot_params` (the "zero page") for the 64-bit and
 //! bzImage protocols, and `hvm_start_info` for the PVH protocol. Pure data: the caller writes the
 //! results into guest memory.
+//!
+//! Narrowing casts here are exact: boot_params fields are filled from the memory layout and a command line bounded by CMDLINE_MAX_SIZE.
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap
+)]
 
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
 

@@ -33,9 +33,12 @@ const T_IN: u32 = vb::VIRTIO_BLK_T_IN;
 const T_OUT: u32 = vb::VIRTIO_BLK_T_OUT;
 const T_FLUSH: u32 = vb::VIRTIO_BLK_T_FLUSH;
 const T_GET_ID: u32 = vb::VIRTIO_BLK_T_GET_ID;
-// The status values are 0, 1 and 2: they fit a byte.
+// The status values are 0, 1 and 2 and the id is 20 bytes: the casts are exact.
+#[allow(clippy::cast_possible_truncation)]
 const S_OK: u8 = vb::VIRTIO_BLK_S_OK as u8;
+#[allow(clippy::cast_possible_truncation)]
 const S_IOERR: u8 = vb::VIRTIO_BLK_S_IOERR as u8;
+#[allow(clippy::cast_possible_truncation)]
 const S_UNSUPP: u8 = vb::VIRTIO_BLK_S_UNSUPP as u8;
 const ID_BYTES: usize = vb::VIRTIO_BLK_ID_BYTES as usize;
 const HEADER_BYTES: u32 = 16;
@@ -440,7 +443,7 @@ impl Block {
                         .map_err(|_| S_IOERR)?;
                     written += n;
                 }
-                Ok(written as u32)
+                Ok(u32::try_from(written).unwrap_or(0))
             }
             Request::Unsupported => Err(S_UNSUPP),
         }
@@ -677,7 +680,7 @@ mod tests {
         let n = N.fetch_add(1, Ordering::Relaxed);
         let path = std::env::temp_dir().join(format!("flick-blk-{}-{n}", std::process::id()));
         let content: Vec<u8> = (0..sectors * SECTOR_SIZE)
-            .map(|i| (i / SECTOR_SIZE) as u8)
+            .map(|i| (i / SECTOR_SIZE).to_le_bytes()[0])
             .collect();
         std::fs::write(&path, content).unwrap();
         let backing = Backing::open(path.to_str().unwrap(), read_only).unwrap();

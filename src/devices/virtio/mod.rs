@@ -113,6 +113,7 @@ impl DeviceError {
 }
 
 /// What a device receives when the driver sets DRIVER_OK.
+#[derive(Debug)]
 pub struct Activation {
     pub mem: GuestMemoryMmap,
     pub queues: Vec<Queue>,
@@ -203,6 +204,15 @@ pub struct NewDevice {
     pub cmdline: Vec<String>,
 }
 
+impl std::fmt::Debug for NewDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NewDevice")
+            .field("id", &self.id)
+            .field("cmdline", &self.cmdline)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Snapshot-load retargeting of devices to other host resources.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Overrides<'a> {
@@ -253,6 +263,14 @@ pub struct VirtioSlot {
     device: SharedVirtioDevice,
     activate_evt: EventFd,
     queue_evts: Vec<EventFd>,
+}
+
+impl std::fmt::Debug for VirtioSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VirtioSlot")
+            .field("queues", &self.queue_evts.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl VirtioSlot {

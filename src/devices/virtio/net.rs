@@ -356,7 +356,7 @@ impl<B: NetBackend> Net<B> {
                 Some(n) => {
                     self.stats.rx_frames.fetch_add(1, Ordering::Relaxed);
                     self.stats.rx_bytes.fetch_add(frame_len, Ordering::Relaxed);
-                    n as u32
+                    u32::try_from(n).unwrap_or(0)
                 }
                 None => {
                     self.stats.rx_dropped.fetch_add(1, Ordering::Relaxed);
