@@ -43,6 +43,12 @@ pub enum ConfigError {
     Mac(String),
     #[error("invalid host_dev_name \"{0}\": must be 1 to 15 bytes without '/' or whitespace")]
     TapName(String),
+    #[error("mem_backend Uffd is not supported by flick yet")]
+    UffdBackend,
+    #[error("give either mem_backend or mem_file_path, not both")]
+    TwoMemBackends,
+    #[error("missing mem_backend")]
+    NoMemBackend,
     #[error("invalid cpu_template \"{0}\": only \"None\" is supported (see cpu_profile)")]
     CpuTemplate(String),
 }
@@ -426,13 +432,13 @@ pub struct SnapshotLoadConfig {
 
 impl SnapshotLoadConfig {
     /// The memory file to map, from either spelling.
-    pub fn mem_file(&self) -> Result<&str, String> {
+    pub fn mem_file(&self) -> Result<&str, ConfigError> {
         match (&self.mem_backend, &self.mem_file_path) {
             (Some(b), None) if b.backend_type == MemBackendType::File => Ok(&b.backend_path),
-            (Some(_), None) => Err("mem_backend Uffd is not supported by flick yet".into()),
+            (Some(_), None) => Err(ConfigError::UffdBackend),
             (None, Some(path)) => Ok(path),
-            (Some(_), Some(_)) => Err("give either mem_backend or mem_file_path, not both".into()),
-            (None, None) => Err("missing mem_backend".into()),
+            (Some(_), Some(_)) => Err(ConfigError::TwoMemBackends),
+            (None, None) => Err(ConfigError::NoMemBackend),
         }
     }
 }

@@ -123,24 +123,45 @@ enum VmStateRequest {
     Resumed,
 }
 
-/// The action a request asks for, or why it cannot be served (the `fault_message`).
+/// Why a request cannot be served; the message is the `fault_message` (Firecracker's texts).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    #[error("Invalid request method and/or path: {0} {1}.")]
+    InvalidPath(String, String),
+    #[error("GET request cannot have a body.")]
+    GetWithBody,
+    #[error("Empty {0} request.")]
+    EmptyBody(&'static str),
+    #[error("{0} {1} is not supported by flick yet.")]
+    NotYetSupported(String, String),
+    #[error("{EMPTY_ID}")]
+    EmptyId,
+    #[error("{INVALID_ID}")]
+    InvalidId,
+    #[error("{ID_MISMATCH}")]
+    IdMismatch,
+    #[error("An error occurred when deserializing the json body of a request: {0}.")]
+    Json(String),
+}
+
+/// The action a request asks for, or why it cannot be served.
 /// An empty `body` means the request had none.
-pub fn route(method: &str, path: &str, body: &[u8]) -> Result<Action, String> {
-    let invalid = || format!("Invalid request method and/or path: {method} {path}.");
+pub fn route(method: &str, path: &str, body: &[u8]) -> Result<Action, RouteError> {
+    let invalid = || RouteError::InvalidPath(method.into(), path.into());
     let segments = segments(path).ok_or_else(invalid)?;
     let found = match (method, body.is_empty()) {
         ("GET", true) => get(&segments).map(Ok),
-        ("GET", false) => return Err("GET request cannot have a body.".into()),
+        ("GET", false) => return Err(RouteError::GetWithBody),
         ("PUT", false) => put(&segments, body),
-        ("PUT", true) => return Err("Empty PUT request.".into()),
+        ("PUT", true) => return Err(RouteError::EmptyBody("PUT")),
         ("PATCH", false) => patch(&segments, body),
-        ("PATCH", true) => return Err("Empty PATCH request.".into()),
+        ("PATCH", true) => return Err(RouteError::EmptyBody("PATCH")),
         _ => None,
     };
     match found {
         Some(result) => result,
         None if firecracker_only(&segments) => {
-            Err(format!("{method} {path} is not supported by flick yet."))
+            Err(RouteError::NotYetSupported(method.into(), path.into()))
         }
         None => Err(invalid()),
     }
@@ -165,13 +186,13 @@ fn get(segments: &[&str]) -> Option<Action> {
     Some(action)
 }
 
-fn put(segments: &[&str], body: &[u8]) -> Option<Result<Action, String>> {
+fn put(segments: &[&str], body: &[u8]) -> Option<Result<Action, RouteError>> {
     let result = match segments {
         ["machine-config"] => parse::<MachineConfig>(body).map(Action::PutMachineConfig),
         ["boot-source"] => parse::<BootSourceConfig>(body).map(Action::PutBootSource),
-        ["drives"] => Err(EMPTY_ID.into()),
+        ["drives"] => Err(RouteError::EmptyId),
         ["drives", id] => with_id(id, body, |d: &DriveConfig| &d.drive_id).map(Action::PutDrive),
-        ["network-interfaces"] => Err(EMPTY_ID.into()),
+        ["network-interfaces"] => Err(RouteError::EmptyId),
         ["network-interfaces", id] => {
             with_id(id, body, |n: &NetConfig| &n.iface_id).map(Action::PutNetworkInterface)
         }
@@ -191,10 +212,10 @@ fn put(segments: &[&str], body: &[u8]) -> Option<Result<Action, String>> {
     Some(result)
 }
 
-fn patch(segments: &[&str], body: &[u8]) -> Option<Result<Action, String>> {
+fn patch(segments: &[&str], body: &[u8]) -> Option<Result<Action, RouteError>> {
     let result = match segments {
         ["machine-config"] => parse::<MachineConfigUpdate>(body).map(Action::PatchMachineConfig),
-        ["drives"] | ["network-interfaces"] => Err(EMPTY_ID.into()),
+        ["drives"] | ["network-interfaces"] => Err(RouteError::EmptyId),
         ["drives", id] => with_id(id, body, |d: &DriveUpdate| &d.drive_id).map(Action::PatchDrive),
         ["network-interfaces", id] => {
             with_id(id, body, |n: &NetUpdate| &n.iface_id).map(Action::PatchNetworkInterface)
@@ -226,29 +247,24 @@ fn with_id<T: DeserializeOwned>(
     id: &str,
     body: &[u8],
     body_id: impl Fn(&T) -> &String,
-) -> Result<T, String> {
+) -> Result<T, RouteError> {
     check_id(id)?;
     let value: T = parse(body)?;
     if body_id(&value) != id {
-        return Err(ID_MISMATCH.into());
+        return Err(RouteError::IdMismatch);
     }
     Ok(value)
 }
 
-fn check_id(id: &str) -> Result<(), String> {
+fn check_id(id: &str) -> Result<(), RouteError> {
     if id.is_empty() {
-        return Err(EMPTY_ID.into());
+        return Err(RouteError::EmptyId);
     }
-    validate_id(id).map_err(|_| INVALID_ID.to_string())
+    validate_id(id).map_err(|_| RouteError::InvalidId)
 }
 
-fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, String> {
-    serde_json::from_slice(body).map_err(|e| {
-        format!(
-            "An error occurred when deserializing the json body of a request: {}.",
-            describe_json_error(&e)
-        )
-    })
+fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, RouteError> {
+    serde_json::from_slice(body).map_err(|e| RouteError::Json(describe_json_error(&e)))
 }
 
 #[cfg(test)]
@@ -383,15 +399,19 @@ mod tests {
 
     #[test]
     fn unknown_route_is_refused_with_method_and_path() {
-        let err = route("GET", "/nope", b"").unwrap_err();
+        let err = route("GET", "/nope", b"").unwrap_err().to_string();
         assert_eq!(err, "Invalid request method and/or path: GET /nope.");
     }
 
     #[test]
     fn wrong_method_on_a_known_path_is_refused() {
-        let put_root = route("PUT", "/", b"{}").unwrap_err();
-        let delete = route("DELETE", "/machine-config", b"").unwrap_err();
-        let patch_boot = route("PATCH", "/boot-source", b"{}").unwrap_err();
+        let put_root = route("PUT", "/", b"{}").unwrap_err().to_string();
+        let delete = route("DELETE", "/machine-config", b"")
+            .unwrap_err()
+            .to_string();
+        let patch_boot = route("PATCH", "/boot-source", b"{}")
+            .unwrap_err()
+            .to_string();
         assert_eq!(put_root, "Invalid request method and/or path: PUT /.");
         assert!(delete.starts_with("Invalid request method and/or path: DELETE"));
         assert!(patch_boot.starts_with("Invalid request method and/or path: PATCH"));
@@ -399,20 +419,22 @@ mod tests {
 
     #[test]
     fn path_without_leading_slash_is_refused() {
-        let err = route("GET", "none", b"").unwrap_err();
+        let err = route("GET", "none", b"").unwrap_err().to_string();
         assert!(err.starts_with("Invalid request method and/or path"));
     }
 
     #[test]
     fn extra_path_segments_are_refused() {
-        let err = route("PUT", "/drives/a/b", DRIVE.as_bytes()).unwrap_err();
+        let err = route("PUT", "/drives/a/b", DRIVE.as_bytes())
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("Invalid request method and/or path"));
     }
 
     #[test]
     fn get_with_body_is_refused() {
         assert_eq!(
-            route("GET", "/", b"{}").unwrap_err(),
+            route("GET", "/", b"{}").unwrap_err().to_string(),
             "GET request cannot have a body."
         );
     }
@@ -420,18 +442,22 @@ mod tests {
     #[test]
     fn put_and_patch_without_body_are_refused() {
         assert_eq!(
-            route("PUT", "/machine-config", b"").unwrap_err(),
+            route("PUT", "/machine-config", b"")
+                .unwrap_err()
+                .to_string(),
             "Empty PUT request."
         );
         assert_eq!(
-            route("PATCH", "/vm", b"").unwrap_err(),
+            route("PATCH", "/vm", b"").unwrap_err().to_string(),
             "Empty PATCH request."
         );
     }
 
     #[test]
     fn malformed_json_names_the_problem() {
-        let err = route("PUT", "/machine-config", b"{\"vcpu_count\": 2,").unwrap_err();
+        let err = route("PUT", "/machine-config", b"{\"vcpu_count\": 2,")
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("An error occurred when deserializing the json body"));
         assert!(err.contains("EOF while parsing"), "{err}");
     }
@@ -443,19 +469,24 @@ mod tests {
             "/machine-config",
             br#"{"vcpu_count": 1, "mem_size_mib": 128, "turbo": true}"#,
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("unknown field `turbo`"), "{err}");
     }
 
     #[test]
     fn missing_required_field_is_named() {
-        let err = route("PUT", "/boot-source", br#"{"boot_args": "x"}"#).unwrap_err();
+        let err = route("PUT", "/boot-source", br#"{"boot_args": "x"}"#)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("missing field `kernel_image_path`"), "{err}");
     }
 
     #[test]
     fn unknown_action_type_is_refused() {
-        let err = route("PUT", "/actions", br#"{"action_type": "Explode"}"#).unwrap_err();
+        let err = route("PUT", "/actions", br#"{"action_type": "Explode"}"#)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("unknown variant `Explode`"), "{err}");
     }
 
@@ -468,7 +499,9 @@ mod tests {
             ("PUT", "/network-interfaces/"),
         ] {
             assert_eq!(
-                route(method, path, DRIVE.as_bytes()).unwrap_err(),
+                route(method, path, DRIVE.as_bytes())
+                    .unwrap_err()
+                    .to_string(),
                 EMPTY_ID,
                 "{method} {path}"
             );
@@ -477,26 +510,31 @@ mod tests {
 
     #[test]
     fn invalid_id_is_refused() {
-        let err = route("PUT", "/drives/root-fs", DRIVE.as_bytes()).unwrap_err();
+        let err = route("PUT", "/drives/root-fs", DRIVE.as_bytes())
+            .unwrap_err()
+            .to_string();
         assert_eq!(err, INVALID_ID);
     }
 
     #[test]
     fn path_id_different_from_body_id_is_refused() {
-        let drive = route("PUT", "/drives/other", DRIVE.as_bytes()).unwrap_err();
+        let drive = route("PUT", "/drives/other", DRIVE.as_bytes())
+            .unwrap_err()
+            .to_string();
         let net = route(
             "PATCH",
             "/network-interfaces/eth1",
             br#"{"iface_id": "eth0"}"#,
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert_eq!(drive, ID_MISMATCH);
         assert_eq!(net, ID_MISMATCH);
     }
 
     #[test]
     fn firecracker_endpoints_flick_lacks_say_so() {
-        let err = route("PUT", "/balloon", b"{}").unwrap_err();
+        let err = route("PUT", "/balloon", b"{}").unwrap_err().to_string();
         assert_eq!(err, "PUT /balloon is not supported by flick yet.");
     }
 

@@ -195,9 +195,9 @@ pub fn answer(request: &http::Request, shared: &Shared) -> Response {
     tracing::debug!("API request: {} {}", request.method, request.path);
     let action = match routes::route(&request.method, &request.path, &request.body) {
         Ok(action) => action,
-        Err(message) => {
-            tracing::debug!("API request refused: {message}");
-            return Response::fault(Status::BadRequest, &message);
+        Err(error) => {
+            tracing::debug!("API request refused: {error}");
+            return Response::fault(Status::BadRequest, &error.to_string());
         }
     };
     let wants_metrics = matches!(action, Action::GetMetrics);

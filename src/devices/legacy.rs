@@ -100,7 +100,7 @@ impl SerialDevice {
             in_buffer: snap.in_buffer.clone(),
         };
         let inner = Serial::from_state(&state, interrupt, InputDrained(drained), out)
-            .map_err(|e| format!("{e:?}"))?;
+            .map_err(|e| e.to_string())?;
         Ok(SerialDevice {
             inner,
             lost_bytes: 0,

@@ -32,8 +32,8 @@ pub enum SnapshotOpError {
     File(#[from] SnapshotError),
     #[error("Diff snapshots are not supported by flick yet")]
     DiffUnsupported,
-    #[error("{0}")]
-    BadParameters(String),
+    #[error(transparent)]
+    BadParameters(#[from] crate::config::ConfigError),
     #[error("network_overrides: the snapshot has no interface \"{0}\"")]
     UnknownOverride(String),
     #[error("the snapshot was taken on {0}; this flick runs {arch}", arch = Current::NAME)]
@@ -192,7 +192,7 @@ pub fn load(
     params: &SnapshotLoadConfig,
     ctx: BuildContext,
 ) -> Result<(RunningVm, VmSnapshot), SnapshotOpError> {
-    let mem_path = params.mem_file().map_err(SnapshotOpError::BadParameters)?;
+    let mem_path = params.mem_file()?;
     let state_name = params.snapshot_path.clone();
     let payload = snapshot::read_state_file(Path::new(&params.snapshot_path))?;
     let snap: VmSnapshot = serde_json::from_slice(&payload)
