@@ -79,6 +79,29 @@ impl Sample {
     }
 }
 
+/// The family every rate-limited device reports its waits in.
+pub const THROTTLED: (&str, &str) = (
+    "flick_rate_limiter_throttled_total",
+    "Times a device stopped to wait for its rate limiter, by device and queue.",
+);
+
+/// Pushes one counter sample of `family` per `(label value, count)`, labelled `key`.
+pub fn counters(
+    out: &mut Vec<Sample>,
+    (family, help): (&'static str, &'static str),
+    key: &'static str,
+    values: &[(&str, u64)],
+) {
+    for &(label, value) in values {
+        out.push(Sample::counter(
+            family,
+            help,
+            vec![(key, label.to_string())],
+            value,
+        ));
+    }
+}
+
 /// Microseconds as decimal seconds with six places, exactly.
 pub fn seconds(us: u64) -> String {
     format!("{}.{:06}", us / 1_000_000, us % 1_000_000)

@@ -17,7 +17,7 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::config::{CacheType, DriveConfig, VmConfig};
 use crate::devices::rate_limiter::{LimiterBudget, RateLimiter, SavedLimits};
-use crate::metrics::Sample;
+use crate::metrics::{counters, Sample, THROTTLED};
 
 use super::{
     from_saved, to_saved, ActivateError, Activation, ConfigSpace, DeviceError, DeviceKind,
@@ -570,58 +570,37 @@ impl VirtioDevice for Block {
     fn metrics(&self, out: &mut Vec<Sample>) {
         let s = &self.stats;
         let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let kind = |k: &str| vec![("kind", k.to_string())];
-        const OPS: &str = "flick_block_operations_total";
-        const OPS_HELP: &str = "virtio-blk requests completed, by drive and kind.";
-        out.push(Sample::counter(OPS, OPS_HELP, kind("read"), n(&s.read_ops)));
-        out.push(Sample::counter(
-            OPS,
-            OPS_HELP,
-            kind("write"),
-            n(&s.write_ops),
-        ));
-        out.push(Sample::counter(
-            OPS,
-            OPS_HELP,
-            kind("flush"),
-            n(&s.flush_ops),
-        ));
-        const BYTES: &str = "flick_block_bytes_total";
-        const BYTES_HELP: &str = "Bytes read or written by virtio-blk, by drive and direction.";
-        let dir = |d: &str| vec![("direction", d.to_string())];
-        out.push(Sample::counter(
-            BYTES,
-            BYTES_HELP,
-            dir("read"),
-            n(&s.read_bytes),
-        ));
-        out.push(Sample::counter(
-            BYTES,
-            BYTES_HELP,
-            dir("write"),
-            n(&s.write_bytes),
-        ));
-        const ERRORS: &str = "flick_block_errors_total";
-        const ERRORS_HELP: &str =
-            "virtio-blk requests refused as malformed or failed on the host, by drive.";
-        out.push(Sample::counter(
-            ERRORS,
-            ERRORS_HELP,
-            kind("invalid_request"),
-            n(&s.invalid_requests),
-        ));
-        out.push(Sample::counter(
-            ERRORS,
-            ERRORS_HELP,
-            kind("io_error"),
-            n(&s.io_errors),
-        ));
-        out.push(Sample::counter(
-            "flick_rate_limiter_throttled_total",
-            "Times a device stopped to wait for its rate limiter, by device and queue.",
-            vec![("queue", "requests".into())],
-            self.limiter.throttled,
-        ));
+        let ops = (
+            "flick_block_operations_total",
+            "virtio-blk requests completed, by drive and kind.",
+        );
+        let ops_values = [
+            ("read", n(&s.read_ops)),
+            ("write", n(&s.write_ops)),
+            ("flush", n(&s.flush_ops)),
+        ];
+        counters(out, ops, "kind", &ops_values);
+        let bytes = (
+            "flick_block_bytes_total",
+            "Bytes read or written by virtio-blk, by drive and direction.",
+        );
+        let byte_values = [("read", n(&s.read_bytes)), ("write", n(&s.write_bytes))];
+        counters(out, bytes, "direction", &byte_values);
+        let errors = (
+            "flick_block_errors_total",
+            "virtio-blk requests refused as malformed or failed on the host, by drive.",
+        );
+        let error_values = [
+            ("invalid_request", n(&s.invalid_requests)),
+            ("io_error", n(&s.io_errors)),
+        ];
+        counters(out, errors, "kind", &error_values);
+        counters(
+            out,
+            THROTTLED,
+            "queue",
+            &[("requests", self.limiter.throttled)],
+        );
     }
 
     fn update(&mut self, update: &DeviceUpdate) -> Result<bool, DeviceError> {

@@ -23,7 +23,7 @@ use super::{
 use crate::config::{NetConfig, VmConfig};
 use crate::devices::rate_limiter::{LimiterBudget, RateLimiter, SavedLimits};
 use crate::devices::tap::{self, Tap, VNET_HDR_LEN};
-use crate::metrics::Sample;
+use crate::metrics::{counters, Sample, THROTTLED};
 
 const RX: usize = 0;
 const TX: usize = 1;
@@ -541,72 +541,43 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
     fn metrics(&self, out: &mut Vec<Sample>) {
         let s = &self.stats;
         let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let dir = |d: &str| vec![("direction", d.to_string())];
-        const FRAMES: &str = "flick_net_frames_total";
-        const FRAMES_HELP: &str = "Frames moved by virtio-net, by interface and direction.";
-        out.push(Sample::counter(
-            FRAMES,
-            FRAMES_HELP,
-            dir("rx"),
-            n(&s.rx_frames),
-        ));
-        out.push(Sample::counter(
-            FRAMES,
-            FRAMES_HELP,
-            dir("tx"),
-            n(&s.tx_frames),
-        ));
-        const BYTES: &str = "flick_net_bytes_total";
-        const BYTES_HELP: &str = "Payload bytes moved by virtio-net, by interface and direction.";
-        out.push(Sample::counter(
-            BYTES,
-            BYTES_HELP,
-            dir("rx"),
-            n(&s.rx_bytes),
-        ));
-        out.push(Sample::counter(
-            BYTES,
-            BYTES_HELP,
-            dir("tx"),
-            n(&s.tx_bytes),
-        ));
-        const DROPPED: &str = "flick_net_dropped_frames_total";
-        const DROPPED_HELP: &str =
-            "Frames that could not be delivered (rx) or were refused or failed (tx).";
-        out.push(Sample::counter(
-            DROPPED,
-            DROPPED_HELP,
-            dir("rx"),
-            n(&s.rx_dropped),
-        ));
-        out.push(Sample::counter(
-            DROPPED,
-            DROPPED_HELP,
-            dir("tx"),
-            n(&s.tx_dropped),
-        ));
+        let frames = (
+            "flick_net_frames_total",
+            "Frames moved by virtio-net, by interface and direction.",
+        );
+        counters(
+            out,
+            frames,
+            "direction",
+            &[("rx", n(&s.rx_frames)), ("tx", n(&s.tx_frames))],
+        );
+        let bytes = (
+            "flick_net_bytes_total",
+            "Payload bytes moved by virtio-net, by interface and direction.",
+        );
+        counters(
+            out,
+            bytes,
+            "direction",
+            &[("rx", n(&s.rx_bytes)), ("tx", n(&s.tx_bytes))],
+        );
+        let dropped = (
+            "flick_net_dropped_frames_total",
+            "Frames that could not be delivered (rx) or were refused or failed (tx).",
+        );
+        let dropped_values = [("rx", n(&s.rx_dropped)), ("tx", n(&s.tx_dropped))];
+        counters(out, dropped, "direction", &dropped_values);
         out.push(Sample::counter(
             "flick_net_rx_waits_total",
             "Times the receive path waited for the guest to post buffers.",
             Vec::new(),
             n(&s.rx_waits),
         ));
-        const THROTTLED: &str = "flick_rate_limiter_throttled_total";
-        const THROTTLED_HELP: &str =
-            "Times a device stopped to wait for its rate limiter, by device and queue.";
-        let queue = |q: &str| vec![("queue", q.to_string())];
-        out.push(Sample::counter(
-            THROTTLED,
-            THROTTLED_HELP,
-            queue("rx"),
-            self.rx_limiter.throttled,
-        ));
-        out.push(Sample::counter(
-            THROTTLED,
-            THROTTLED_HELP,
-            queue("tx"),
-            self.tx_limiter.throttled,
-        ));
+        let throttled = [
+            ("rx", self.rx_limiter.throttled),
+            ("tx", self.tx_limiter.throttled),
+        ];
+        counters(out, THROTTLED, "queue", &throttled);
     }
 
     fn update(&mut self, update: &DeviceUpdate) -> Result<bool, DeviceError> {
