@@ -6,9 +6,13 @@ use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
-const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_ref, ioctl_with_val};
+
+/// The TUN/TAP ioctl type (`'T'`).
+const TUNTAP: std::os::raw::c_uint = 0x54;
+vmm_sys_util::ioctl_iow_nr!(TUNSETIFF, TUNTAP, 202, std::os::raw::c_int);
+vmm_sys_util::ioctl_iow_nr!(TUNSETOFFLOAD, TUNTAP, 208, std::os::raw::c_uint);
+vmm_sys_util::ioctl_iow_nr!(TUNSETVNETHDRSZ, TUNTAP, 216, std::os::raw::c_int);
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
 const IFF_VNET_HDR: libc::c_short = 0x4000;
@@ -35,6 +39,7 @@ pub enum TapError {
 }
 
 #[repr(C)]
+#[derive(Debug)]
 struct IfReq {
     name: [u8; 16],
     flags: libc::c_short,
@@ -69,8 +74,9 @@ impl Tap {
             _pad: [0; 22],
         };
         req.name[..name.len()].copy_from_slice(name.as_bytes());
-        // SAFETY: TUNSETIFF reads an ifreq-sized struct we own and that outlives the call.
-        let rc = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req as *mut IfReq) };
+        // SAFETY: TUNSETIFF reads and updates an ifreq-sized struct we own and that outlives the
+        // call.
+        let rc = unsafe { ioctl_with_mut_ref(&file, TUNSETIFF(), &mut req) };
         if rc < 0 {
             let err = std::io::Error::last_os_error();
             return Err(match err.raw_os_error() {
@@ -81,13 +87,7 @@ impl Tap {
         const _: () = assert!(VNET_HDR_LEN == 12);
         let hdr_len: libc::c_int = 12;
         // SAFETY: TUNSETVNETHDRSZ reads one int we own.
-        let rc = unsafe {
-            libc::ioctl(
-                file.as_raw_fd(),
-                TUNSETVNETHDRSZ,
-                &hdr_len as *const libc::c_int,
-            )
-        };
+        let rc = unsafe { ioctl_with_ref(&file, TUNSETVNETHDRSZ(), &hdr_len) };
         if rc < 0 {
             return Err(TapError::Configure(
                 name.into(),
@@ -104,13 +104,7 @@ impl Tap {
     /// without checksums).
     pub fn set_offload(&self, flags: u32) -> Result<(), TapError> {
         // SAFETY: TUNSETOFFLOAD takes its argument by value.
-        let rc = unsafe {
-            libc::ioctl(
-                self.file.as_raw_fd(),
-                TUNSETOFFLOAD,
-                libc::c_ulong::from(flags),
-            )
-        };
+        let rc = unsafe { ioctl_with_val(&self.file, TUNSETOFFLOAD(), libc::c_ulong::from(flags)) };
         if rc < 0 {
             return Err(TapError::Configure(
                 self.name.clone(),
@@ -132,5 +126,19 @@ impl Tap {
 
     pub fn fd(&self) -> RawFd {
         self.file.as_raw_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ioctl_numbers_match_the_kernel_headers() {
+        // From <linux/if_tun.h>: _IOW('T', 202, int), _IOW('T', 208, unsigned int),
+        // _IOW('T', 216, int).
+        assert_eq!(TUNSETIFF(), 0x4004_54ca);
+        assert_eq!(TUNSETOFFLOAD(), 0x4004_54d0);
+        assert_eq!(TUNSETVNETHDRSZ(), 0x4004_54d8);
     }
 }
