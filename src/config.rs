@@ -474,7 +474,15 @@ pub struct VmConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub balloon: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub entropy: Option<serde_json::Value>,
+    pub entropy: Option<EntropyConfig>,
+}
+
+/// `entropy`: a virtio-rng device fed from the host's `getrandom`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EntropyConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<RateLimiterConfig>,
 }
 
 /// A config file that cannot be parsed.

@@ -10,9 +10,9 @@ use std::sync::mpsc;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::config::{
-    BootSourceConfig, DriveConfig, LoggerConfig, MachineConfig, MachineConfigUpdate, MetricsConfig,
-    NetConfig, RateLimiterConfig, SerialConfig, SnapshotCreateConfig, SnapshotLoadConfig, VmConfig,
-    VsockConfig,
+    BootSourceConfig, DriveConfig, EntropyConfig, LoggerConfig, MachineConfig, MachineConfigUpdate,
+    MetricsConfig, NetConfig, RateLimiterConfig, SerialConfig, SnapshotCreateConfig,
+    SnapshotLoadConfig, VmConfig, VsockConfig,
 };
 
 /// `PATCH /drives/{id}` body.
@@ -56,6 +56,7 @@ pub enum Action {
     PutMetrics(MetricsConfig),
     PutVsock(VsockConfig),
     PutSerial(SerialConfig),
+    PutEntropy(EntropyConfig),
     InstanceStart,
     SendCtrlAltDel,
     FlushMetrics,
@@ -92,6 +93,9 @@ impl Action {
         }
         if let Some(vsock) = &config.vsock {
             actions.push(Action::PutVsock(vsock.clone()));
+        }
+        if let Some(entropy) = &config.entropy {
+            actions.push(Action::PutEntropy(*entropy));
         }
         actions
     }

@@ -8,9 +8,9 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use crate::config::{
-    describe_json_error, validate_id, BootSourceConfig, DriveConfig, LoggerConfig, MachineConfig,
-    MachineConfigUpdate, MetricsConfig, NetConfig, SerialConfig, SnapshotCreateConfig,
-    SnapshotLoadConfig, VsockConfig,
+    describe_json_error, validate_id, BootSourceConfig, DriveConfig, EntropyConfig, LoggerConfig,
+    MachineConfig, MachineConfigUpdate, MetricsConfig, NetConfig, SerialConfig,
+    SnapshotCreateConfig, SnapshotLoadConfig, VsockConfig,
 };
 use crate::control::{Action, DriveUpdate, NetUpdate};
 
@@ -205,6 +205,7 @@ fn put(segments: &[&str], body: &[u8]) -> Option<Result<Action, RouteError>> {
         ["metrics"] => parse::<MetricsConfig>(body).map(Action::PutMetrics),
         ["vsock"] => parse::<VsockConfig>(body).map(Action::PutVsock),
         ["serial"] => parse::<SerialConfig>(body).map(Action::PutSerial),
+        ["entropy"] => parse::<EntropyConfig>(body).map(Action::PutEntropy),
         ["snapshot", "create"] => parse::<SnapshotCreateConfig>(body).map(Action::CreateSnapshot),
         ["snapshot", "load"] => parse::<SnapshotLoadConfig>(body).map(Action::LoadSnapshot),
         _ => return None,
@@ -233,12 +234,7 @@ fn patch(segments: &[&str], body: &[u8]) -> Option<Result<Action, RouteError>> {
 fn firecracker_only(segments: &[&str]) -> bool {
     matches!(
         segments,
-        ["balloon", ..]
-            | ["entropy"]
-            | ["mmds", ..]
-            | ["cpu-config"]
-            | ["pmem", ..]
-            | ["hotplug", ..]
+        ["balloon", ..] | ["mmds", ..] | ["cpu-config"] | ["pmem", ..] | ["hotplug", ..]
     )
 }
 

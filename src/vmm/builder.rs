@@ -149,8 +149,8 @@ fn check_supported(config: &VmConfig) -> Result<(), BuildError> {
     if config.vsock.is_some() {
         return Err(BuildError::Unsupported("vsock"));
     }
-    if config.balloon.is_some() || config.entropy.is_some() {
-        return Err(BuildError::Unsupported("balloon and entropy devices"));
+    if config.balloon.is_some() {
+        return Err(BuildError::Unsupported("the balloon device"));
     }
     if config.machine_config.huge_pages != HugePages::None {
         return Err(BuildError::Unsupported("huge_pages"));

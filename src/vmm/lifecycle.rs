@@ -71,6 +71,7 @@ pub fn action_name(action: &Action) -> &'static str {
         Action::PutMetrics(_) => "PUT /metrics",
         Action::PutVsock(_) => "PUT /vsock",
         Action::PutSerial(_) => "PUT /serial",
+        Action::PutEntropy(_) => "PUT /entropy",
         Action::InstanceStart => "InstanceStart",
         Action::SendCtrlAltDel => "SendCtrlAltDel",
         Action::FlushMetrics => "FlushMetrics",
@@ -97,6 +98,7 @@ fn phase(action: &Action) -> Phase {
         | Action::PutMetrics(_)
         | Action::PutVsock(_)
         | Action::PutSerial(_)
+        | Action::PutEntropy(_)
         | Action::InstanceStart
         | Action::LoadSnapshot(_) => Phase::BeforeStart,
         Action::PatchDrive(_)

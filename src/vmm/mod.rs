@@ -220,6 +220,10 @@ impl Vmm {
                 self.config.serial = Some(serial);
                 Ok(Reply::Empty)
             }
+            Action::PutEntropy(entropy) => {
+                self.config.entropy = Some(entropy);
+                Ok(Reply::Empty)
+            }
             Action::PutVsock(vsock) => {
                 self.config.vsock = Some(vsock);
                 Ok(Reply::Empty)

@@ -173,6 +173,8 @@ static void apply(const char *tok, size_t len, struct tg_opts *o)
 		set_u64(val, vlen, &o->blk_mib);
 	else if (key_is(tok, klen, "tg.blk_dev"))
 		set_u64(val, vlen, &o->blk_dev);
+	else if (key_is(tok, klen, "tg.rng"))
+		set_u64(val, vlen, &o->rng);
 	else if (key_is(tok, klen, "tg.kbd"))
 		set_bool(val, vlen, &o->kbd);
 	else if (key_is(tok, klen, "tg.blk_late"))
@@ -255,6 +257,7 @@ void opts_parse(const char *cmdline, u32 len, struct tg_opts *o)
 	o->net_size = 1400;
 	o->net_port = 9;
 	o->net_rx_frames = 0;
+	o->rng = 0;
 	o->nr_virtio = 0; /* virtio_slots[] is written up to nr_virtio */
 
 	u32 i = 0;

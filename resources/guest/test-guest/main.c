@@ -153,12 +153,14 @@ void tg_main(u32 protocol, u64 info)
 	mptable_print(&mp);
 	smp_boot(&bi, &mp, &opts);
 
-	if (opts.virtio || opts.blk != BLK_OFF || opts.net != NET_OFF)
+	if (opts.virtio || opts.blk != BLK_OFF || opts.net != NET_OFF || opts.rng)
 		virtio_probe_all(&opts);
 	if (opts.blk != BLK_OFF && !opts.blk_late)
 		virtio_blk_run(&opts);
 	if (opts.net != NET_OFF && !opts.net_late)
 		virtio_net_run(&opts);
+	if (opts.rng)
+		virtio_rng_run(&opts);
 
 	count();
 	if (opts.blk != BLK_OFF && opts.blk_late)

@@ -189,6 +189,7 @@ struct tg_opts {
 	u64 net_size;       /* tg.net_size: UDP payload bytes of the benchmark (default 1400) */
 	u64 net_port;       /* tg.net_port: the peer's UDP port for the benchmark (default 9) */
 	u64 net_rx_frames;  /* tg.net_rx_frames: datagrams of the receive benchmark (default 0) */
+	u64 rng;            /* tg.rng: bytes to ask the entropy device for, twice (0 = off) */
 	u32 nr_virtio;      /* virtio_mmio.device= entries, in command-line order */
 	struct virtio_slot virtio_slots[MAX_VIRTIO_SLOTS];
 };
@@ -225,6 +226,7 @@ void smp_boot(struct bootinfo *bi, const struct mp_info *mp, const struct tg_opt
 void virtio_probe_all(const struct tg_opts *o);
 void virtio_blk_run(const struct tg_opts *o);
 void virtio_net_run(const struct tg_opts *o);
+void virtio_rng_run(const struct tg_opts *o);
 
 /* ---- main.c ---- */
 void tg_main(u32 protocol, u64 info);

@@ -56,6 +56,7 @@
 /* Device IDs. */
 #define VIRTIO_ID_NET 1
 #define VIRTIO_ID_BLOCK 2
+#define VIRTIO_ID_RNG 4
 
 /* Queues per device the transport keeps (virtio-net needs receive and transmit). */
 #define VIRTIO_MAX_QUEUES 2

@@ -8,6 +8,7 @@
 pub mod block;
 pub mod mmio;
 pub mod net;
+pub mod rng;
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -239,7 +240,7 @@ pub struct DeviceKind {
 }
 
 /// Every kind of virtio device, in the order their devices take slots.
-pub const KINDS: &[&DeviceKind] = &[&block::KIND, &net::KIND];
+pub const KINDS: &[&DeviceKind] = &[&block::KIND, &net::KIND, &rng::KIND];
 
 /// Decodes a device's saved form, naming the kind on failure.
 pub fn from_saved<T: serde::de::DeserializeOwned>(
