@@ -197,3 +197,94 @@ mod tests {
         assert!(rank(&Level::INFO) < rank(&Level::TRACE));
     }
 }
+
+/// A per-call-site budget for log lines a guest can trigger at will: at most
+/// [`LogRateLimit::BURST`] lines per [`LogRateLimit::WINDOW_MS`]; the rest are counted and their
+/// number is logged with the next line let through. Use it through [`warn_limited!`].
+#[derive(Debug)]
+pub struct LogRateLimit {
+    window_start_ms: std::sync::atomic::AtomicU64,
+    in_window: std::sync::atomic::AtomicU64,
+    suppressed: std::sync::atomic::AtomicU64,
+}
+
+impl Default for LogRateLimit {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl LogRateLimit {
+    pub const BURST: u64 = 10;
+    pub const WINDOW_MS: u64 = 5_000;
+
+    pub const fn new() -> Self {
+        use std::sync::atomic::AtomicU64;
+        LogRateLimit {
+            window_start_ms: AtomicU64::new(0),
+            in_window: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    fn now_ms() -> u64 {
+        static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        let start = START.get_or_init(std::time::Instant::now);
+        u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// `Some(n)` when a line may be logged now, `n` being the lines suppressed before it.
+    pub fn allow(&self) -> Option<u64> {
+        self.allow_at(Self::now_ms())
+    }
+
+    fn allow_at(&self, now_ms: u64) -> Option<u64> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let start = self.window_start_ms.load(Relaxed);
+        if now_ms.saturating_sub(start) >= Self::WINDOW_MS || self.in_window.load(Relaxed) == 0 {
+            self.window_start_ms.store(now_ms, Relaxed);
+            self.in_window.store(0, Relaxed);
+        }
+        if self.in_window.fetch_add(1, Relaxed) >= Self::BURST {
+            self.suppressed.fetch_add(1, Relaxed);
+            return None;
+        }
+        Some(self.suppressed.swap(0, Relaxed))
+    }
+}
+
+/// `tracing::warn!` for lines a guest can trigger, rate-limited per call site.
+#[macro_export]
+macro_rules! warn_limited {
+    ($($arg:tt)*) => {{
+        static LIMIT: $crate::logger::LogRateLimit = $crate::logger::LogRateLimit::new();
+        if let Some(suppressed) = LIMIT.allow() {
+            if suppressed > 0 {
+                tracing::warn!("{suppressed} similar messages were suppressed");
+            }
+            tracing::warn!($($arg)*);
+        }
+    }};
+}
+
+#[cfg(test)]
+mod rate_limit_tests {
+    use super::LogRateLimit;
+
+    #[test]
+    fn a_burst_passes_then_lines_are_counted_until_the_window_ends() {
+        let limit = LogRateLimit::new();
+        for _ in 0..LogRateLimit::BURST {
+            assert_eq!(limit.allow_at(100), Some(0));
+        }
+        assert_eq!(limit.allow_at(200), None);
+        assert_eq!(limit.allow_at(300), None);
+        let later = 100 + LogRateLimit::WINDOW_MS;
+        assert_eq!(
+            limit.allow_at(later),
+            Some(2),
+            "the next line reports what was dropped"
+        );
+        assert_eq!(limit.allow_at(later), Some(0));
+    }
+}

@@ -247,7 +247,7 @@ impl RateLimiter {
         self.blocked = true;
         self.throttled += 1;
         if let Err(e) = self.timer.reset(wait, None) {
-            tracing::warn!("cannot arm the rate limiter timer: {e}");
+            crate::warn_limited!("cannot arm the rate limiter timer: {e}");
             self.blocked = false;
         }
     }

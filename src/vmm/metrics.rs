@@ -46,3 +46,13 @@ pub fn collect(vm: Option<&RunningVm>, boot: &BootTimes) -> Vec<Sample> {
     vm.devices.samples(&mut samples);
     samples
 }
+
+/// The count of metrics lines a slow or absent `metrics_path` reader did not take.
+pub fn lines_lost(count: u64) -> Sample {
+    Sample::counter(
+        "flick_metrics_lines_lost_total",
+        "Metrics lines not written to metrics_path because nobody was reading it.",
+        Vec::new(),
+        count,
+    )
+}

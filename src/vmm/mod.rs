@@ -76,6 +76,8 @@ pub struct Vmm {
     metrics_timer: Option<vmm_sys_util::timerfd::TimerFd>,
     stdin_open: bool,
     pending_input: Vec<u8>,
+    /// Metrics lines a slow or absent metrics reader did not take.
+    metrics_lines_lost: u64,
 }
 
 impl std::fmt::Debug for Vmm {
@@ -114,6 +116,7 @@ impl Vmm {
             watching_vm: false,
             metrics_timer: None,
             pending_input: Vec::new(),
+            metrics_lines_lost: 0,
         }
     }
 
@@ -434,14 +437,15 @@ impl Vmm {
     /// Metrics in Prometheus text format.
     fn prometheus(&self) -> String {
         let mut text = String::new();
-        crate::metrics::prometheus(
-            &metrics::collect(self.running.as_ref(), &self.boot_times),
-            &mut text,
-        );
+        let mut samples = metrics::collect(self.running.as_ref(), &self.boot_times);
+        samples.push(metrics::lines_lost(self.metrics_lines_lost));
+        crate::metrics::prometheus(&samples, &mut text);
         text
     }
 
-    /// Appends one JSON line of metrics to the `metrics_path` file.
+    /// Appends one JSON line of metrics to the `metrics_path` file. The file is opened and
+    /// written without blocking: a FIFO nobody reads (or whose reader is behind) loses the line,
+    /// which is counted, instead of stalling the VMM thread and with it the API.
     fn flush_metrics(&mut self) -> Result<(), VmmError> {
         let Some(path) = self.config.metrics.as_ref().map(|m| m.metrics_path.clone()) else {
             return Err(VmmError::NoMetricsPath);
@@ -449,15 +453,34 @@ impl Vmm {
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-        let samples = metrics::collect(self.running.as_ref(), &self.boot_times);
+        let mut samples = metrics::collect(self.running.as_ref(), &self.boot_times);
+        samples.push(metrics::lines_lost(self.metrics_lines_lost));
         let mut line = crate::metrics::json_line(&samples, now_ms);
         line.push('\n');
         use std::io::Write as _;
-        std::fs::OpenOptions::new()
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let written = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .custom_flags(libc::O_NONBLOCK)
             .open(&path)
-            .and_then(|mut f| f.write_all(line.as_bytes()))
-            .map_err(|e| VmmError::WriteMetrics(path, e))
+            .and_then(|mut f| f.write(line.as_bytes()));
+        match written {
+            Ok(n) if n == line.len() => Ok(()),
+            Ok(_) => {
+                self.metrics_lines_lost += 1;
+                crate::warn_limited!("metrics line to {path} was cut short: its reader is behind");
+                Ok(())
+            }
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.raw_os_error() == Some(libc::ENXIO) =>
+            {
+                self.metrics_lines_lost += 1;
+                crate::warn_limited!("metrics line to {path} lost: nobody is reading it ({e})");
+                Ok(())
+            }
+            Err(e) => Err(VmmError::WriteMetrics(path, e)),
+        }
     }
 }

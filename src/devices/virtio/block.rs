@@ -289,7 +289,9 @@ fn decode(mem: &GuestMemoryMmap, descs: &[Descriptor], capacity: u64) -> Result<
         let fits = sector
             .checked_add(sectors)
             .is_some_and(|end| end <= capacity);
-        if !total.is_multiple_of(SECTOR_SIZE) || !fits {
+        // The used length (data plus the status byte) must fit the used ring's u32.
+        let reportable = total < u64::from(u32::MAX);
+        if !total.is_multiple_of(SECTOR_SIZE) || !fits || !reportable {
             return Err(Invalid::Status(S_IOERR));
         }
         Ok(())
@@ -411,7 +413,7 @@ impl Block {
                         mem.write_all_volatile_to(GuestAddress(addr), file, len as usize)
                     };
                     res.map_err(|_| S_IOERR)?;
-                    total += len;
+                    total = total.checked_add(len).ok_or(S_IOERR)?;
                 }
                 if is_read {
                     stats.read_ops.fetch_add(1, Ordering::Relaxed);
@@ -487,7 +489,7 @@ impl Block {
             };
         }
         Completion {
-            used_len: used + 1,
+            used_len: used.saturating_add(1),
             status: Some(status),
         }
     }
@@ -861,6 +863,28 @@ mod tests {
         let c = blk.execute(&mem, &chain(&[(0x1000, 16, 0), (0x3000, 1, F_WRITE)]));
         assert_eq!(c.status, Some(S_OK));
         assert_eq!(blk.stats.flush_ops.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn data_lengths_whose_sum_overflows_u32_are_refused_before_any_io() {
+        let (mut blk, mem, _p) = setup(8, false);
+        // A huge capacity so only the length sum can make the request invalid.
+        blk.backing.capacity_sectors = u64::MAX / SECTOR_SIZE;
+        header(&mem, 0x1000, T_IN, 0);
+        let half = 0x8000_0000u32;
+        let c = blk.execute(
+            &mem,
+            &chain(&[
+                (0x1000, 16, F_NEXT),
+                (0x2000, half, F_NEXT | F_WRITE),
+                (0x2000, half, F_NEXT | F_WRITE),
+                (0x3000, 1, F_WRITE),
+            ]),
+        );
+        assert_eq!(c.status, Some(S_IOERR));
+        assert_eq!(c.used_len, 1);
+        assert_eq!(blk.stats.read_ops.load(Ordering::Relaxed), 0);
+        assert_eq!(blk.stats.invalid_requests.load(Ordering::Relaxed), 1);
     }
 
     #[test]

@@ -237,7 +237,7 @@ impl MmioTransport {
     fn reset(&mut self) {
         self.reset_pending = true;
         if let Err(e) = self.activate_evt.write(1) {
-            tracing::warn!("cannot request a virtio device reset: {e}");
+            crate::warn_limited!("cannot request a virtio device reset: {e}");
         }
         for queue in &mut self.queues {
             queue.reset();
@@ -274,7 +274,7 @@ impl MmioTransport {
         self.status = value;
         if added & STATUS_DRIVER_OK != 0 {
             if let Err(e) = self.activate_evt.write(1) {
-                tracing::warn!("cannot request virtio activation: {e}");
+                crate::warn_limited!("cannot request virtio activation: {e}");
                 self.mark_needs_reset();
             }
         }

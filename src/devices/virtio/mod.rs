@@ -55,7 +55,7 @@ impl Interrupt {
     pub fn raise(&self, bits: u32) {
         self.status.fetch_or(bits, Ordering::SeqCst);
         if let Err(e) = self.irqfd.write(1) {
-            tracing::warn!("cannot raise a virtio interrupt: {e}");
+            crate::warn_limited!("cannot raise a virtio interrupt: {e}");
         }
     }
 }
@@ -293,7 +293,7 @@ impl VirtioSlot {
     fn sync(&mut self) {
         let mut transport = lock(&self.transport);
         if let Err(e) = transport.sync_device() {
-            tracing::warn!("virtio device activation failed: {e}");
+            crate::warn_limited!("virtio device activation failed: {e}");
         }
     }
 }

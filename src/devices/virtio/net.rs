@@ -453,7 +453,7 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
             }
         }
         if let Err(e) = self.backend.set_offloads(offload) {
-            tracing::warn!("{}: cannot set offloads: {e}", self.saved.id);
+            crate::warn_limited!("{}: cannot set offloads: {e}", self.saved.id);
         }
         self.active = Some(Active {
             mem: activation.mem,
