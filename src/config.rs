@@ -43,6 +43,8 @@ pub enum ConfigError {
     Mac(String),
     #[error("invalid host_dev_name \"{0}\": must be 1 to 15 bytes without '/' or whitespace")]
     TapName(String),
+    #[error("{0} is not supported by flick yet")]
+    NotSupported(&'static str),
     #[error("mem_backend Uffd is not supported by flick yet")]
     UffdBackend,
     #[error("give either mem_backend or mem_file_path, not both")]
@@ -66,8 +68,11 @@ pub fn validate_id(id: &str) -> Result<(), ConfigError> {
 pub enum HugePages {
     #[default]
     None,
+    /// hugetlbfs 2 MiB pages (refused: not implemented).
     #[serde(rename = "2M")]
     Size2M,
+    /// Transparent huge pages: guest RAM is marked `MADV_HUGEPAGE`.
+    Transparent,
 }
 
 /// Which CPU features the guest is offered.
@@ -128,8 +133,18 @@ impl MachineConfig {
         if self.mem_size_mib == 0 {
             return Err(ConfigError::MemSizeZero);
         }
-        if self.huge_pages == HugePages::Size2M && !self.mem_size_mib.is_multiple_of(2) {
-            return Err(ConfigError::MemSizeHugePages(self.mem_size_mib));
+        if self.huge_pages == HugePages::Size2M {
+            if !self.mem_size_mib.is_multiple_of(2) {
+                return Err(ConfigError::MemSizeHugePages(self.mem_size_mib));
+            }
+            return Err(ConfigError::NotSupported(
+                "huge_pages 2M (hugetlbfs); use Transparent or None",
+            ));
+        }
+        if self.track_dirty_pages {
+            return Err(ConfigError::NotSupported(
+                "track_dirty_pages (dirty-page tracking and diff snapshots)",
+            ));
         }
         match self.cpu_template.as_deref() {
             None | Some("None") => Ok(()),
@@ -229,6 +244,7 @@ pub struct DriveConfig {
     pub drive_id: String,
     pub path_on_host: String,
     pub is_root_device: bool,
+    #[serde(default)]
     pub is_read_only: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub partuuid: Option<String>,
@@ -433,6 +449,11 @@ pub struct SnapshotLoadConfig {
 impl SnapshotLoadConfig {
     /// The memory file to map, from either spelling.
     pub fn mem_file(&self) -> Result<&str, ConfigError> {
+        if self.enable_diff_snapshots || self.track_dirty_pages {
+            return Err(ConfigError::NotSupported(
+                "enable_diff_snapshots and track_dirty_pages (dirty-page tracking)",
+            ));
+        }
         match (&self.mem_backend, &self.mem_file_path) {
             (Some(b), None) if b.backend_type == MemBackendType::File => Ok(&b.backend_path),
             (Some(_), None) => Err(ConfigError::UffdBackend),
@@ -507,6 +528,30 @@ pub fn describe_json_error(err: &serde_json::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_implemented_memory_options_are_accepted() {
+        let with = |extra: &str| {
+            let text = format!(r#"{{"vcpu_count": 1, "mem_size_mib": 128{extra}}}"#);
+            serde_json::from_str::<MachineConfig>(&text)
+                .unwrap()
+                .validate()
+        };
+        assert_eq!(with(r#", "huge_pages": "Transparent""#), Ok(()));
+        assert_eq!(with(r#", "huge_pages": "None""#), Ok(()));
+        let refused = with(r#", "huge_pages": "2M""#).unwrap_err().to_string();
+        assert!(refused.contains("not supported"), "{refused}");
+        assert!(with(r#", "track_dirty_pages": true"#).is_err());
+    }
+
+    #[test]
+    fn is_read_only_defaults_to_false() {
+        let drive: DriveConfig = serde_json::from_str(
+            r#"{"drive_id": "d", "path_on_host": "/d", "is_root_device": false}"#,
+        )
+        .unwrap();
+        assert!(!drive.is_read_only);
+    }
 
     #[test]
     fn config_file_with_firecracker_shape_parses() {

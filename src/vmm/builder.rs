@@ -152,9 +152,6 @@ fn check_supported(config: &VmConfig) -> Result<(), BuildError> {
     if config.balloon.is_some() {
         return Err(BuildError::Unsupported("the balloon device"));
     }
-    if config.machine_config.huge_pages != HugePages::None {
-        return Err(BuildError::Unsupported("huge_pages"));
-    }
     Ok(())
 }
 
@@ -254,6 +251,22 @@ pub(crate) fn guest_memory(
     GuestMemoryMmap::from_ranges(&ranges).map_err(|e| BuildError::Memory(mem_size_mib, e))
 }
 
+/// Marks guest RAM for transparent huge pages (`huge_pages: Transparent`). The kernel may still
+/// use small pages (THP disabled, fragmentation); a refusal is logged, the VM runs either way.
+fn advise_huge_pages(mem: &GuestMemoryMmap) {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    for region in mem.iter() {
+        let len = usize::try_from(region.len()).unwrap_or(0);
+        // SAFETY: the range is one whole mapping owned by `mem`; MADV_HUGEPAGE only changes how
+        // the kernel backs it and never its contents.
+        let rc = unsafe { libc::madvise(region.as_ptr().cast(), len, libc::MADV_HUGEPAGE) };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            tracing::warn!("huge_pages Transparent: madvise(MADV_HUGEPAGE) refused: {e}");
+        }
+    }
+}
+
 /// Builds the VM described by `config` and starts its vCPUs.
 pub fn build(config: &VmConfig, ctx: BuildContext) -> Result<RunningVm, BuildError> {
     let boot_source = config
@@ -267,6 +280,9 @@ pub fn build(config: &VmConfig, ctx: BuildContext) -> Result<RunningVm, BuildErr
     let mem_bytes = u64::try_from(machine.mem_size_mib).unwrap_or(u64::MAX) << 20;
     let ram = Current::ram_ranges(mem_bytes);
     let mem = guest_memory(&ram, machine.mem_size_mib)?;
+    if machine.huge_pages == HugePages::Transparent {
+        advise_huge_pages(&mem);
+    }
 
     let mut phases = Phases::new();
     let vm = create_vm(&mem, machine.vcpu_count, &mut phases)?;

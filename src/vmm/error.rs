@@ -46,6 +46,8 @@ pub enum VmmError {
         #[source]
         source: VcpuError,
     },
+    #[error("{0} is not supported by flick yet")]
+    NotSupported(&'static str),
     #[error("cannot encode the reply")]
     Encode(#[source] serde_json::Error),
 }

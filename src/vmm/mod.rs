@@ -227,10 +227,7 @@ impl Vmm {
                 self.config.entropy = Some(entropy);
                 Ok(Reply::Empty)
             }
-            Action::PutVsock(vsock) => {
-                self.config.vsock = Some(vsock);
-                Ok(Reply::Empty)
-            }
+            Action::PutVsock(_) => Err(VmmError::NotSupported("vsock")),
             Action::InstanceStart => {
                 self.start()?;
                 Ok(Reply::Empty)
