@@ -15,6 +15,19 @@ pub const GUEST_MEM_MIB: u64 = 128;
 const TESTGUEST_ARGS: &str = "tg.smp=0 tg.quiet=1";
 const RESTORE_ARGS: &str = "tg.smp=0 tg.quiet=1 tg.count=100000000 tg.delay_ms=1 tg.exit=halt";
 pub const LINUX_MARKER: &str = "Run /init as init process";
+/// Kernel command line of the Linux variants that run a command in user space.
+const LINUX_ECHO_ARGS: &str = "console=ttyS0 reboot=k panic=1 quiet i8042.nokbd i8042.noaux";
+/// The containers' workload, run in the guest's user space by the Linux echo variants.
+const ECHO_COMMAND: &str = "busybox echo hi";
+/// Restores started at once to measure how many restored Linux microVMs start per second.
+const RESTORE_BURST: usize = 10;
+/// The Linux variants, run only with --with-linux or when --only names them (they are slow
+/// where guest kernel code is emulated).
+pub const LINUX_VARIANTS: &[&str] = &[
+    "flick-linux",
+    "flick-linux-echo",
+    "flick-linux-restore-echo",
+];
 
 pub struct Opts {
     pub runs: usize,
@@ -95,7 +108,7 @@ pub const DEFAULT_VARIANTS: &[&str] = &[
 pub fn known_variants(vmms: &[(String, String)]) -> Vec<String> {
     let mut v: Vec<String> = DEFAULT_VARIANTS.iter().map(|s| s.to_string()).collect();
     v.extend(vmms.iter().map(|(n, _)| n.clone()));
-    v.push("flick-linux".into());
+    v.extend(LINUX_VARIANTS.iter().map(|s| s.to_string()));
     v
 }
 
@@ -105,7 +118,7 @@ pub fn selected(opts: &Opts) -> Vec<String> {
         Some(only) => all.into_iter().filter(|v| only.contains(v)).collect(),
         None => all
             .into_iter()
-            .filter(|v| v != "flick-linux" || opts.with_linux)
+            .filter(|v| !LINUX_VARIANTS.contains(&v.as_str()) || opts.with_linux)
             .collect(),
     }
 }
@@ -618,6 +631,18 @@ fn plan(
             r.is_vmm = true;
             plan_linux(opts, work)
         }
+        "flick-linux-echo" => {
+            r.description = format!("flick cold-boots the project's Linux 6.1 kernel + busybox initramfs (1 vCPU, {GUEST_MEM_MIB} MiB, `quiet`) whose init runs `{ECHO_COMMAND}` with the same busybox binary as the containers (`flick.init=echo`), then reboots: spawn → the `hi` line, and spawn → flick's exit");
+            r.end_label = "hi".into();
+            r.is_vmm = true;
+            plan_linux_echo(opts, work)
+        }
+        "flick-linux-restore-echo" => {
+            r.description = format!("a new flick process restores (`--restore-snapshot --resume`) a snapshot of that Linux guest taken while its init waited on the console for a command (`flick.init=serve`); flick's stdin carries `{ECHO_COMMAND}`, the guest runs it and reboots: spawn → `hi`, spawn → exit. Also: {RESTORE_BURST} such restores started at once");
+            r.end_label = "hi".into();
+            r.is_vmm = true;
+            plan_linux_restore_echo(opts, work, r)
+        }
         vmm => {
             let Some((_, path)) = opts.vmms.iter().find(|(n, _)| n == vmm) else {
                 return Err(format!("unknown variant {vmm}"));
@@ -699,7 +724,8 @@ fn parse_in(stdout: &str) -> bool {
     measure::parse_boot_time_ms(stdout).is_some()
 }
 
-fn plan_linux(opts: &Opts, work: &Path) -> Result<Plan, String> {
+/// The project's Linux guest: vmlinux and the busybox initramfs (built or found in the cache).
+fn linux_artifacts(opts: &Opts) -> Result<(PathBuf, PathBuf), String> {
     let script = opts.repo.join("scripts/guest-artifacts.sh");
     if !script.is_file() {
         return Err(format!("{} not found", script.display()));
@@ -732,6 +758,11 @@ fn plan_linux(opts: &Opts, work: &Path) -> Result<Plan, String> {
     let kernel =
         get("FLICK_KERNEL_VMLINUX").ok_or("guest-artifacts.sh printed no FLICK_KERNEL_VMLINUX")?;
     let initrd = get("FLICK_INITRAMFS").ok_or("guest-artifacts.sh printed no FLICK_INITRAMFS")?;
+    Ok((kernel, initrd))
+}
+
+fn plan_linux(opts: &Opts, work: &Path) -> Result<Plan, String> {
+    let (kernel, initrd) = linux_artifacts(opts)?;
     let cfg = work.join("vm-linux.json");
     write_vm_config(
         &cfg,
@@ -762,6 +793,164 @@ fn plan_linux(opts: &Opts, work: &Path) -> Result<Plan, String> {
         runs: opts.linux_runs,
         warmup: 0,
     })
+}
+
+/// Linux cold boot running the containers' command in user space.
+fn plan_linux_echo(opts: &Opts, work: &Path) -> Result<Plan, String> {
+    let (kernel, initrd) = linux_artifacts(opts)?;
+    let cfg = work.join("vm-linux-echo.json");
+    let args = format!("{LINUX_ECHO_ARGS} flick.init=echo");
+    write_vm_config(&cfg, &kernel, Some(&initrd), &args, GUEST_MEM_MIB);
+    let flick = opts.flick.clone();
+    let c = cfg.display().to_string();
+    Ok(Plan {
+        spec: Box::new(move |_| Spec {
+            argv: argv(&[&flick, "--no-api", "--config-file", &c]),
+            timeout: Duration::from_secs(600),
+            guest_mem_kib: Some(GUEST_MEM_MIB * 1024),
+            end_marker: Some("\nhi\r\n".into()),
+            ..Default::default()
+        }),
+        after_failure: None,
+        runs: opts.linux_runs,
+        warmup: 0,
+    })
+}
+
+/// Boots the Linux guest with `flick.init=serve`, waits until init waits for a command, and
+/// snapshots it into `snap` and `mem`.
+fn snapshot_waiting_linux(opts: &Opts, work: &Path, snap: &Path, mem: &Path) -> Result<(), String> {
+    let (kernel, initrd) = linux_artifacts(opts)?;
+    let cfg = work.join("vm-linux-serve.json");
+    let args = format!("{LINUX_ECHO_ARGS} flick.init=serve");
+    write_vm_config(&cfg, &kernel, Some(&initrd), &args, GUEST_MEM_MIB);
+    let sock = work.join("linux-src.sock");
+    let out = work.join("linux-src.out");
+    let _ = std::fs::remove_file(&sock);
+    let mut child = Command::new(&opts.flick)
+        .arg("--api-sock")
+        .arg(&sock)
+        .arg("--config-file")
+        .arg(&cfg)
+        .stdin(Stdio::piped())
+        .stdout(std::fs::File::create(&out).map_err(|e| e.to_string())?)
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start flick: {e}"))?;
+    let result = (|| -> Result<(), String> {
+        let t0 = Instant::now();
+        while !std::fs::read_to_string(&out)
+            .unwrap_or_default()
+            .contains("WAITING")
+        {
+            if let Ok(Some(st)) = child.try_wait() {
+                return Err(format!(
+                    "flick exited ({st}) before init waited for a command"
+                ));
+            }
+            if t0.elapsed() > Duration::from_secs(600) {
+                return Err("init did not wait for a command within 600 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // Let init reach its read() on the console.
+        std::thread::sleep(Duration::from_millis(500));
+        let call = |m: &str, p: &str, b: String| -> Result<(), String> {
+            match flick_fixtures::http::request(&sock, m, p, Some(&b)) {
+                Ok((c, _)) if (200..300).contains(&c) => Ok(()),
+                Ok((c, body)) => Err(format!("{m} {p} answered {c}: {}", body.trim())),
+                Err(e) => Err(format!("{m} {p}: {e}")),
+            }
+        };
+        call("PATCH", "/vm", json!({"state": "Paused"}).to_string())?;
+        call(
+            "PUT",
+            "/snapshot/create",
+            json!({"snapshot_type": "Full", "snapshot_path": snap, "mem_file_path": mem})
+                .to_string(),
+        )
+    })();
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_file(&sock);
+    result.map_err(|e| format!("creating the Linux snapshot failed: {e}"))
+}
+
+/// Restores of a Linux guest waiting in user space, each running the containers' command.
+fn plan_linux_restore_echo(
+    opts: &Opts,
+    work: &Path,
+    r: &mut VariantResult,
+) -> Result<Plan, String> {
+    let snap = work.join("linux.snap");
+    let mem = work.join("linux.mem");
+    snapshot_waiting_linux(opts, work, &snap, &mem)?;
+    let (s, m) = (snap.display().to_string(), mem.display().to_string());
+    let restore = argv(&[
+        &opts.flick,
+        "--no-api",
+        "--restore-snapshot",
+        &s,
+        "--restore-mem",
+        &m,
+        "--resume",
+    ]);
+    let command = format!("{ECHO_COMMAND}\n").into_bytes();
+    r.notes.push(restore_burst(&restore, &command));
+    Ok(Plan {
+        spec: Box::new(move |_| Spec {
+            argv: restore.clone(),
+            timeout: Duration::from_secs(120),
+            guest_mem_kib: Some(GUEST_MEM_MIB * 1024),
+            end_marker: Some("hi\r\n".into()),
+            stdin: Some(command.clone()),
+            ..Default::default()
+        }),
+        after_failure: None,
+        runs: opts.linux_runs,
+        warmup: 0,
+    })
+}
+
+/// Starts `RESTORE_BURST` restores at once, each fed `command`; says how long until all had
+/// printed `hi` and exited cleanly.
+fn restore_burst(restore: &[String], command: &[u8]) -> String {
+    use std::io::Write as _;
+    let t0 = Instant::now();
+    let mut children = Vec::new();
+    for _ in 0..RESTORE_BURST {
+        let child = Command::new(&restore[0])
+            .args(&restore[1..])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn();
+        match child {
+            Ok(mut c) => {
+                if let Some(mut stdin) = c.stdin.take() {
+                    let _ = stdin.write_all(command);
+                }
+                children.push(c);
+            }
+            Err(e) => return format!("restore burst: cannot start flick: {e}"),
+        }
+    }
+    let mut ok = 0;
+    for c in children {
+        match c.wait_with_output() {
+            Ok(o)
+                if o.status.success() && String::from_utf8_lossy(&o.stdout).contains("hi\r\n") =>
+            {
+                ok += 1
+            }
+            _ => {}
+        }
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    format!(
+        "{RESTORE_BURST} restores started at once: {ok} printed `hi` and exited 0, all done in {secs:.2} s ({:.1} restored microVMs per second)",
+        f64::from(u32::try_from(ok).unwrap_or(0)) / secs
+    )
 }
 
 /// Snapshot restore through Firecracker's API: boot the test guest in halt mode with the API

@@ -25,10 +25,12 @@ Usage:
                         [--dir DIR] [--keep] [--json FILE] [--timeout-s S]
   flick-bench variants        list the variant names
 
-compare (defaults): 20 runs per variant (3 for flick-linux), 2 warm-up runs, repo = current
+compare (defaults): 20 runs per variant (3 for the Linux ones), 2 warm-up runs, repo = current
 directory, flick = REPO/target/release/flick, guest dir = REPO/target/test-guest,
 out = REPO/target/bench/<UTC timestamp>/ with results.json, results.md and launch.png.
-flick-linux runs only with --with-linux or when --only names it. --no-smaps turns off the
+The Linux variants (flick-linux, flick-linux-echo: `busybox echo hi` in guest user space
+after a cold boot, flick-linux-restore-echo: the same after restoring a snapshot of a guest
+waiting for the command) run only with --with-linux or when --only names them. --no-smaps turns off the
 memory sampling of VMM runs (to see what the sampler itself costs). Before each variant
 the harness waits until the host is at least 85% idle over 0.5 s, for at most --settle S
 seconds (default 20); the idle share it started with is recorded.

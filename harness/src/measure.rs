@@ -60,6 +60,11 @@ pub struct Spec {
     pub guest_mem_kib: Option<u64>,
     /// End the measurement when stdout contains this text (the VMM is then killed).
     pub stop_marker: Option<String>,
+    /// The end event is stdout containing this text, but the process runs on to its own exit,
+    /// which must be a clean one (exit_ms is then spawn → exit).
+    pub end_marker: Option<String>,
+    /// Written to the process's stdin right after the spawn (then stdin is closed).
+    pub stdin: Option<Vec<u8>>,
     /// The VMM's log file (truncated before the run, read after it for the boot-timer line).
     pub log_file: Option<PathBuf>,
     /// API mode: connect to this socket until it accepts, send the requests, then kill.
@@ -240,6 +245,7 @@ fn reader(
     mut src: impl Read + Send + 'static,
     pid: i32,
     marker: Option<String>,
+    kill_at_marker: bool,
 ) -> Arc<(Mutex<Captured>, Condvar)> {
     let state = Arc::new((
         Mutex::new(Captured {
@@ -268,7 +274,9 @@ fn reader(
                         let start = from.saturating_sub(m.len());
                         if c.buf[start..].windows(m.len()).any(|w| w == m.as_bytes()) {
                             c.marker = Some(now);
-                            kill(pid);
+                            if kill_at_marker {
+                                kill(pid);
+                            }
                         }
                     }
                     // Keep memory bounded on chatty guests.
@@ -320,7 +328,11 @@ pub fn run(spec: &Spec) -> Outcome {
     }
     let mut cmd = Command::new(&spec.argv[0]);
     cmd.args(&spec.argv[1..])
-        .stdin(Stdio::null())
+        .stdin(if spec.stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let t0 = Instant::now();
@@ -332,8 +344,19 @@ pub fn run(spec: &Spec) -> Outcome {
         }
     };
     let pid = child.id() as i32;
-    let so = reader(child.stdout.take().unwrap(), pid, spec.stop_marker.clone());
-    let se = reader(child.stderr.take().unwrap(), pid, None);
+    if let (Some(data), Some(mut stdin)) = (spec.stdin.clone(), child.stdin.take()) {
+        thread::spawn(move || {
+            use std::io::Write as _;
+            let _ = stdin.write_all(&data);
+        });
+    }
+    let (marker, kill_at_marker) = match (&spec.stop_marker, &spec.end_marker) {
+        (Some(m), _) => (Some(m.clone()), true),
+        (None, Some(m)) => (Some(m.clone()), false),
+        (None, None) => (None, false),
+    };
+    let so = reader(child.stdout.take().unwrap(), pid, marker, kill_at_marker);
+    let se = reader(child.stderr.take().unwrap(), pid, None, false);
     let shared = Arc::new(Shared {
         done: Mutex::new(false),
         cv: Condvar::new(),
@@ -457,6 +480,25 @@ pub fn run(spec: &Spec) -> Outcome {
                     spec.stop_marker.as_deref().unwrap_or(""),
                     tail(&stderr, 3),
                     tail(&stdout, 3)
+                ))
+            }
+        }
+    } else if let Some(m) = &spec.end_marker {
+        match (marker, code) {
+            (Some(at), Some(0)) => out.end_ms = Some(ms(at - t0)),
+            (None, _) => {
+                out.error = Some(format!(
+                    "{} before {m:?} was printed; stderr: {}; stdout: {}",
+                    out.status,
+                    tail(&stderr, 3),
+                    tail(&stdout, 3)
+                ))
+            }
+            (Some(_), _) => {
+                out.error = Some(format!(
+                    "{} after printing {m:?}; stderr: {}",
+                    out.status,
+                    tail(&stderr, 3)
                 ))
             }
         }
