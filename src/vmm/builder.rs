@@ -386,7 +386,10 @@ pub fn build(config: &VmConfig, ctx: BuildContext) -> Result<RunningVm, BuildErr
     })?;
     phases.mark("devices");
 
-    let supported = vm.supported_cpuid()?;
+    let mut supported = vm.supported_cpuid()?;
+    if ctx.host == HostKind::Pvm {
+        cpuid::hide_pv_hypercalls(supported.as_mut_slice());
+    }
     phases.mark("supported CPUID");
     let topo = cpuid::Topology {
         vcpu_count: machine.vcpu_count,
