@@ -186,11 +186,12 @@ pub trait Arch {
     fn setup_vm(vm: &VmFd) -> Result<(), ArchError>;
     /// Loads the kernel (and initrd) and writes the boot structures.
     fn load_guest(setup: &GuestSetup<'_>) -> Result<Self::BootEntry, ArchError>;
-    /// What each vCPU of `machine` is configured with.
+    /// What each vCPU of `machine` is configured with on this kind of host.
     fn vcpu_configs(
         kvm: &Kvm,
         machine: &MachineConfig,
         profile: CpuProfile,
+        host: HostKind,
     ) -> Result<Vec<Self::VcpuConfig>, ArchError>;
     /// Configures a new vCPU; the boot vCPU gets `entry`.
     fn configure_vcpu(

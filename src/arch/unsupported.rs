@@ -49,7 +49,12 @@ impl Arch for Unsupported {
         refuse()
     }
 
-    fn vcpu_configs(_: &Kvm, _: &MachineConfig, _: CpuProfile) -> Result<Vec<()>, ArchError> {
+    fn vcpu_configs(
+        _: &Kvm,
+        _: &MachineConfig,
+        _: CpuProfile,
+        _: HostKind,
+    ) -> Result<Vec<()>, ArchError> {
         refuse()
     }
 

@@ -319,7 +319,7 @@ pub fn build(config: &VmConfig, ctx: BuildContext) -> Result<RunningVm, BuildErr
     let (legacy, pio) = Current::legacy_devices(vm.fd(), &mut mmio, timer, make_serial)?;
     phases.mark("devices");
 
-    let configs = Current::vcpu_configs(vm.kvm(), machine, profile)?;
+    let configs = Current::vcpu_configs(vm.kvm(), machine, profile, ctx.host)?;
     phases.mark("vCPU configurations");
     let mut configured = Vec::with_capacity(configs.len());
     for (index, config) in (0u8..).zip(configs) {

@@ -30,6 +30,13 @@ const CONSERVATIVE_LEAF7_EDX_KEEP: u32 =
 const CONSERVATIVE_EXT1_ECX: u32 =
     (1 << 5) | (1 << 6) | (1 << 7) | (1 << 11) | (1 << 16) | (1 << 21);
 
+/// KVM's paravirtual feature leaf (EAX: `KVM_FEATURE_*` bits).
+const KVM_CPUID_FEATURES: u32 = 0x4000_0001;
+/// KVM PV features whose guest side makes hypercalls: MMU_OP (2, `KVM_HC_MMU_OP`), PV_UNHALT
+/// (7, `KVM_HC_KICK_CPU` from PV spinlocks), PV_SEND_IPI (11, `KVM_HC_SEND_IPI`),
+/// PV_SCHED_YIELD (13, `KVM_HC_SCHED_YIELD`), HC_MAP_GPA_RANGE (16, `KVM_HC_MAP_GPA_RANGE`).
+const KVM_FEATURES_USING_HYPERCALLS: u32 = (1 << 2) | (1 << 7) | (1 << 11) | (1 << 13) | (1 << 16);
+
 /// Guest topology, for the topology leaves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Topology {
@@ -118,6 +125,20 @@ pub fn normalize(
     }
 }
 
+/// Removes the KVM PV features that make hypercalls from `entries`. On PVM hosts a VMCALL or
+/// VMMCALL from the guest kernel loops forever in KVM's emulator, so an SMP guest that sends PV
+/// IPIs or kicks a vCPU waiting on a PV spinlock hangs; the guest falls back to APIC IPIs and
+/// native spinlocks when the bits are clear. kvmclock, steal time and PV EOI use MSRs and shared
+/// memory and stay.
+pub fn hide_pv_hypercalls(entries: &mut [kvm_cpuid_entry2]) {
+    for e in entries
+        .iter_mut()
+        .filter(|e| e.function == KVM_CPUID_FEATURES)
+    {
+        e.eax &= !KVM_FEATURES_USING_HYPERCALLS;
+    }
+}
+
 /// A copy of `supported` normalised for vCPU `cpu_index`.
 pub fn for_vcpu(supported: &CpuId, cpu_index: u8, topo: Topology, profile: CpuProfile) -> CpuId {
     let mut cpuid = supported.clone();
@@ -194,6 +215,29 @@ mod tests {
         assert_eq!((e[0].ebx, e[0].ecx >> 8, e[0].edx), (1, 1, 2));
         assert_eq!((e[1].eax, e[1].ebx, e[1].ecx >> 8), (2, 4, 2));
         assert_eq!(e[2].ecx >> 8, 0);
+    }
+
+    #[test]
+    fn pv_features_using_hypercalls_are_hidden() {
+        // Every KVM_FEATURE bit Linux 6.1 knows, plus CLOCKSOURCE_STABLE (24).
+        let all = 0x0003_ffff | (1 << 24);
+        let mut e = [entry(KVM_CPUID_FEATURES, 0, [all, 0, 0, 0])];
+        hide_pv_hypercalls(&mut e);
+        for bit in [2, 7, 11, 13, 16] {
+            assert_eq!(e[0].eax & (1 << bit), 0, "KVM_FEATURE bit {bit}");
+        }
+        // kvmclock (0, 3, 24), NOP_IO_DELAY, ASYNC_PF, STEAL_TIME, PV_EOI, PV_TLB_FLUSH stay.
+        for bit in [0, 1, 3, 4, 5, 6, 9, 24] {
+            assert_ne!(e[0].eax & (1 << bit), 0, "KVM_FEATURE bit {bit}");
+        }
+    }
+
+    #[test]
+    fn hiding_pv_hypercalls_leaves_other_leaves_alone() {
+        let mut e = [entry(1, 0, [!0; 4]), entry(0x4000_0000, 0, [!0; 4])];
+        hide_pv_hypercalls(&mut e);
+        assert_eq!([e[0].eax, e[0].ebx, e[0].ecx, e[0].edx], [!0; 4]);
+        assert_eq!([e[1].eax, e[1].ebx, e[1].ecx, e[1].edx], [!0; 4]);
     }
 
     #[test]

@@ -164,10 +164,14 @@ impl Arch for X86_64 {
         kvm: &Kvm,
         machine: &MachineConfig,
         profile: CpuProfile,
+        host: HostKind,
     ) -> Result<Vec<CpuId>, ArchError> {
-        let supported = kvm
+        let mut supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_error("read the supported CPUID"))?;
+        if host == HostKind::Pvm {
+            cpuid::hide_pv_hypercalls(supported.as_mut_slice());
+        }
         let topo = cpuid::Topology {
             vcpu_count: machine.vcpu_count,
             threads_per_core: if machine.smt { 2 } else { 1 },
