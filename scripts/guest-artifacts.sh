@@ -300,7 +300,7 @@ build_rootfs() {
 
 	say "rootfs: busybox $(pkg_version busybox-static)"
 	applets=$("$BUSYBOX" --list)
-	for a in sh mount devmem poweroff reboot setsid cttyhack cat echo grep wc sleep rm; do
+	for a in sh mount devmem poweroff reboot setsid cttyhack cat echo grep wc sleep rm stty; do
 		grep -qx "$a" <<<"$applets" || die "rootfs: $BUSYBOX has no '$a' applet"
 	done
 	cp "$BUSYBOX" "$root/bin/busybox"
