@@ -1,7 +1,8 @@
 //! API start-up, request latency and VMM memory overhead of the `flick` binary built with the
 //! bench (release) profile.
 //!
-//! `cargo bench --bench api_startup [-- --runs N --requests N]` prints:
+//! `cargo bench --bench api_startup [-- --runs N --requests N]` (extra flick arguments, e.g.
+//! `--no-seccomp`: FLICK_BENCH_FLICK_ARGS) prints:
 //! - spawn → first successful `GET /` answer over `--api-sock` (connect-retry loop), N runs
 //!   (default 30): min / median / p90;
 //! - `GET /` and `PUT /machine-config` latency over one keep-alive connection (default 2000 each):
@@ -71,6 +72,7 @@ fn spawn(sock: &Path, stdout: Stdio) -> Running {
     let child = Command::new(FLICK)
         .arg("--api-sock")
         .arg(sock)
+        .args(flick_fixtures::bench_flick_args())
         .stdin(Stdio::null())
         .stdout(stdout)
         .stderr(Stdio::inherit())

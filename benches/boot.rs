@@ -3,7 +3,8 @@
 //! process spawn → guest ran → exit, plus a phase breakdown of one run.
 //!
 //! `cargo bench --bench boot` (runs: FLICK_BENCH_RUNS, default 30; memory: FLICK_BENCH_MEM_MIB,
-//! default 128; extra guest args: FLICK_BENCH_ARGS).
+//! default 128; extra guest args: FLICK_BENCH_ARGS; extra flick arguments, e.g. `--no-seccomp`:
+//! FLICK_BENCH_FLICK_ARGS).
 
 use std::process::{Command, Stdio};
 use std::time::Instant;
@@ -67,6 +68,7 @@ fn main() {
                 "--config-file",
             ])
             .arg(&config)
+            .args(flick_fixtures::bench_flick_args())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

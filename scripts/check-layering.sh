@@ -23,6 +23,7 @@ forbid src/vmm 'crate::api\b|arch::x86_64' "vmm never imports api or a concrete 
 forbid src/snapshot 'crate::(api|vmm)\b|arch::x86_64' "snapshot never imports api, vmm or a concrete architecture"
 forbid src/config.rs 'crate::' "config imports nothing of the crate"
 forbid src/metrics.rs 'crate::' "metrics imports nothing of the crate"
+forbid src/seccomp.rs 'crate::' "seccomp imports nothing of the crate"
 
 if ((bad)); then
 	exit 1

@@ -16,6 +16,7 @@ pub mod hex;
 pub mod kvm;
 pub mod logger;
 pub mod metrics;
+pub mod seccomp;
 pub mod snapshot;
 pub mod vmm;
 

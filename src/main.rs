@@ -17,6 +17,7 @@ use flick::config::{
     LogLevel, LoggerConfig, MemBackendConfig, MemBackendType, SnapshotLoadConfig, VmConfig,
 };
 use flick::control::{self, Action, ControlReceiver, Reply};
+use flick::seccomp::{Filter, Filters, Role};
 use flick::vmm::{Vmm, VmmOptions, VERSION};
 use flick::{error_chain, logger};
 
@@ -78,9 +79,14 @@ struct Cli {
     /// Accepted for Firecracker compatibility.
     #[arg(long, value_name = "US")]
     start_time_cpu_us: Option<u64>,
-    /// Accepted for Firecracker compatibility (flick installs no seccomp filter yet).
-    #[arg(long)]
+    /// Run without seccomp filters (by default every thread confines itself to its role's
+    /// system calls; see docs/security.md).
+    #[arg(long, conflicts_with = "seccomp_filter")]
     no_seccomp: bool,
+    /// Use the seccomp filters in this file instead of the built-in ones: BPF programs per
+    /// thread role as Firecracker's seccompiler-bin writes them (see docs/security.md).
+    #[arg(long, value_name = "FILE")]
+    seccomp_filter: Option<String>,
     /// Print the version and exit.
     #[arg(long)]
     version: bool,
@@ -97,7 +103,18 @@ fn read_config(path: &str) -> Result<VmConfig, String> {
     VmConfig::from_json(&text).map_err(|e| format!("invalid config file {path}: {e}"))
 }
 
+/// Most malloc arenas flick's threads may use. Setting a limit also keeps glibc from reading
+/// `/sys/devices/system/cpu/online` the first time a thread needs an arena of its own, a file
+/// the API and vCPU filters do not let those threads open.
+#[cfg(target_env = "gnu")]
+const MALLOC_ARENAS: libc::c_int = 8;
+
 fn main() -> ExitCode {
+    // SAFETY: mallopt only changes malloc's tuning; called before any other thread exists.
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, MALLOC_ARENAS);
+    }
     let cli = Cli::parse();
     if cli.version {
         println!("flick v{VERSION}");
@@ -114,6 +131,10 @@ fn main() -> ExitCode {
     if let Err(e) = logger::configure(&log) {
         return fail(&error_chain(&e));
     }
+    let filters = match seccomp_filters(&cli) {
+        Ok(filters) => filters,
+        Err(message) => return fail(&message),
+    };
     let config = match cli.config_file.as_deref().map(read_config) {
         None if cli.no_api && cli.restore_snapshot.is_none() => {
             return fail("--no-api requires --config-file or --restore-snapshot")
@@ -126,7 +147,8 @@ fn main() -> ExitCode {
         (None, None)
     } else {
         let path = cli.api_sock.as_deref().unwrap_or(api::DEFAULT_SOCKET_PATH);
-        match start_api(Path::new(path), cli.http_api_max_payload_size) {
+        let filter = filters.get(Role::Api).cloned();
+        match start_api(Path::new(path), cli.http_api_max_payload_size, filter) {
             Ok((server, control)) => (Some(server), Some(control)),
             Err(message) => return fail(&message),
         }
@@ -137,6 +159,7 @@ fn main() -> ExitCode {
         boot_timer: cli.boot_timer,
         serial_out: None,
         serial_in: true,
+        vcpu_seccomp: filters.get(Role::Vcpu).cloned(),
     };
     let mut vmm = Vmm::new(options, control);
     tracing::info!("flick v{VERSION} on {}", vmm.host().describe());
@@ -167,7 +190,29 @@ fn main() -> ExitCode {
             return fail(&error.message);
         }
     }
-    run(vmm, api)
+    // Set-up is done: from here on the VMM thread runs confined to its event loop's calls.
+    if let Err(e) = filters.install(Role::Vmm) {
+        return fail(&error_chain(&e));
+    }
+    run(vmm, api, filters.get(Role::Teardown).cloned())
+}
+
+/// The seccomp filters asked for on the command line: none, a file's, or the built-in ones.
+fn seccomp_filters(cli: &Cli) -> Result<Filters, String> {
+    let filters = if cli.no_seccomp {
+        Filters::none()
+    } else if let Some(path) = &cli.seccomp_filter {
+        Filters::from_file(Path::new(path)).map_err(|e| error_chain(&e))?
+    } else {
+        Filters::builtin().map_err(|e| {
+            format!(
+                "{} (no built-in seccomp filters for this target: use --no-seccomp or \
+                 --seccomp-filter)",
+                error_chain(&e)
+            )
+        })?
+    };
+    Ok(filters)
 }
 
 /// Signals after which the API socket is removed.
@@ -176,11 +221,15 @@ const TERMINATION_SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc
 /// Binds the API socket, starts the API thread and arranges for the socket to be removed if a
 /// termination signal ends the process. The signals stay blocked from before the bind until the
 /// handler is in place, so none can leave the socket behind; the API threads keep them blocked.
-fn start_api(path: &Path, max_payload: usize) -> Result<(ApiServer, ControlReceiver), String> {
+fn start_api(
+    path: &Path,
+    max_payload: usize,
+    filter: Option<Filter>,
+) -> Result<(ApiServer, ControlReceiver), String> {
     let (handle, control) =
         control::channel().map_err(|e| format!("cannot create the API channel: {e}"))?;
     let previous = mask_termination_signals(libc::SIG_BLOCK, None);
-    let started = api::start(path, max_payload, handle);
+    let started = api::start(path, max_payload, handle, filter);
     if let Ok(server) = &started {
         remove_socket_on_signal(server.socket_path());
     }
@@ -251,7 +300,7 @@ fn remove_socket_on_signal(path: &Path) {
 }
 
 /// Runs the event loop until the VMM decides to exit.
-fn run(vmm: Vmm, api: Option<ApiServer>) -> ExitCode {
+fn run(vmm: Vmm, api: Option<ApiServer>, teardown_filter: Option<Filter>) -> ExitCode {
     let mut events: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
         match EventManager::new() {
             Ok(em) => em,
@@ -281,7 +330,7 @@ fn run(vmm: Vmm, api: Option<ApiServer>) -> ExitCode {
             if let Some(api) = &api {
                 api.cleanup();
             }
-            defer_teardown();
+            defer_teardown(teardown_filter.as_ref());
             tracing::debug!("exiting with code {code}");
             // vCPU threads may still be inside KVM_RUN; exiting the process ends them.
             std::process::exit(code);
@@ -313,15 +362,27 @@ fn fds_to_release() -> Vec<libc::c_int> {
 struct Reaper {
     release: Vec<libc::c_int>,
     pipe: [libc::c_int; 2],
+    /// The child's own seccomp filter (the program it points at is leaked with the `Reaper`).
+    filter: Option<libc::sock_fprog>,
 }
 
 extern "C" fn reap(arg: *mut libc::c_void) -> libc::c_int {
     // SAFETY: `arg` points at the leaked `Reaper` that `defer_teardown` built for this child.
     let reaper = unsafe { &*(arg as *const Reaper) };
     let mut byte = 0u8;
-    // SAFETY: closing fds of this child's own fd table, reading one byte into a local and
-    // exiting: no allocation or locks.
+    // SAFETY: installing a filter from a prepared program, closing fds of this child's own fd
+    // table, reading one byte into a local and exiting: no allocation or locks. If the filter
+    // cannot be installed the child still runs under the VMM filter it inherited.
     unsafe {
+        if let Some(program) = &reaper.filter {
+            libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+            libc::syscall(
+                libc::SYS_seccomp,
+                libc::SECCOMP_SET_MODE_FILTER,
+                0,
+                program as *const libc::sock_fprog,
+            );
+        }
         libc::close(reaper.pipe[1]);
         for &fd in &reaper.release {
             libc::close(fd);
@@ -338,7 +399,7 @@ extern "C" fn reap(arg: *mut libc::c_void) -> libc::c_int {
 /// does not tear it down, and keeps only anonymous kernel objects such as the KVM fds (so TAPs,
 /// drive locks, sockets and our standard streams are released with us). It waits for a pipe to
 /// close (it closes when this process is gone), then exits, releasing everything.
-fn defer_teardown() {
+fn defer_teardown(filter: Option<&Filter>) {
     const STACK_BYTES: usize = 64 * 1024;
     let mut pipe = [0 as libc::c_int; 2];
     // SAFETY: pipe writes two fds into the array we own.
@@ -351,7 +412,13 @@ fn defer_teardown() {
         .into_iter()
         .filter(|fd| !pipe.contains(fd))
         .collect();
-    let reaper: &'static Reaper = Box::leak(Box::new(Reaper { release, pipe }));
+    // The program must outlive the child: leak a handle on it along with the rest.
+    let filter = filter.map(|f| Box::leak(Box::new(f.clone())).as_fprog());
+    let reaper: &'static Reaper = Box::leak(Box::new(Reaper {
+        release,
+        pipe,
+        filter,
+    }));
     let stack: &'static mut [u8] = Box::leak(vec![0u8; STACK_BYTES].into_boxed_slice());
     // The stack grows down from its (16-byte aligned) end.
     let top = (stack.as_mut_ptr() as usize + STACK_BYTES) & !0xf;

@@ -28,6 +28,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::control::ControlHandle;
+use crate::seccomp::{self, Filter, Role};
 
 /// Where Firecracker listens when `--api-sock` is not given.
 pub const DEFAULT_SOCKET_PATH: &str = "/run/firecracker.socket";
@@ -70,11 +71,13 @@ impl Drop for ApiServer {
 }
 
 /// Binds `socket_path` and starts serving the API on the `flick_api` thread. Refuses a path
-/// that already exists, as Firecracker does. `max_payload` caps request bodies in bytes.
+/// that already exists, as Firecracker does. `max_payload` caps request bodies in bytes. The
+/// thread installs `filter` before it accepts anything; its connection threads inherit it.
 pub fn start(
     socket_path: &Path,
     max_payload: usize,
     handle: ControlHandle,
+    filter: Option<Filter>,
 ) -> Result<ApiServer, ApiError> {
     let shown = || socket_path.display().to_string();
     if socket_path.symlink_metadata().is_ok() {
@@ -90,7 +93,10 @@ pub fn start(
     let shared = Arc::new(server::Shared::new(handle, max_payload));
     std::thread::Builder::new()
         .name("flick_api".into())
-        .spawn(move || server::accept_loop(listener, shared))
+        .spawn(move || {
+            seccomp::install_or_exit(filter.as_ref(), Role::Api);
+            server::accept_loop(listener, shared)
+        })
         .map_err(ApiError::Spawn)?;
     Ok(server)
 }
@@ -128,7 +134,7 @@ mod tests {
         let path = dir.socket();
         std::fs::write(&path, b"").unwrap();
         let (handle, _control) = control::channel().unwrap();
-        let err = start(&path, DEFAULT_MAX_PAYLOAD_BYTES, handle).unwrap_err();
+        let err = start(&path, DEFAULT_MAX_PAYLOAD_BYTES, handle, None).unwrap_err();
         assert_eq!(
             err.to_string(),
             format!("socket path {} already exists", path.display())
@@ -140,7 +146,7 @@ mod tests {
         let dir = TempDir::new("cleanup");
         let path = dir.socket();
         let (handle, _control) = control::channel().unwrap();
-        let server = start(&path, DEFAULT_MAX_PAYLOAD_BYTES, handle).unwrap();
+        let server = start(&path, DEFAULT_MAX_PAYLOAD_BYTES, handle, None).unwrap();
         assert!(path.exists());
         server.cleanup();
         assert!(!path.exists());
@@ -151,7 +157,7 @@ mod tests {
         let dir = TempDir::new("missing");
         let path = dir.0.join("no/such/dir/api.sock");
         let (handle, _control) = control::channel().unwrap();
-        let err = start(&path, DEFAULT_MAX_PAYLOAD_BYTES, handle).unwrap_err();
+        let err = start(&path, DEFAULT_MAX_PAYLOAD_BYTES, handle, None).unwrap_err();
         assert!(matches!(err, ApiError::Bind(..)));
     }
 }

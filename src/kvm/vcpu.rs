@@ -107,6 +107,30 @@ fn install_kick_handler() {
     });
 }
 
+/// Blocks every asynchronous signal on the calling vCPU thread except the kick signal, so that
+/// process-directed signals (termination, for instance) are handled on the VMM thread, and a
+/// vCPU thread never runs a handler its seccomp policy does not foresee.
+fn only_kick_signal() {
+    // SAFETY: sigset_t is plain data; the set functions and pthread_sigmask only write to the
+    // sets passed by pointer, which live on this stack frame.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut set);
+        for signal in [
+            kick_signal(),
+            libc::SIGSEGV,
+            libc::SIGBUS,
+            libc::SIGFPE,
+            libc::SIGILL,
+            libc::SIGTRAP,
+            libc::SIGSYS,
+        ] {
+            libc::sigdelset(&mut set, signal);
+        }
+        libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+    }
+}
+
 /// The VMM thread's handle on a running vCPU thread.
 #[derive(Debug)]
 pub struct VcpuHandle {
@@ -181,6 +205,8 @@ pub struct Vcpu {
     pub stats: Arc<VcpuStats>,
     pub events: mpsc::Sender<VcpuEvent>,
     pub wake: EventFd,
+    /// Installed by the thread before it first enters the guest.
+    pub seccomp: Option<crate::seccomp::Filter>,
 }
 
 impl std::fmt::Debug for Vcpu {
@@ -257,6 +283,8 @@ impl Vcpu {
         commands: mpsc::Receiver<(u64, VcpuCommand)>,
         responses: mpsc::Sender<(u64, VcpuResponse)>,
     ) {
+        only_kick_signal();
+        crate::seccomp::install_or_exit(self.seccomp.as_ref(), crate::seccomp::Role::Vcpu);
         let run_area: *mut kvm_bindings::kvm_run = self.fd.get_kvm_run();
         KVM_RUN.with(|cell| cell.set(run_area));
         let reason = loop {

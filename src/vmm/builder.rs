@@ -68,6 +68,8 @@ pub struct BuildContext {
     pub started: Instant,
     pub started_cpu_us: u64,
     pub boot_times: Arc<BootTimes>,
+    /// The seccomp filter each vCPU thread installs as it starts.
+    pub vcpu_seccomp: Option<crate::seccomp::Filter>,
 }
 
 impl std::fmt::Debug for BuildContext {
@@ -195,6 +197,7 @@ pub(crate) fn start_vcpus(
     buses: (Bus, Bus),
     start_paused: bool,
     stopping: &Arc<AtomicBool>,
+    seccomp: Option<&crate::seccomp::Filter>,
 ) -> Result<Vcpus, BuildError> {
     let (pio, mmio) = (Arc::new(buses.0), Arc::new(buses.1));
     let (events_tx, events) = mpsc::channel();
@@ -216,6 +219,7 @@ pub(crate) fn start_vcpus(
             stats: vcpu_stats,
             events: events_tx.clone(),
             wake: wake.try_clone().map_err(BuildError::EventFd)?,
+            seccomp: seccomp.cloned(),
         };
         handles.push(vcpu.spawn()?);
     }
@@ -328,7 +332,14 @@ pub fn build(config: &VmConfig, ctx: BuildContext) -> Result<RunningVm, BuildErr
         configured.push((fd, config));
     }
     phases.mark("create and configure vCPUs");
-    let vcpus = start_vcpus(configured, &mem, (pio, mmio), false, &legacy.stopping)?;
+    let vcpus = start_vcpus(
+        configured,
+        &mem,
+        (pio, mmio),
+        false,
+        &legacy.stopping,
+        ctx.vcpu_seccomp.as_ref(),
+    )?;
     phases.mark("spawn vCPU threads");
     Ok(RunningVm {
         vm,

@@ -50,6 +50,8 @@ pub struct VmmOptions {
     pub serial_out: Option<SerialOut>,
     /// Feed this process's stdin to the guest's serial port.
     pub serial_in: bool,
+    /// The seccomp filter of the vCPU threads (`None`: they run unfiltered).
+    pub vcpu_seccomp: Option<crate::seccomp::Filter>,
 }
 
 impl std::fmt::Debug for VmmOptions {
@@ -353,6 +355,7 @@ impl Vmm {
             started,
             started_cpu_us,
             boot_times: self.boot_times.clone(),
+            vcpu_seccomp: self.options.vcpu_seccomp.clone(),
         })
     }
 

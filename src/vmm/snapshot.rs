@@ -269,6 +269,7 @@ pub fn load(
         (pio, mmio),
         !params.resume_vm,
         &legacy.stopping,
+        ctx.vcpu_seccomp.as_ref(),
     )?;
     phases.mark("spawn vCPU threads");
     let running = RunningVm {
