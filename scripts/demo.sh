@@ -3,7 +3,10 @@
 #
 #   scripts/demo.sh            boot the test guest (milliseconds) on 2 vCPUs
 #   scripts/demo.sh --linux    boot the project's Linux kernel + busybox initramfs (builds them
-#                              first, ~5 minutes once; on a PVM host Linux takes ~70 s to init)
+#                              first, ~5 minutes once) and run programs in its user space
+#                              (flick.init=check: busybox echo, a pipe, signals, a file), then
+#                              reboot; on a PVM host this takes tens of seconds (kernel code is
+#                              emulated there), see docs/linux-guest.md
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -44,7 +47,7 @@ else
 {
   "boot-source": {"kernel_image_path": "$FLICK_KERNEL_VMLINUX",
                   "initrd_path": "$FLICK_INITRAMFS",
-                  "boot_args": "console=ttyS0 reboot=k panic=1 i8042.nokbd i8042.noaux flick.init=reboot"},
+                  "boot_args": "console=ttyS0 reboot=k panic=1 i8042.nokbd i8042.noaux flick.init=check"},
   "machine-config": {"vcpu_count": 1, "mem_size_mib": 256}
 }
 JSON
@@ -55,9 +58,14 @@ cat "$work/vm.json" >&2
 echo "== booting: flick --no-api --config-file vm.json --boot-timer" >&2
 start=$(date +%s%N)
 set +e
-"$flick" --no-api --config-file "$work/vm.json" --boot-timer --level Info </dev/null
-code=$?
+"$flick" --no-api --config-file "$work/vm.json" --boot-timer --level Info </dev/null |
+    tee "$work/console"
+code=${PIPESTATUS[0]}
 set -e
 end=$(date +%s%N)
 echo "== flick exited with code $code after $(( (end - start) / 1000000 )) ms (spawn to exit)" >&2
+if [[ $mode == linux ]]; then
+    echo "== Linux user space (init's READY line and what flick.init=check ran):" >&2
+    grep -E '^(READY|CHECK) ' "$work/console" >&2 || echo "   (none: user space did not run)" >&2
+fi
 exit $code
