@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
-
 use common::*;
 
 /// The number in `rng: <n> bytes, <d> distinct values, ...`.
@@ -53,22 +51,11 @@ fn entropy_configured_through_the_api_is_rate_limited_and_counted() {
     if !kvm_available() {
         return skip("no /dev/kvm");
     }
-    let dir = TempDir::new("rng-api");
-    let sock = dir.path("api.sock");
-    let stdout = dir.path("out");
-    let mut child = Command::new(flick_bin())
-        .arg("--api-sock")
-        .arg(&sock)
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&stdout).unwrap())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for_socket(&sock);
+    let flick = ApiFlick::start("rng-api");
     // A bucket of 300 bytes refilled over 100 ms: the second 256-byte request must wait.
     let limited = serde_json::json!({"rate_limiter": {
         "bandwidth": {"size": 300, "refill_time": 100}}});
-    let calls = [
+    flick.put_all(&[
         (
             "/boot-source",
             serde_json::json!({"kernel_image_path": test_guest(),
@@ -79,16 +66,12 @@ fn entropy_configured_through_the_api_is_rate_limited_and_counted() {
             "/actions",
             serde_json::json!({"action_type": "InstanceStart"}),
         ),
-    ];
-    for (path, body) in calls {
-        let (status, answer) = api_call(&sock, "PUT", path, Some(&body.to_string()));
-        assert_eq!(status, 204, "{path}: {answer}");
-    }
-    wait_for_text(&stdout, "testguest: done");
-    let (_, config) = api_call(&sock, "GET", "/vm/config", None);
+    ]);
+    wait_for_text(&flick.stdout, "testguest: done");
+    let (_, config) = flick.call("GET", "/vm/config", None);
     let config: serde_json::Value = serde_json::from_str(&config).unwrap();
     assert_eq!(config["entropy"], limited, "{config}");
-    let (_, metrics) = api_call(&sock, "GET", "/metrics", None);
+    let (_, metrics) = flick.call("GET", "/metrics", None);
     assert!(
         metrics.contains("flick_entropy_bytes_total{device=\"rng\"} 512\n"),
         "{metrics}"
@@ -101,10 +84,8 @@ fn entropy_configured_through_the_api_is_rate_limited_and_counted() {
         !throttled.ends_with(" 0"),
         "the limiter never held a request: {throttled}"
     );
-    let (status, answer) = api_call(&sock, "PUT", "/entropy", Some("{}"));
+    let (status, answer) = flick.call("PUT", "/entropy", Some("{}"));
     assert_eq!(status, 400, "{answer}");
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 #[test]

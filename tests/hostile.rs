@@ -5,7 +5,7 @@ mod common;
 
 use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use common::*;
 
@@ -18,17 +18,8 @@ fn flush_metrics_to_a_fifo_nobody_reads_does_not_stall_the_api() {
     let fifo = dir.path("metrics.fifo");
     let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
     assert!(made.success());
-    let sock = dir.path("api.sock");
-    let mut child = Command::new(flick_bin())
-        .arg("--api-sock")
-        .arg(&sock)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for_socket(&sock);
-    let calls = [
+    let flick = ApiFlick::start("fifo-metrics-vm");
+    flick.put_all(&[
         (
             "/boot-source",
             serde_json::json!({"kernel_image_path": test_guest(),
@@ -39,17 +30,13 @@ fn flush_metrics_to_a_fifo_nobody_reads_does_not_stall_the_api() {
             "/actions",
             serde_json::json!({"action_type": "InstanceStart"}),
         ),
-    ];
-    for (path, body) in calls {
-        let (status, answer) = api_call(&sock, "PUT", path, Some(&body.to_string()));
-        assert_eq!(status, 204, "{path}: {answer}");
-    }
+    ]);
     let flush = serde_json::json!({"action_type": "FlushMetrics"}).to_string();
     // No reader: the line is lost, the request is answered (a blocking open would hang here
     // until the client's read timeout).
-    let (status, answer) = api_call(&sock, "PUT", "/actions", Some(&flush));
+    let (status, answer) = flick.call("PUT", "/actions", Some(&flush));
     assert_eq!(status, 204, "{answer}");
-    let (status, _) = api_call(&sock, "GET", "/", None);
+    let (status, _) = flick.call("GET", "/", None);
     assert_eq!(status, 200);
 
     // With a reader the next line arrives and counts the one lost before.
@@ -58,7 +45,7 @@ fn flush_metrics_to_a_fifo_nobody_reads_does_not_stall_the_api() {
         .custom_flags(libc::O_NONBLOCK)
         .open(&fifo)
         .unwrap();
-    let (status, answer) = api_call(&sock, "PUT", "/actions", Some(&flush));
+    let (status, answer) = flick.call("PUT", "/actions", Some(&flush));
     assert_eq!(status, 204, "{answer}");
     let mut line = String::new();
     let _ = reader.read_to_string(&mut line);
@@ -69,6 +56,4 @@ fn flush_metrics_to_a_fifo_nobody_reads_does_not_stall_the_api() {
         value["flick_metrics_lines_lost_total"][0]["value"], 1,
         "{line}"
     );
-    let _ = child.kill();
-    let _ = child.wait();
 }

@@ -2,8 +2,6 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
-
 use common::*;
 
 /// `THPeligible` of the mapping of exactly `size_kib` in `pid`'s smaps.
@@ -23,19 +21,8 @@ fn thp_eligible(pid: u32, size_kib: u64) -> Option<bool> {
 }
 
 fn guest_ram_thp(huge_pages: &str) -> Option<bool> {
-    let dir = TempDir::new("thp");
-    let sock = dir.path("api.sock");
-    let out = dir.path("out");
-    let mut child = Command::new(flick_bin())
-        .arg("--api-sock")
-        .arg(&sock)
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&out).unwrap())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for_socket(&sock);
-    let calls = [
+    let flick = ApiFlick::start("thp");
+    flick.put_all(&[
         (
             "/machine-config",
             serde_json::json!({"vcpu_count": 1, "mem_size_mib": 96, "huge_pages": huge_pages}),
@@ -49,16 +36,9 @@ fn guest_ram_thp(huge_pages: &str) -> Option<bool> {
             "/actions",
             serde_json::json!({"action_type": "InstanceStart"}),
         ),
-    ];
-    for (path, body) in calls {
-        let (status, answer) = api_call(&sock, "PUT", path, Some(&body.to_string()));
-        assert_eq!(status, 204, "{path}: {answer}");
-    }
-    wait_for_text(&out, "testguest: done");
-    let eligible = thp_eligible(child.id(), 96 * 1024);
-    let _ = child.kill();
-    let _ = child.wait();
-    eligible
+    ]);
+    wait_for_text(&flick.stdout, "testguest: done");
+    thp_eligible(flick.child.id(), 96 * 1024)
 }
 
 #[test]
@@ -79,21 +59,9 @@ fn transparent_huge_pages_mark_guest_ram_eligible() {
 
 #[test]
 fn hugetlbfs_pages_are_refused_when_configured() {
-    let dir = TempDir::new("thp-refused");
-    let sock = dir.path("api.sock");
-    let mut child = Command::new(flick_bin())
-        .arg("--api-sock")
-        .arg(&sock)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for_socket(&sock);
+    let flick = ApiFlick::start("thp-refused");
     let body = r#"{"vcpu_count": 1, "mem_size_mib": 128, "huge_pages": "2M"}"#;
-    let (status, answer) = api_call(&sock, "PUT", "/machine-config", Some(body));
+    let (status, answer) = flick.call("PUT", "/machine-config", Some(body));
     assert_eq!(status, 400, "{answer}");
     assert!(answer.contains("not supported by flick yet"), "{answer}");
-    let _ = child.kill();
-    let _ = child.wait();
 }

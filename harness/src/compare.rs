@@ -795,6 +795,23 @@ fn plan_linux(opts: &Opts, work: &Path) -> Result<Plan, String> {
     })
 }
 
+/// Pauses the VM behind `sock` and writes a full snapshot to `snap` and `mem`.
+fn pause_and_snapshot(sock: &Path, snap: &Path, mem: &Path) -> Result<(), String> {
+    let call = |m: &str, p: &str, b: String| -> Result<(), String> {
+        match flick_fixtures::http::request(sock, m, p, Some(&b)) {
+            Ok((c, _)) if (200..300).contains(&c) => Ok(()),
+            Ok((c, body)) => Err(format!("{m} {p} answered {c}: {}", body.trim())),
+            Err(e) => Err(format!("{m} {p}: {e}")),
+        }
+    };
+    call("PATCH", "/vm", json!({"state": "Paused"}).to_string())?;
+    call(
+        "PUT",
+        "/snapshot/create",
+        json!({"snapshot_type": "Full", "snapshot_path": snap, "mem_file_path": mem}).to_string(),
+    )
+}
+
 /// Linux cold boot running the containers' command in user space.
 fn plan_linux_echo(opts: &Opts, work: &Path) -> Result<Plan, String> {
     let (kernel, initrd) = linux_artifacts(opts)?;
@@ -855,20 +872,7 @@ fn snapshot_waiting_linux(opts: &Opts, work: &Path, snap: &Path, mem: &Path) -> 
         }
         // Let init reach its read() on the console.
         std::thread::sleep(Duration::from_millis(500));
-        let call = |m: &str, p: &str, b: String| -> Result<(), String> {
-            match flick_fixtures::http::request(&sock, m, p, Some(&b)) {
-                Ok((c, _)) if (200..300).contains(&c) => Ok(()),
-                Ok((c, body)) => Err(format!("{m} {p} answered {c}: {}", body.trim())),
-                Err(e) => Err(format!("{m} {p}: {e}")),
-            }
-        };
-        call("PATCH", "/vm", json!({"state": "Paused"}).to_string())?;
-        call(
-            "PUT",
-            "/snapshot/create",
-            json!({"snapshot_type": "Full", "snapshot_path": snap, "mem_file_path": mem})
-                .to_string(),
-        )
+        pause_and_snapshot(&sock, snap, mem)
     })();
     let _ = child.kill();
     let _ = child.wait();
@@ -1000,20 +1004,7 @@ fn plan_restore(
         }
         // Let it count for a moment, then snapshot it mid-count.
         std::thread::sleep(Duration::from_millis(50));
-        let call = |m: &str, p: &str, b: String| -> Result<(), String> {
-            match flick_fixtures::http::request(&sock, m, p, Some(&b)) {
-                Ok((c, _)) if (200..300).contains(&c) => Ok(()),
-                Ok((c, body)) => Err(format!("{m} {p} answered {c}: {}", body.trim())),
-                Err(e) => Err(format!("{m} {p}: {e}")),
-            }
-        };
-        call("PATCH", "/vm", json!({"state": "Paused"}).to_string())?;
-        call(
-            "PUT",
-            "/snapshot/create",
-            json!({"snapshot_type": "Full", "snapshot_path": snap, "mem_file_path": mem})
-                .to_string(),
-        )
+        pause_and_snapshot(&sock, &snap, &mem)
     })();
     let _ = child.kill();
     let _ = child.wait();

@@ -162,6 +162,59 @@ pub fn wait_for_text(file: &Path, needle: &str) -> String {
     }
 }
 
+/// A flick started with `--api-sock` in its own temporary directory, its serial output in a
+/// file; killed and reaped on drop.
+pub struct ApiFlick {
+    pub dir: TempDir,
+    pub sock: std::path::PathBuf,
+    pub stdout: std::path::PathBuf,
+    pub child: Child,
+}
+
+impl ApiFlick {
+    /// Starts flick and waits until its socket accepts connections.
+    pub fn start(tag: &str) -> ApiFlick {
+        let dir = TempDir::new(tag);
+        let sock = dir.path("api.sock");
+        let stdout = dir.path("out");
+        let child = Command::new(flick_bin())
+            .arg("--api-sock")
+            .arg(&sock)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&stdout).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_for_socket(&sock);
+        ApiFlick {
+            dir,
+            sock,
+            stdout,
+            child,
+        }
+    }
+
+    /// One request; returns status and body.
+    pub fn call(&self, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+        api_call(&self.sock, method, path, body)
+    }
+
+    /// `PUT`s each `(path, body)` and requires 204 for each.
+    pub fn put_all(&self, calls: &[(&str, serde_json::Value)]) {
+        for (path, body) in calls {
+            let (status, answer) = self.call("PUT", path, Some(&body.to_string()));
+            assert_eq!(status, 204, "{path}: {answer}");
+        }
+    }
+}
+
+impl Drop for ApiFlick {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A private network namespace with one TAP device (host side `10.0.N.1/24`), removed on drop,
 /// along with any helper processes started in it.
 pub struct NetNs {
