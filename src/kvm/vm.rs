@@ -4,10 +4,11 @@ use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
     KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::arch::current::cpuid;
 use crate::arch::current::layout::KVM_TSS_ADDRESS;
 
 const KVM_API_VERSION: i32 = 12;
@@ -78,11 +79,17 @@ impl Vm {
         Ok(())
     }
 
-    /// KVM's supported CPUID for this host.
+    /// KVM's supported CPUID for this host, plus the TSC-deadline timer when KVM emulates it
+    /// (KVM leaves that bit for the VMM to set).
     pub fn supported_cpuid(&self) -> Result<CpuId, VmError> {
-        self.kvm
+        let mut supported = self
+            .kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(|e| VmError::Setup("CPUID", e))
+            .map_err(|e| VmError::Setup("CPUID", e))?;
+        if self.kvm.check_extension(Cap::TscDeadlineTimer) {
+            cpuid::add_tsc_deadline(supported.as_mut_slice());
+        }
+        Ok(supported)
     }
 
     /// Registers every region of `mem` as a KVM memory slot.
@@ -137,5 +144,29 @@ impl Vm {
     /// MSR indices KVM knows on this host, to try when saving vCPU state.
     pub fn msr_candidates(&self) -> Result<Vec<u32>, crate::kvm::state::StateError> {
         crate::kvm::state::msr_candidates(&self.kvm)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn supported_cpuid_has_tsc_deadline_when_kvm_emulates_it() {
+        if !std::path::Path::new("/dev/kvm").exists() {
+            eprintln!("skipping: /dev/kvm is missing");
+            return;
+        }
+        let vm = Vm::new().unwrap();
+        let cap = vm.kvm.check_extension(Cap::TscDeadlineTimer);
+        let supported = vm.supported_cpuid().unwrap();
+        let leaf1 = supported
+            .as_slice()
+            .iter()
+            .find(|e| e.function == 1)
+            .expect("leaf 1");
+        if cap {
+            assert_ne!(leaf1.ecx & cpuid::LEAF1_ECX_TSC_DEADLINE, 0);
+        }
     }
 }
