@@ -36,10 +36,12 @@ SETUP_TIMEOUT=900     # each host-side preparation step (cargo, downloads)
 # L1's own modules, with their dependencies resolved from the .ko files.
 L1_MODULES=(virtio_pci 9pnet_virtio 9p overlay tun kvm-amd)
 
-# By default the lane runs every integration test except those that compare throughput with and
-# without a rate limiter: under TCG the unthrottled guest I/O is itself so slow that the limit
-# may not show (see docs/nested-lane.md). `binary::test` names are matched.
-DEFAULT_EXCLUDE='rate_limit'
+# By default the lane runs every integration test except the few whose assertions are wall-clock
+# bounds that TCG's slowness breaks (see docs/nested-lane.md): those comparing throughput with and
+# without a rate limiter (the unthrottled guest I/O is itself slow here), and the API upload test
+# that detects curl's 1 s Expect timeout with a 900 ms bound (the upload alone took ~0.9 s in L1).
+# `binary::test` names are matched.
+DEFAULT_EXCLUDE='rate_limit|::curl_large_body_with_expect_continue_does_not_stall$'
 
 START=$SECONDS
 say() { printf '[nested-lane %4ds] %s\n' $((SECONDS - START)) "$*" >&2; }
