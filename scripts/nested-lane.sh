@@ -159,6 +159,9 @@ add_module() {
 	ORDER+=("$f")
 }
 
+# One preparation at a time (other worktrees may run the lane at the same moment).
+exec 9>"$CACHE/.lock"
+timeout "$SETUP_TIMEOUT" flock 9 || setup_fail "another lane held $CACHE/.lock too long"
 if [[ ! -s $L1_DIR/vmlinux || ! -s $L1_DIR/modules/order ]]; then
 	say "L1 kernel: $L1_PACKAGE $L1_VERSION (apt-get download, dpkg-deb -x; not installed)"
 	tmp=$CACHE/.tmp-l1.$$
@@ -212,6 +215,7 @@ if [[ ! -s $INITRD ]]; then
 	rm -rf -- "$tmp"
 	say "L1 initramfs: built $INITRD ($(($(stat -c %s "$INITRD") / 1024)) KiB)"
 fi
+exec 9>&-
 
 # ---------------------------------------------------------------------------
 # What L1 runs: the guest artifacts, the test guests, the test binaries, the plan
