@@ -30,8 +30,9 @@ CACHE=${FLICK_CACHE_DIR:-${HOME:-/root}/.cache/flick}/nested
 L1_PACKAGE=${FLICK_NESTED_L1_PACKAGE:-}
 L1_MEM_MIB=${FLICK_NESTED_L1_MEM_MIB:-6144}
 BOOT_TIMEOUT=180      # QEMU start to the first test starting
-TEST_TIMEOUT=120      # one test-guest test
-LINUX_TEST_TIMEOUT=240
+TEST_TIMEOUT=${FLICK_NESTED_TEST_TIMEOUT:-120}             # one test-guest test
+LINUX_TEST_TIMEOUT=${FLICK_NESTED_LINUX_TEST_TIMEOUT:-240} # one Linux test
+FROZEN_AFTER=60       # no heartbeat from L1 for this long: L1 froze
 SETUP_TIMEOUT=900     # each host-side preparation step (cargo, downloads)
 # L1's own modules, with their dependencies resolved from the .ko files.
 L1_MODULES=(virtio_pci 9pnet_virtio 9p overlay tun kvm-amd)
@@ -276,54 +277,135 @@ install -m 0755 "$LANE_SRC/run-tests" "$WORK/run-tests"
 : >"$WORK/results"
 
 # ---------------------------------------------------------------------------
-# The QEMU session
+# QEMU sessions
 # ---------------------------------------------------------------------------
-say "L1: QEMU TCG, -cpu max (AMD SVM + NPT), -smp 1, ${L1_MEM_MIB} MiB; $total tests; logs in $WORK"
-qemu_start=$SECONDS
-qemu-system-x86_64 \
-	-accel tcg,thread=multi -cpu max -smp 1 -m "$L1_MEM_MIB" \
-	-nodefaults -display none -no-reboot -no-user-config \
-	-serial "file:$WORK/l1-console.log" \
-	-kernel "$L1_DIR/vmlinux" -initrd "$INITRD" \
-	-append "console=ttyS0 panic=-1 loglevel=4 mitigations=off rdinit=/init" \
-	-virtfs "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap" \
-	-virtfs "local,path=$WORK,mount_tag=lane,security_model=none,multidevs=remap" \
-	</dev/null >"$WORK/qemu.log" 2>&1 &
-qemu=$!
-
-# Prints the results as they arrive; kills QEMU when L1 stops making progress (the test being run
-# has its own timeout inside L1, so no progress for longer than that means L1 itself is stuck).
+# L1 writes /lane/heartbeat every 5 s. When the heartbeat stops for FROZEN_AFTER seconds, L1 itself
+# froze (seen once in ~10 sessions here, under QEMU TCG); the lane then boots a new
+# L1 for the tests not done yet, the interrupted one first, at most MAX_RESTARTS times, and says
+# so. A test that hangs while L1 is alive is a failure.
+MAX_RESTARTS=${FLICK_NESTED_MAX_RESTARTS:-1}
+cp "$plan" "$WORK/plan.all"
 reported=0
-deadline=$((SECONDS + BOOT_TIMEOUT + $(sed -n 1p "$plan" | cut -f3) + 30))
+restarts=0
+froze=()
+session_total=0
+l1_setup=
 stuck=
-while kill -0 "$qemu" 2>/dev/null; do
+kvm_ready=
+
+print_new_results() {
+	local n status name secs
 	n=$(wc -l <"$WORK/results")
 	while ((reported < n)); do
 		reported=$((reported + 1))
 		IFS=$'\t' read -r status name secs < <(sed -n "${reported}p" "$WORK/results")
 		printf '%s %s (%s s)\n' "$status" "$name" "$secs"
-		next=$(sed -n "$((reported + 1))p" "$plan" | cut -f3)
+		next=$(sed -n "$((reported + 1))p" "$WORK/plan.all" | cut -f3)
 		deadline=$((SECONDS + ${next:-0} + 60))
 	done
-	if ((SECONDS > deadline)); then
-		stuck="L1 made no progress for too long"
-		kill "$qemu" 2>/dev/null || true
+}
+
+# Asks QEMU's monitor what the L1 vCPU is doing (for the log of a stalled session).
+monitor_dump() {
+	timeout 10 python3 - "$1" <<'PY' || true
+import socket, sys, time
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(3)
+s.connect(sys.argv[1])
+for cmd in (b"info status\n", b"info registers\n"):
+    s.sendall(cmd)
+    time.sleep(1)
+out = b""
+try:
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        out += chunk
+except socket.timeout:
+    pass
+sys.stdout.write(out.decode(errors="replace"))
+PY
+}
+
+session=0
+while :; do
+	done_count=$(wc -l <"$WORK/results")
+	tail -n +$((done_count + 1)) "$WORK/plan.all" >"$WORK/plan"
+	remaining=$(wc -l <"$WORK/plan")
+	((remaining > 0)) || break
+	session=$((session + 1))
+	grep -v '^export LANE_DONE=' "$WORK/env" >"$WORK/env.new" || true
+	echo "export LANE_DONE=$done_count" >>"$WORK/env.new"
+	mv "$WORK/env.new" "$WORK/env"
+	rm -f "$WORK/heartbeat" "$WORK/monitor.sock"
+	console=$WORK/l1-console.$session.log
+	say "L1 session $session: QEMU TCG, -cpu max (AMD SVM + NPT), -smp 1, ${L1_MEM_MIB} MiB;" \
+		"$remaining of $total tests; logs in $WORK"
+	qemu_start=$SECONDS
+	qemu-system-x86_64 \
+		-accel tcg,thread=multi -cpu max -smp 1 -m "$L1_MEM_MIB" \
+		-nodefaults -display none -no-reboot -no-user-config \
+		-serial "file:$console" -monitor "unix:$WORK/monitor.sock,server=on,wait=off" \
+		-kernel "$L1_DIR/vmlinux" -initrd "$INITRD" \
+		-append "console=ttyS0 panic=-1 loglevel=4 mitigations=off rdinit=/init" \
+		-virtfs "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap" \
+		-virtfs "local,path=$WORK,mount_tag=lane,security_model=none,multidevs=remap" \
+		</dev/null >"$WORK/qemu.$session.log" 2>&1 &
+	qemu=$!
+
+	# Prints the results as they arrive; stops QEMU when L1 makes no progress for longer than the
+	# running test's own timeout (enforced inside L1) plus a margin.
+	deadline=$((SECONDS + BOOT_TIMEOUT + $(sed -n 1p "$WORK/plan" | cut -f3) + 30))
+	stalled=0
+	while kill -0 "$qemu" 2>/dev/null; do
+		print_new_results
+		beat_age=0
+		[[ -e $WORK/heartbeat ]] && beat_age=$(($(date +%s) - $(stat -c %Y "$WORK/heartbeat")))
+		if ((SECONDS > deadline || beat_age > FROZEN_AFTER)); then
+			stalled=1
+			monitor_dump "$WORK/monitor.sock" >"$WORK/l1-stall.$session.txt" 2>&1
+			kill "$qemu" 2>/dev/null || true
+			sleep 1
+			kill -9 "$qemu" 2>/dev/null || true
+			break
+		fi
 		sleep 1
-		kill -9 "$qemu" 2>/dev/null || true
+	done
+	qemu_rc=0
+	wait "$qemu" 2>/dev/null || qemu_rc=$?
+	session_total=$((session_total + SECONDS - qemu_start))
+	print_new_results
+	[[ -n $kvm_ready ]] || kvm_ready=$(grep -o '/dev/kvm ready after [0-9.]* s' "$console" 2>/dev/null | head -n1 || true)
+	l1_setup=$(grep -o 'L1-SETUP-FAILED.*' "$console" 2>/dev/null | head -n1 || true)
+	[[ -z $l1_setup ]] || break
+	((reported < total)) || break
+
+	current=$(sed -n "$((reported + 1))p" "$WORK/plan.all" | cut -f2)
+	beat_age=-1
+	[[ -e $WORK/heartbeat ]] && beat_age=$(($(date +%s) - $(stat -c %Y "$WORK/heartbeat")))
+	if ((stalled)) && ((beat_age >= 0 && beat_age < 30)); then
+		# L1 was alive: the test itself hung beyond its timeout.
+		bin=$(sed -n "$((reported + 1))p" "$WORK/plan.all" | cut -f1)
+		short=${bin##*/}
+		printf 'FAIL\t%s::%s\t-\n' "${short%-*}" "$current" >>"$WORK/results"
+		echo "nested-lane: the test outlived its timeout while L1 was alive" >>"$WORK/logs/$((reported + 1)).log"
+		print_new_results
+		stuck="$current hung while L1 was alive"
+	elif ((stalled)); then
+		froze+=("$current (heartbeat ${beat_age}s old; $(grep -m1 -o 'RIP=[0-9a-f]*' "$WORK/l1-stall.$session.txt" || echo 'no RIP'))")
+		echo "nested lane: L1 FROZE during $current (no heartbeat for ${beat_age} s); QEMU killed" >&2
+	else
+		froze+=("$current (QEMU exited with status $qemu_rc)")
+		echo "nested lane: L1 ENDED during $current (QEMU exit status $qemu_rc)" >&2
+	fi
+	if ((restarts >= MAX_RESTARTS)); then
+		[[ -n $stuck ]] || stuck="L1 froze or died ${#froze[@]} time(s), restarts used up"
 		break
 	fi
-	sleep 1
+	restarts=$((restarts + 1))
 done
-qemu_rc=0
-wait "$qemu" 2>/dev/null || qemu_rc=$?
-session=$((SECONDS - qemu_start))
-# Results written just before power-off.
-n=$(wc -l <"$WORK/results")
-while ((reported < n)); do
-	reported=$((reported + 1))
-	IFS=$'\t' read -r status name secs < <(sed -n "${reported}p" "$WORK/results")
-	printf '%s %s (%s s)\n' "$status" "$name" "$secs"
-done
+ln -sf "l1-console.$session.log" "$WORK/l1-console.log"
 
 # ---------------------------------------------------------------------------
 # Summary
@@ -332,8 +414,6 @@ passed=$(grep -c '^PASS' "$WORK/results" || true)
 failed=$(grep -c '^FAIL' "$WORK/results" || true)
 skipped=$(grep -c '^SKIP' "$WORK/results" || true)
 notrun=$((total - passed - failed - skipped))
-l1_setup=$(grep -o 'L1-SETUP-FAILED.*' "$WORK/l1-console.log" 2>/dev/null | head -n1 || true)
-kvm_ready=$(grep -o '/dev/kvm ready after [0-9.]* s' "$WORK/l1-console.log" 2>/dev/null | head -n1 || true)
 
 if ((failed)); then
 	echo "--- failed tests (last lines of each log; all logs in $WORK/logs):"
@@ -348,17 +428,20 @@ fi
 if [[ -n $l1_setup || -n $stuck ]] || ((notrun)); then
 	echo "--- L1 console (last 40 lines of $WORK/l1-console.log):"
 	tail -n 40 "$WORK/l1-console.log" 2>/dev/null | sed 's/^/    /'
-	[[ -s $WORK/qemu.log ]] && sed 's/^/    qemu: /' "$WORK/qemu.log"
+	[[ -s $WORK/qemu.$session.log ]] && sed 's/^/    qemu: /' "$WORK/qemu.$session.log"
 fi
+for f in "${froze[@]}"; do
+	echo "nested lane: WARNING: L1 froze or died during $f; a new L1 ran the rest"
+done
 
 echo "nested lane: $passed passed, $failed failed, $skipped skipped, $notrun not run (of $total);" \
-	"QEMU session ${session} s (${kvm_ready:-/dev/kvm never ready}), lane ${SECONDS} s"
+	"QEMU ${session_total} s in $session session(s) (${kvm_ready:-/dev/kvm never ready}), lane ${SECONDS} s"
 if [[ -n $l1_setup ]]; then
 	echo "nested lane: FAILED: L1 setup: ${l1_setup#L1-SETUP-FAILED }"
 	exit 1
 fi
 if [[ -n $stuck ]]; then
-	echo "nested lane: FAILED: $stuck (QEMU killed)"
+	echo "nested lane: FAILED: $stuck"
 	exit 1
 fi
 if ((failed || notrun)); then
