@@ -6,6 +6,9 @@ use kvm_bindings::{kvm_cpuid_entry2, CpuId};
 use crate::config::CpuProfile;
 
 const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
+/// Leaf 1 ECX bit 24: the local APIC timer's TSC-deadline mode. KVM emulates it whenever it has
+/// `KVM_CAP_TSC_DEADLINE_TIMER` but never sets it in `KVM_GET_SUPPORTED_CPUID`: the VMM must.
+pub const LEAF1_ECX_TSC_DEADLINE: u32 = 1 << 24;
 const LEAF1_EDX_HTT: u32 = 1 << 28;
 
 /// Leaf 1 ECX features the conservative profile removes: CX16, PCID, MOVBE, POPCNT, XSAVE,
@@ -139,6 +142,15 @@ pub fn hide_pv_hypercalls(entries: &mut [kvm_cpuid_entry2]) {
     }
 }
 
+/// Adds the TSC-deadline timer to leaf 1 of KVM's supported CPUID. Call it when KVM reports
+/// `KVM_CAP_TSC_DEADLINE_TIMER`. Without it a Linux guest on AMD hosts (whose CPUs have no
+/// TSC-deadline bit of their own for KVM to pass on) falls back to the PIT for its timer checks.
+pub fn add_tsc_deadline(entries: &mut [kvm_cpuid_entry2]) {
+    for e in entries.iter_mut().filter(|e| e.function == 0x1) {
+        e.ecx |= LEAF1_ECX_TSC_DEADLINE;
+    }
+}
+
 /// A copy of `supported` normalised for vCPU `cpu_index`.
 pub fn for_vcpu(supported: &CpuId, cpu_index: u8, topo: Topology, profile: CpuProfile) -> CpuId {
     let mut cpuid = supported.clone();
@@ -229,6 +241,23 @@ mod tests {
         // kvmclock (0, 3, 24), NOP_IO_DELAY, ASYNC_PF, STEAL_TIME, PV_EOI, PV_TLB_FLUSH stay.
         for bit in [0, 1, 3, 4, 5, 6, 9, 24] {
             assert_ne!(e[0].eax & (1 << bit), 0, "KVM_FEATURE bit {bit}");
+        }
+    }
+
+    #[test]
+    fn tsc_deadline_is_added_to_leaf1_only() {
+        let mut e = [entry(1, 0, [0; 4]), entry(7, 0, [0; 4])];
+        add_tsc_deadline(&mut e);
+        assert_eq!(e[0].ecx, LEAF1_ECX_TSC_DEADLINE);
+        assert_eq!([e[1].eax, e[1].ebx, e[1].ecx, e[1].edx], [0; 4]);
+    }
+
+    #[test]
+    fn both_profiles_keep_the_tsc_deadline_timer() {
+        for profile in [CpuProfile::Host, CpuProfile::Conservative] {
+            let mut e = [entry(1, 0, [0, 0, LEAF1_ECX_TSC_DEADLINE, 0])];
+            normalize(&mut e, 1, TOPO4, profile);
+            assert_ne!(e[0].ecx & LEAF1_ECX_TSC_DEADLINE, 0, "{profile:?}");
         }
     }
 

@@ -14,7 +14,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{kvm_pit_config, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -172,6 +172,10 @@ impl Arch for X86_64 {
         if host == HostKind::Pvm {
             cpuid::hide_pv_hypercalls(supported.as_mut_slice());
         }
+        // KVM emulates the TSC-deadline timer but leaves its CPUID bit for the VMM to set.
+        if kvm.check_extension(Cap::TscDeadlineTimer) {
+            cpuid::add_tsc_deadline(supported.as_mut_slice());
+        }
         let topo = cpuid::Topology {
             vcpu_count: machine.vcpu_count,
             threads_per_core: if machine.smt { 2 } else { 1 },
@@ -327,5 +331,29 @@ impl Arch for X86_64 {
 
     fn restore_vm(vm: &VmFd, saved: &state::VmState) -> Result<(), ArchError> {
         saved.restore(vm)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vcpus_get_the_tsc_deadline_timer_when_kvm_emulates_it() {
+        let Ok(kvm) = Kvm::new() else {
+            eprintln!("[SKIP] arch::x86_64 TSC-deadline test: no /dev/kvm");
+            return;
+        };
+        let machine = MachineConfig::default();
+        let configs =
+            X86_64::vcpu_configs(&kvm, &machine, CpuProfile::Host, HostKind::detect()).unwrap();
+        let leaf1 = configs[0]
+            .as_slice()
+            .iter()
+            .find(|e| e.function == 1)
+            .map(|e| e.ecx)
+            .unwrap();
+        let expected = kvm.check_extension(Cap::TscDeadlineTimer);
+        assert_eq!(leaf1 & cpuid::LEAF1_ECX_TSC_DEADLINE != 0, expected);
     }
 }

@@ -51,16 +51,24 @@ pub fn build(num_cpus: u8, base: u64) -> Vec<u8> {
     entries.extend_from_slice(&[ENTRY_IOAPIC, ioapic_id, IOAPIC_VERSION, 1]);
     entries.extend_from_slice(&(IOAPIC_START as u32).to_le_bytes());
     count += 1;
+    // KVM's default routing sends GSI n to IO-APIC pin n, IRQ 0 (the PIT) included: every line,
+    // the timer too, is an ordinary vectored interrupt on its own pin. (An ExtINT entry for pin 0
+    // leaves IRQ 0 without an IO-APIC mapping, and Linux's check_timer() then crashes on guests
+    // that fall back to the PIT, as AMD guests without the TSC-deadline timer do.)
     for irq in 0..=LAST_DEVICE_IRQ as u8 {
-        let kind = if irq == 0 {
-            INT_TYPE_EXTINT
-        } else {
-            INT_TYPE_INT
-        };
-        entries.extend_from_slice(&[ENTRY_IO_INTERRUPT, kind, 0, 0, 0, irq, ioapic_id, irq]);
+        entries.extend_from_slice(&[
+            ENTRY_IO_INTERRUPT,
+            INT_TYPE_INT,
+            0,
+            0,
+            0,
+            irq,
+            ioapic_id,
+            irq,
+        ]);
         count += 1;
     }
-    // ExtINT to LINT0 and NMI to LINT1 of every local APIC.
+    // The 8259 PIC reaches the CPUs through LINT0 (ExtINT); NMI goes to LINT1, on every local APIC.
     entries.extend_from_slice(&[ENTRY_LOCAL_INTERRUPT, INT_TYPE_EXTINT, 0, 0, 0, 0, 0xff, 0]);
     entries.extend_from_slice(&[ENTRY_LOCAL_INTERRUPT, INT_TYPE_NMI, 0, 0, 0, 0, 0xff, 1]);
     count += 2;
@@ -128,6 +136,68 @@ mod tests {
         assert_eq!(&blob[0..4], b"_MP_");
         assert_eq!(u32::from_le_bytes(blob[4..8].try_into().unwrap()), 0x9fc10);
         assert_eq!(&blob[16..20], b"PCMP");
+    }
+
+    /// The 8-byte entries after the processor entries: (type, bytes).
+    fn short_entries(blob: &[u8], num_cpus: usize) -> Vec<[u8; 8]> {
+        let table = &blob[16..];
+        let len = u16::from_le_bytes([table[4], table[5]]) as usize;
+        table[HEADER_LEN + 20 * num_cpus..len]
+            .chunks(8)
+            .map(|c| c.try_into().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn every_irq_including_the_timer_is_an_int_on_the_pin_of_the_same_number() {
+        let blob = build(2, 0x9fc00);
+        let io: Vec<_> = short_entries(&blob, 2)
+            .into_iter()
+            .filter(|e| e[0] == ENTRY_IO_INTERRUPT)
+            .collect();
+        assert_eq!(io.len(), LAST_DEVICE_IRQ as usize + 1);
+        for (n, e) in io.iter().enumerate() {
+            // type INT, default polarity/trigger, ISA bus 0, source IRQ n -> IO-APIC (id 2) pin n
+            assert_eq!(
+                e,
+                &[
+                    ENTRY_IO_INTERRUPT,
+                    INT_TYPE_INT,
+                    0,
+                    0,
+                    0,
+                    n as u8,
+                    2,
+                    n as u8
+                ]
+            );
+        }
+    }
+
+    #[test]
+    fn pic_is_extint_on_lint0_and_nmi_on_lint1() {
+        let blob = build(1, 0x9fc00);
+        let local: Vec<_> = short_entries(&blob, 1)
+            .into_iter()
+            .filter(|e| e[0] == ENTRY_LOCAL_INTERRUPT)
+            .collect();
+        assert_eq!(local.len(), 2);
+        assert_eq!(
+            (local[0][1], local[0][6], local[0][7]),
+            (INT_TYPE_EXTINT, 0xff, 0)
+        );
+        assert_eq!(
+            (local[1][1], local[1][6], local[1][7]),
+            (INT_TYPE_NMI, 0xff, 1)
+        );
+    }
+
+    #[test]
+    fn entry_count_matches_the_entries() {
+        let blob = build(3, 0x9fc00);
+        let table = &blob[16..];
+        let count = u16::from_le_bytes([table[34], table[35]]) as usize;
+        assert_eq!(count, 3 + short_entries(&blob, 3).len());
     }
 
     #[test]
