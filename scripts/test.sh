@@ -71,6 +71,9 @@ target_dir=$(cd "${CARGO_TARGET_DIR:-target}" && pwd)
 FLICK_BIN="$target_dir/debug/flick" cargo test --manifest-path harness/Cargo.toml 2>&1 \
     | tee "$log_dir/harness.log" || status=$?
 
+echo "== fuzz smoke (scripts/fuzz.sh smoke; docs/fuzzing.md)" >&2
+scripts/fuzz.sh smoke || status=$?
+
 skipped=$(grep -ho '\[SKIP\] .*' "$log_dir/flick.log" "$log_dir/harness.log" || true)
 if [[ -n "$aarch64_skipped" ]]; then
     skipped=$(printf '%s\n%s' "$aarch64_skipped" "$skipped" | sed '/^$/d')
