@@ -76,6 +76,9 @@ target_dir=$(cd "${CARGO_TARGET_DIR:-target}" && pwd)
 FLICK_BIN="$target_dir/debug/flick" cargo test --manifest-path harness/Cargo.toml 2>&1 \
     | tee "$log_dir/harness.log" || status=$?
 
+echo "== fuzz smoke (scripts/fuzz.sh smoke; docs/fuzzing.md)" >&2
+scripts/fuzz.sh smoke || status=$?
+
 echo "== nested lane: integration tests inside an L1 Linux on KVM-AMD (scripts/nested-lane.sh)" >&2
 lane_skipped=
 if [[ -z "${CI:-}" && "${FLICK_NESTED_LANE:-1}" == 0 ]]; then

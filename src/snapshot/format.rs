@@ -60,8 +60,11 @@ pub struct VmSnapshot {
 }
 
 impl VmSnapshot {
-    pub fn ram_bytes(&self) -> u64 {
-        self.ram.iter().map(|r| r.1).sum()
+    /// Total RAM bytes; `None` when the saved sizes overflow (a corrupt or hostile file).
+    pub fn ram_bytes(&self) -> Option<u64> {
+        self.ram
+            .iter()
+            .try_fold(0u64, |sum, r| sum.checked_add(r.1))
     }
 
     /// The CPU profile the vCPUs were given.

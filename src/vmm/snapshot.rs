@@ -200,6 +200,14 @@ pub fn load(
     if snap.arch != Current::NAME {
         return Err(SnapshotOpError::WrongArch(snap.arch));
     }
+    let mem_bytes = u64::try_from(snap.machine.mem_size_mib).unwrap_or(u64::MAX) << 20;
+    if snap.ram != Current::ram_ranges(mem_bytes) || snap.ram_bytes().is_none() {
+        return Err(SnapshotError::Payload(
+            state_name,
+            "guest RAM ranges do not match its memory size".into(),
+        )
+        .into());
+    }
     let vcpu_count = snap.vcpus.len();
     if vcpu_count == 0 || vcpu_count != usize::from(snap.machine.vcpu_count) {
         return Err(SnapshotError::Payload(
@@ -214,7 +222,7 @@ pub fn load(
         mem_path,
         &state_name,
         snap.snapshot_id,
-        snap.ram_bytes(),
+        snap.ram_bytes().unwrap_or(u64::MAX),
     )?;
     builder::check_memory(snap.machine.mem_size_mib)?;
     let taps: Vec<(String, String)> = params

@@ -97,7 +97,7 @@ impl Arch for X86_64 {
     const NAME: &'static str = "x86_64";
     type VcpuConfig = CpuId;
     type VcpuState = state::VcpuState;
-    type VmState = state::VmState;
+    type VmState = state::ChipState;
     type SaveContext = Arc<Vec<u32>>;
     type BootEntry = BootEntry;
 
@@ -325,11 +325,11 @@ impl Arch for X86_64 {
         saved.restore(fd)
     }
 
-    fn save_vm(vm: &VmFd) -> Result<state::VmState, ArchError> {
-        state::VmState::capture(vm)
+    fn save_vm(vm: &VmFd) -> Result<state::ChipState, ArchError> {
+        state::ChipState::capture(vm)
     }
 
-    fn restore_vm(vm: &VmFd, saved: &state::VmState) -> Result<(), ArchError> {
+    fn restore_vm(vm: &VmFd, saved: &state::ChipState) -> Result<(), ArchError> {
         saved.restore(vm)
     }
 }

@@ -214,7 +214,7 @@ impl VcpuState {
 
 /// VM-wide KVM state.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct VmState {
+pub struct ChipState {
     #[serde(with = "abi")]
     pub pic_master: kvm_irqchip,
     #[serde(with = "abi")]
@@ -237,12 +237,12 @@ fn irqchip(fd: &VmFd, chip_id: u32) -> Result<kvm_irqchip, ArchError> {
     Ok(chip)
 }
 
-impl VmState {
+impl ChipState {
     pub fn capture(fd: &VmFd) -> Result<Self, ArchError> {
         let mut clock = fd.get_clock().map_err(fail("read the KVM clock"))?;
         // Only the clock value is restorable; other flags describe the host.
         clock.flags = 0;
-        Ok(VmState {
+        Ok(ChipState {
             pic_master: irqchip(fd, KVM_IRQCHIP_PIC_MASTER)?,
             pic_slave: irqchip(fd, KVM_IRQCHIP_PIC_SLAVE)?,
             ioapic: irqchip(fd, KVM_IRQCHIP_IOAPIC)?,
