@@ -20,16 +20,22 @@ die() {
     exit 1
 }
 
+# cannot WHAT: the tools are missing and cannot be installed here: exit 3 (not a crash).
+cannot() {
+    echo "fuzz.sh: CANNOT RUN: $*" >&2
+    exit 3
+}
+
 ensure_tools() {
     if ! rustup run nightly rustc --version >/dev/null 2>&1; then
         echo "fuzz.sh: installing the nightly toolchain (cargo-fuzz needs it)" >&2
         rustup toolchain install nightly --profile minimal >&2 ||
-            die "no nightly toolchain and rustup cannot install one: the fuzz targets CANNOT run"
+            cannot "no nightly toolchain and rustup cannot install one"
     fi
     if ! cargo fuzz --version >/dev/null 2>&1; then
         echo "fuzz.sh: installing cargo-fuzz (cargo install cargo-fuzz)" >&2
         cargo install cargo-fuzz >&2 ||
-            die "cargo install cargo-fuzz failed: the fuzz targets CANNOT run"
+            cannot "cargo install cargo-fuzz failed"
     fi
 }
 
