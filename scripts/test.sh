@@ -128,6 +128,11 @@ if [[ -n "$skipped" ]]; then
     sed 's/^/  /' <<<"$skipped" >&2
     [[ -z "${CI:-}" ]] || status=1
 fi
+known=$(grep -ho '\[KNOWN-ISSUE\] .*' "$log_dir/flick.log" || true)
+if [[ -n "$known" ]]; then
+    echo "test.sh: $(wc -l <<<"$known") tests NOT RUN because of a known, documented issue:" >&2
+    sed 's/^/  /' <<<"$known" >&2
+fi
 if [[ -n "$fuzz_skipped" ]]; then
     echo "test.sh: $fuzz_skipped (reported, not a failure: the fuzzers need tools CI may lack)" >&2
 elif [[ -z "$skipped" ]]; then
