@@ -5,6 +5,7 @@
 //! configuration space is shared through [`ConfigSpace`], and activation and reset are requested
 //! through an eventfd and carried out by the VMM thread ([`super::VirtioSlot`]).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -98,6 +99,9 @@ pub struct MmioTransport {
     interrupt: Arc<Interrupt>,
     /// Signalled when the VMM thread has work: a driver reset or DRIVER_OK.
     activate_evt: EventFd,
+    /// Set with every signal on `activate_evt`, so the VMM thread can check for such work
+    /// before a queue notification without a system call.
+    sync_requested: Arc<AtomicBool>,
     /// The driver reset the device; the VMM thread resets it before anything else.
     reset_pending: bool,
     features_select: u32,
@@ -146,6 +150,7 @@ impl MmioTransport {
             mem,
             interrupt,
             activate_evt,
+            sync_requested: Arc::new(AtomicBool::new(false)),
             reset_pending: false,
             features_select: 0,
             acked_features_select: 0,
@@ -236,7 +241,7 @@ impl MmioTransport {
     /// itself is reset by the VMM thread ([`MmioTransport::sync_device`]).
     fn reset(&mut self) {
         self.reset_pending = true;
-        if let Err(e) = self.activate_evt.write(1) {
+        if let Err(e) = self.request_sync() {
             crate::warn_limited!("cannot request a virtio device reset: {e}");
         }
         for queue in &mut self.queues {
@@ -273,11 +278,22 @@ impl MmioTransport {
         }
         self.status = value;
         if added & STATUS_DRIVER_OK != 0 {
-            if let Err(e) = self.activate_evt.write(1) {
+            if let Err(e) = self.request_sync() {
                 crate::warn_limited!("cannot request virtio activation: {e}");
                 self.mark_needs_reset();
             }
         }
+    }
+
+    /// Asks the VMM thread to carry out a reset or activation.
+    fn request_sync(&self) -> std::io::Result<()> {
+        self.sync_requested.store(true, Ordering::Release);
+        self.activate_evt.write(1)
+    }
+
+    /// The flag raised with every request to the VMM thread ([`MmioTransport::sync_device`]).
+    pub fn sync_requested(&self) -> Arc<AtomicBool> {
+        self.sync_requested.clone()
     }
 
     /// Called on the VMM thread when the transport signalled: applies a pending driver reset,

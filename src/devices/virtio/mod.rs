@@ -263,6 +263,8 @@ pub struct VirtioSlot {
     transport: Arc<Mutex<mmio::MmioTransport>>,
     device: SharedVirtioDevice,
     activate_evt: EventFd,
+    /// The transport's flag for a pending reset or activation.
+    sync_requested: Arc<std::sync::atomic::AtomicBool>,
     queue_evts: Vec<EventFd>,
 }
 
@@ -281,16 +283,19 @@ impl VirtioSlot {
         activate_evt: EventFd,
         queue_evts: Vec<EventFd>,
     ) -> Self {
+        let sync_requested = lock(&transport).sync_requested();
         VirtioSlot {
             transport,
             device,
             activate_evt,
+            sync_requested,
             queue_evts,
         }
     }
 
     /// Carries out what the transport asked for (reset, activation).
     fn sync(&mut self) {
+        self.sync_requested.store(false, Ordering::Release);
         let mut transport = lock(&self.transport);
         if let Err(e) = transport.sync_device() {
             crate::warn_limited!("virtio device activation failed: {e}");
@@ -309,7 +314,7 @@ impl MutEventSubscriber for VirtioSlot {
         if let Some(index) = self.queue_evts.iter().position(|e| e.as_raw_fd() == fd) {
             let _ = self.queue_evts[index].read();
             // A reset or activation the driver asked for comes before its later notifications.
-            if self.activate_evt.read().is_ok() {
+            if self.sync_requested.load(Ordering::Acquire) {
                 self.sync();
             }
             let mut device = lock(&self.device);
