@@ -29,6 +29,13 @@ if ((${#need[@]})); then
     apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need[@]}" >&2
 fi
 
+# Tools read from /dev/null (cargo's compiler probe does); if it has become a regular file
+# (some program replaced it), restore the device and say so.
+if [[ ! -c /dev/null ]]; then
+    echo "test.sh: /dev/null is not the null device on this host; recreating it" >&2
+    rm -f /dev/null && mknod -m 666 /dev/null c 1 3
+fi
+
 if [[ ! -e /dev/kvm ]]; then
     if [[ -n "${CI:-}" ]]; then
         echo "test.sh: /dev/kvm is missing; CI requires KVM" >&2
@@ -75,6 +82,12 @@ echo "== cargo test (harness)" >&2
 target_dir=$(cd "${CARGO_TARGET_DIR:-target}" && pwd)
 FLICK_BIN="$target_dir/debug/flick" cargo test --manifest-path harness/Cargo.toml 2>&1 \
     | tee "$log_dir/harness.log" || status=$?
+
+if [[ ! -c /dev/null ]]; then
+    echo "test.sh: FAILED: a test replaced /dev/null with a regular file" >&2
+    rm -f /dev/null && mknod -m 666 /dev/null c 1 3
+    status=1
+fi
 
 echo "== fuzz smoke (scripts/fuzz.sh smoke; docs/fuzzing.md)" >&2
 fuzz_skipped=

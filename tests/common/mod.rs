@@ -293,6 +293,9 @@ impl NetNs {
         let range = format!("{},{},255.255.255.0,1h", self.guest_ip, self.guest_ip);
         let iface = format!("--interface={}", self.tap);
         let range_arg = format!("--dhcp-range={range}");
+        // dnsmasq unlinks and recreates its PID file: it must never be a shared path such as
+        // /dev/null (that would replace the host's /dev/null with a regular file).
+        let pid_arg = format!("--pid-file={}", log.with_extension("pid").display());
         let args = [
             "dnsmasq",
             "--no-daemon",
@@ -304,7 +307,7 @@ impl NetNs {
             "--leasefile-ro",
             "--log-dhcp",
             "--port=0",
-            "--pid-file=/dev/null",
+            &pid_arg,
         ];
         self.spawn(&args, log);
     }
