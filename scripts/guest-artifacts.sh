@@ -5,6 +5,7 @@
 #     Debian's linux-source-6.1, tinyconfig + resources/guest/linux/config.fragment
 #     + resources/guest/linux/patches/*.patch;
 #   - a busybox-static root file system whose /init is resources/guest/rootfs/init,
+#     with /bin/flick-vsock (resources/guest/rootfs/flick-vsock.c, built static),
 #     as an ext4 image and as an uncompressed newc cpio initramfs.
 #
 # Prints shell assignments on stdout, progress on stderr:
@@ -72,6 +73,7 @@ GUEST_SRC=$REPO/resources/guest
 FRAGMENT=$GUEST_SRC/linux/config.fragment
 PATCH_DIR=$GUEST_SRC/linux/patches
 INIT_SCRIPT=$GUEST_SRC/rootfs/init
+VSOCK_SRC=$GUEST_SRC/rootfs/flick-vsock.c
 LINUX_TARBALL=/usr/src/linux-source-6.1.tar.xz
 BUSYBOX=/bin/busybox
 ROOTFS_SIZE_MIB=32
@@ -310,6 +312,10 @@ build_rootfs() {
 		[[ -e $root/$a || -L $root/$a ]] || ln -s /bin/busybox "$root/$a"
 	done < <("$BUSYBOX" --list-full)
 	install -m 0755 "$INIT_SCRIPT" "$root/init"
+	say "rootfs: /bin/flick-vsock (static, from $(basename "$VSOCK_SRC"))"
+	gcc -static -O2 -Wall -Wextra -Werror -o "$root/bin/flick-vsock" "$VSOCK_SRC" ||
+		die "rootfs: building flick-vsock failed"
+	strip "$root/bin/flick-vsock"
 	ln -s ../init "$root/sbin/init"
 	# The kernel opens /dev/console for init before anything mounts devtmpfs
 	# when it boots from the initramfs.
@@ -335,7 +341,8 @@ rootfs() {
 	key=$(
 		{
 			echo "rootfs"
-			sha256sum "$SCRIPT" "$INIT_SCRIPT" | cut -d' ' -f1
+			sha256sum "$SCRIPT" "$INIT_SCRIPT" "$VSOCK_SRC" | cut -d' ' -f1
+			gcc -dumpfullversion
 			pkg_version busybox-static
 			echo
 			pkg_version e2fsprogs
