@@ -374,6 +374,12 @@ pub struct LoggerConfig {
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
     pub metrics_path: String,
+    /// Write the instance id as a top-level `id` field on every line.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub emit_id: bool,
+    /// Key-value pairs (string values) written under a top-level `properties` field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub properties: Option<std::collections::BTreeMap<String, String>>,
 }
 
 /// `vsock`: accepted in the file shape, not supported yet.

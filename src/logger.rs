@@ -19,6 +19,8 @@ static SHOW_LEVEL: AtomicBool = AtomicBool::new(false);
 static SHOW_ORIGIN: AtomicBool = AtomicBool::new(false);
 static OUTPUT: Mutex<Option<Box<dyn Write + Send>>> = Mutex::new(None);
 static INSTANCE: Mutex<String> = Mutex::new(String::new());
+/// `module`: only lines from module paths starting with this (with or without `flick::`).
+static MODULE: Mutex<Option<String>> = Mutex::new(None);
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoggerError {
@@ -59,6 +61,11 @@ pub fn configure(config: &LoggerConfig) -> Result<(), LoggerError> {
     if let Some(level) = config.level {
         LEVEL.store(level as u8, Ordering::Relaxed);
     }
+    if let Some(module) = &config.module {
+        let module = module.strip_prefix("flick::").unwrap_or(module);
+        *MODULE.lock().unwrap_or_else(|p| p.into_inner()) =
+            (!module.is_empty()).then(|| module.to_string());
+    }
     SHOW_LEVEL.store(config.show_level, Ordering::Relaxed);
     SHOW_ORIGIN.store(config.show_log_origin, Ordering::Relaxed);
     Ok(())
@@ -69,6 +76,17 @@ pub fn init(instance: &str, level: LogLevel) {
     LEVEL.store(level as u8, Ordering::Relaxed);
     *INSTANCE.lock().unwrap_or_else(|p| p.into_inner()) = instance.to_string();
     let _ = tracing::subscriber::set_global_default(Logger);
+}
+
+/// Whether the `module` filter lets a line from `path` through.
+fn module_allowed(path: Option<&str>) -> bool {
+    let filter = MODULE.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(filter) = filter.as_deref() else {
+        return true;
+    };
+    let path = path.unwrap_or("");
+    let path = path.strip_prefix("flick::").unwrap_or(path);
+    path.starts_with(filter)
 }
 
 /// Wall-clock time as `YYYY-MM-DDTHH:MM:SS.uuuuuu` (UTC).
@@ -123,6 +141,7 @@ impl Visit for Line {
 impl Subscriber for Logger {
     fn enabled(&self, metadata: &Metadata<'_>) -> bool {
         rank(metadata.level()) <= LEVEL.load(Ordering::Relaxed)
+            && module_allowed(metadata.module_path())
     }
 
     fn register_callsite(&self, _: &'static Metadata<'static>) -> tracing::subscriber::Interest {

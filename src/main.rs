@@ -14,10 +14,12 @@ use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 
 use flick::api::{self, ApiServer};
 use flick::config::{
-    LogLevel, LoggerConfig, MemBackendConfig, MemBackendType, SnapshotLoadConfig, VmConfig,
+    LogLevel, LoggerConfig, MemBackendConfig, MemBackendType, MetricsConfig, SnapshotLoadConfig,
+    VmConfig,
 };
 use flick::control::{self, Action, ControlReceiver, Reply};
 use flick::seccomp::{Filter, Filters, Role};
+use flick::snapshot::FORMAT_VERSION;
 use flick::vmm::{Vmm, VmmOptions, VERSION};
 use flick::{error_chain, logger};
 
@@ -62,8 +64,15 @@ struct Cli {
     #[arg(long)]
     boot_timer: bool,
     /// Log level: Off, Error, Warning, Info, Debug, Trace.
-    #[arg(long, default_value = "Warning")]
+    #[arg(long, default_value = "Info")]
     level: LogLevel,
+    /// Log only lines from code whose module path starts with this (e.g. `vmm::snapshot`).
+    #[arg(long, value_name = "MODULE")]
+    module: Option<String>,
+    /// Write metrics (Firecracker's JSON schema, one line per flush) to this file or FIFO, as
+    /// `PUT /metrics` does.
+    #[arg(long, value_name = "PATH")]
+    metrics_path: Option<String>,
     /// Write log lines to this file instead of stderr.
     #[arg(long, value_name = "PATH")]
     log_path: Option<String>,
@@ -90,6 +99,15 @@ struct Cli {
     /// Print the version and exit.
     #[arg(long)]
     version: bool,
+    /// Print the snapshot format version this flick writes and reads, then exit.
+    #[arg(long)]
+    snapshot_version: bool,
+    /// Print the format version of this snapshot state file, then exit.
+    #[arg(long, value_name = "PATH")]
+    describe_snapshot: Option<String>,
+    /// Refused: flick's devices are virtio-mmio only; it has no PCI transport.
+    #[arg(long)]
+    enable_pci: bool,
 }
 
 fn fail(message: &str) -> ExitCode {
@@ -120,13 +138,29 @@ fn main() -> ExitCode {
         println!("flick v{VERSION}");
         return ExitCode::SUCCESS;
     }
+    if cli.snapshot_version {
+        println!("{}", flick::snapshot::format_version_string(FORMAT_VERSION));
+        return ExitCode::SUCCESS;
+    }
+    if let Some(path) = &cli.describe_snapshot {
+        return match flick::snapshot::describe_state_file(Path::new(path)) {
+            Ok(version) => {
+                println!("{}", flick::snapshot::format_version_string(version));
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&error_chain(&e)),
+        };
+    }
+    if cli.enable_pci {
+        return fail("--enable-pci: flick has no PCI transport; its devices are virtio-mmio");
+    }
     logger::init(&cli.id, cli.level);
     let log = LoggerConfig {
         log_path: cli.log_path.clone(),
         level: Some(cli.level),
         show_level: cli.show_level,
         show_log_origin: cli.show_log_origin,
-        module: None,
+        module: cli.module.clone(),
     };
     if let Err(e) = logger::configure(&log) {
         return fail(&error_chain(&e));
@@ -160,8 +194,19 @@ fn main() -> ExitCode {
         serial_out: None,
         serial_in: true,
         vcpu_seccomp: filters.get(Role::Vcpu).cloned(),
+        api_metrics: api.as_ref().map(ApiServer::metrics_source),
     };
     let mut vmm = Vmm::new(options, control);
+    if let Some(path) = &cli.metrics_path {
+        let metrics = MetricsConfig {
+            metrics_path: path.clone(),
+            emit_id: false,
+            properties: None,
+        };
+        if let Reply::Error(error) = vmm.handle(Action::PutMetrics(metrics)) {
+            return fail(&error.message);
+        }
+    }
     tracing::info!("flick v{VERSION} on {}", vmm.host().describe());
     if let Some(config) = &config {
         for action in Action::from_config(config)

@@ -1,5 +1,5 @@
-//! Metric samples and their one renderer: Prometheus text exposition (`GET /metrics`) and one JSON
-//! line (the `metrics_path` file). Devices, the VMM and the API server each describe their
+//! Metric samples and their renderer for Prometheus text exposition (`GET /metrics`); the
+//! `metrics_path` file gets Firecracker's JSON schema (`vmm::metrics`). Devices, the VMM and the API server each describe their
 //! counters as [`Sample`]s; nothing else formats metrics. Pure data; imports nothing of the crate.
 
 use std::fmt::Write as _;
@@ -153,30 +153,9 @@ pub fn prometheus(samples: &[Sample], out: &mut String) {
     }
 }
 
-/// One JSON object: `{"utc_timestamp_ms": .., "<family>": [{"labels": {..}, "value": ..}]}`.
-pub fn json_line(samples: &[Sample], utc_timestamp_ms: u64) -> String {
-    let mut root = serde_json::Map::new();
-    root.insert("utc_timestamp_ms".into(), utc_timestamp_ms.into());
-    for s in samples {
-        let labels: serde_json::Map<String, serde_json::Value> = s
-            .labels
-            .iter()
-            .map(|(k, v)| ((*k).to_string(), v.clone().into()))
-            .collect();
-        let value: serde_json::Value = match s.value {
-            Value::Count(n) => n.into(),
-            Value::SecondsFromUs(us) => seconds(us).into(),
-        };
-        let name = format!("{}{}", s.family, s.suffix);
-        let entry = root
-            .entry(name)
-            .or_insert_with(|| serde_json::Value::Array(Vec::new()));
-        if let serde_json::Value::Array(list) = entry {
-            list.push(serde_json::json!({"labels": labels, "value": value}));
-        }
-    }
-    serde_json::Value::Object(root).to_string()
-}
+/// Something outside the VMM that has samples of its own (the API server's request counters),
+/// gathered with the VMM's when metrics are written.
+pub type Source = std::sync::Arc<dyn Fn(&mut Vec<Sample>) + Send + Sync>;
 
 #[cfg(test)]
 mod tests {
@@ -212,17 +191,6 @@ mod tests {
             x < text.find("# HELP flick_y").unwrap(),
             "a family's samples stay together"
         );
-    }
-
-    #[test]
-    fn json_line_is_one_line_of_valid_json() {
-        let line = json_line(&samples(), 1234);
-        assert!(!line.contains('\n'));
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-        assert_eq!(v["flick_x_total"][0]["value"], 7);
-        assert_eq!(v["flick_x_total"][0]["labels"]["drive"], "a\"b");
-        assert_eq!(v["flick_x_total"][1]["value"], 1);
-        assert_eq!(v["utc_timestamp_ms"], 1234);
     }
 
     #[test]

@@ -658,17 +658,41 @@ fn pause_of_a_multi_vcpu_guest_stops_every_vcpu() {
     assert_eq!(flick.state(), "Paused");
 }
 
+/// The lines of a Firecracker-schema metrics file, parsed.
+fn metrics_lines(path: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+/// Sum of `flick_vcpu_exits_total{reason}` over vCPUs in the Prometheus text.
+fn prometheus_exits(text: &str, reason: &str) -> u64 {
+    let needle = format!("reason=\"{reason}\"}}");
+    text.lines()
+        .filter(|l| l.starts_with("flick_vcpu_exits_total{") && l.contains(&needle))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum()
+}
+
 #[test]
-fn flush_metrics_appends_json_lines_to_the_metrics_file() {
+fn metrics_file_gets_firecracker_schema_lines_at_boot_and_on_flush() {
     if curl_missing() || kvm_missing() {
         return;
     }
     let guest = test_guest();
-    let flick = Flick::spawn(&[]);
+    let flick = Flick::spawn(&["--id", "vm7"]);
     let metrics = flick.dir.path("metrics.jsonl");
-    let body = serde_json::json!({"metrics_path": metrics}).to_string();
+    let body = serde_json::json!({
+        "metrics_path": metrics,
+        "emit_id": true,
+        "properties": {"rack": "r1"},
+    })
+    .to_string();
     let (status, answer) = flick.curl_call("PUT", "/metrics", Some(&body));
     assert_eq!(status, 204, "{answer}");
+    let (status, answer) = flick.curl_call("PUT", "/metrics", Some(&body));
+    assert_eq!(status, 400, "metrics can be configured once: {answer}");
     let (status, _) = flick.curl_call(
         "PUT",
         "/actions",
@@ -676,6 +700,9 @@ fn flush_metrics_appends_json_lines_to_the_metrics_file() {
     );
     assert_eq!(status, 400, "FlushMetrics before boot must be refused");
     flick.boot(&guest, "tg.smp=0 tg.exit=halt");
+    flick.wait_for_output("testguest: done");
+    // The first line is written at boot, without any FlushMetrics.
+    wait_for_text(&metrics, "utc_timestamp_ms");
     for _ in 0..2 {
         let (status, answer) = flick.curl_call(
             "PUT",
@@ -684,17 +711,61 @@ fn flush_metrics_appends_json_lines_to_the_metrics_file() {
         );
         assert_eq!(status, 204, "{answer}");
     }
-    let text = std::fs::read_to_string(&metrics).unwrap();
-    let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines.len(), 2, "{text}");
-    for line in lines {
-        let value: serde_json::Value = serde_json::from_str(line).unwrap();
-        assert!(value["utc_timestamp_ms"].as_u64().unwrap() > 0);
-        assert!(
-            value["flick_vcpu_exits_total"].as_array().is_some(),
-            "{line}"
-        );
+    let lines = metrics_lines(&metrics);
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    for line in &lines {
+        assert!(line["utc_timestamp_ms"].as_u64().unwrap() > 0, "{line}");
+        assert_eq!(line["id"], "vm7", "{line}");
+        assert_eq!(line["properties"]["rack"], "r1", "{line}");
+        for field in [
+            "exit_io_out",
+            "exit_io_in",
+            "exit_mmio_read",
+            "exit_mmio_write",
+        ] {
+            assert!(line["vcpu"][field].is_u64(), "vcpu.{field} in {line}");
+        }
+        assert!(line["put_api_requests"]["actions_fails"].is_u64(), "{line}");
     }
+    // Counters are written as increases since the previous line, as Firecracker does: the
+    // lines add up to the totals (the guest has halted, so nothing moves any more).
+    let (status, text) = flick.curl_call("GET", "/metrics", None);
+    assert_eq!(status, 200);
+    let total_out = prometheus_exits(&text, "io_out");
+    assert!(total_out > 0, "the guest printed over the serial port");
+    let summed: u64 = lines
+        .iter()
+        .map(|l| l["vcpu"]["exit_io_out"].as_u64().unwrap())
+        .sum();
+    assert_eq!(summed, total_out, "{lines:?}");
+    let fails: u64 = lines
+        .iter()
+        .map(|l| l["put_api_requests"]["actions_fails"].as_u64().unwrap())
+        .sum();
+    assert!(
+        fails >= 1,
+        "the refused FlushMetrics is a failed action: {lines:?}"
+    );
+}
+
+#[test]
+fn metrics_path_flag_writes_the_first_line_at_boot() {
+    if curl_missing() || kvm_missing() {
+        return;
+    }
+    let dir = TempDir::new("metricsflag");
+    let metrics = dir.path("metrics.jsonl");
+    let metrics_arg = metrics.display().to_string();
+    let flick = Flick::spawn_in(dir, &["--metrics-path", &metrics_arg]);
+    flick.boot(&test_guest(), "tg.smp=0 tg.exit=halt");
+    wait_for_text(&metrics, "utc_timestamp_ms");
+    let lines = metrics_lines(&metrics);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0]["id"].is_null(), "emit_id is off by default");
+    // Configured by the flag, so PUT /metrics is a second configuration.
+    let body = serde_json::json!({"metrics_path": metrics}).to_string();
+    let (status, answer) = flick.curl_call("PUT", "/metrics", Some(&body));
+    assert_eq!(status, 400, "{answer}");
 }
 
 #[test]

@@ -117,7 +117,8 @@ fn boot_timer_write_is_logged_in_firecracker_format() {
     }
     let out = run_config(
         &guest_config(&test_guest(), "tg.smp=0", 1, 64),
-        &["--boot-timer", "--level", "Info"],
+        // The default level is Info, as Firecracker's: the flag alone logs the line.
+        &["--boot-timer"],
         b"",
     );
     out.assert_clean_exit();
@@ -130,6 +131,38 @@ fn boot_timer_write_is_logged_in_firecracker_format() {
         line.contains(" us ") && line.contains(" CPU ms"),
         "{out:#?}"
     );
+}
+
+#[test]
+fn log_level_and_module_filter_what_is_logged() {
+    if !kvm_available() {
+        return;
+    }
+    let config = guest_config(&test_guest(), "tg.smp=0", 1, 64);
+    let quiet = run_config(&config, &["--boot-timer", "--level", "Warning"], b"");
+    quiet.assert_clean_exit();
+    assert!(!quiet.stderr.contains("Guest-boot-time"), "{quiet:#?}");
+    // The boot-timer line comes from the boot-timer device's module; the start-up line
+    // ("flick v... on ...") from main's.
+    let only_device = run_config(&config, &["--boot-timer", "--module", "devices"], b"");
+    only_device.assert_clean_exit();
+    assert!(
+        only_device.stderr.contains("Guest-boot-time"),
+        "{only_device:#?}"
+    );
+    assert!(!only_device.stderr.contains("flick v"), "{only_device:#?}");
+    let only_main = run_config(&config, &["--boot-timer", "--module", "flick::vmm"], b"");
+    only_main.assert_clean_exit();
+    assert!(
+        !only_main.stderr.contains("Guest-boot-time"),
+        "{only_main:#?}"
+    );
+}
+
+#[test]
+fn enable_pci_is_refused_at_once() {
+    let out = run_config(&serde_json::json!({}), &["--enable-pci"], b"");
+    assert_one_line_error(&out, "--enable-pci");
 }
 
 #[test]

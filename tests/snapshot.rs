@@ -205,6 +205,54 @@ fn assert_restore_refused(state: &Path, mem: &Path, needle: &str) {
     );
 }
 
+fn flick_output(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(flick_bin())
+        .args(args)
+        .output()
+        .expect("run flick")
+}
+
+#[test]
+fn snapshot_versions_are_printed_for_this_flick_and_for_a_file() {
+    let own = flick_output(&["--snapshot-version"]);
+    assert!(own.status.success(), "{own:?}");
+    let own = String::from_utf8(own.stdout).unwrap();
+    assert!(
+        own.trim().starts_with('v') && own.trim().ends_with(".0.0"),
+        "{own}"
+    );
+    if !kvm_available() {
+        return;
+    }
+    let snap = take_snapshot("tg.count=100000 tg.exit=halt", None);
+    let path = snap.state.display().to_string();
+    let described = flick_output(&["--describe-snapshot", &path]);
+    assert!(described.status.success(), "{described:?}");
+    assert_eq!(String::from_utf8(described.stdout).unwrap(), own);
+
+    // Another format version is described, not refused.
+    let mut bytes = std::fs::read(&snap.state).unwrap();
+    bytes[8..12].copy_from_slice(&77u32.to_le_bytes());
+    let foreign = snap.dir.write("foreign.state", &bytes);
+    let described = flick_output(&["--describe-snapshot", &foreign.display().to_string()]);
+    assert_eq!(String::from_utf8(described.stdout).unwrap(), "v77.0.0\n");
+
+    for (bytes, needle) in [
+        (&b"not a snapshot"[..], "not a flick snapshot state file"),
+        (&b"FLICKSNP\x02"[..], "is truncated"),
+    ] {
+        let bad = snap.dir.write("bad.state", bytes);
+        let out = flick_output(&["--describe-snapshot", &bad.display().to_string()]);
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert!(
+            stderr.starts_with("flick: error: ") && stderr.contains(needle),
+            "{stderr}"
+        );
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    }
+}
+
 #[test]
 fn bad_snapshot_files_are_refused_and_left_untouched() {
     if !kvm_available() {

@@ -51,11 +51,18 @@ pub enum ApiError {
 #[derive(Debug)]
 pub struct ApiServer {
     socket_path: PathBuf,
+    shared: Arc<server::Shared>,
 }
 
 impl ApiServer {
     pub fn socket_path(&self) -> &Path {
         &self.socket_path
+    }
+
+    /// The API server's request counters as metric samples, for the `metrics_path` file.
+    pub fn metrics_source(&self) -> crate::metrics::Source {
+        let shared = self.shared.clone();
+        Arc::new(move |out: &mut Vec<crate::metrics::Sample>| shared.metrics.samples(out))
     }
 
     /// Removes the socket file; the API thread stops answering new connections.
@@ -87,10 +94,11 @@ pub fn start(
         io::ErrorKind::AddrInUse => ApiError::SocketExists(shown()),
         _ => ApiError::Bind(shown(), e),
     })?;
+    let shared = Arc::new(server::Shared::new(handle, max_payload));
     let server = ApiServer {
         socket_path: socket_path.to_path_buf(),
+        shared: shared.clone(),
     };
-    let shared = Arc::new(server::Shared::new(handle, max_payload));
     std::thread::Builder::new()
         .name("flick_api".into())
         .spawn(move || {

@@ -78,6 +78,37 @@ pub fn encode_state(payload: &[u8]) -> Vec<u8> {
     out
 }
 
+/// A format version as the command line prints it (`--snapshot-version`, `--describe-snapshot`):
+/// Firecracker's `vMAJOR.MINOR.PATCH` shape; flick's versions are whole numbers.
+pub fn format_version_string(version: u32) -> String {
+    format!("v{version}.0.0")
+}
+
+/// The format version in a state file's header (any version, so old files can be described).
+pub fn describe_state_file(path: &Path) -> Result<u32, SnapshotError> {
+    let name = path.display().to_string();
+    let mut header = [0u8; 12];
+    let mut file = File::open(path).map_err(|e| SnapshotError::Read(name.clone(), e))?;
+    let mut filled = 0;
+    while filled < header.len() {
+        match file.read(&mut header[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(SnapshotError::Read(name, e)),
+        }
+    }
+    if filled < 8 || &header[..8] != STATE_MAGIC {
+        return Err(SnapshotError::NotAState(name));
+    }
+    if filled < header.len() {
+        return Err(SnapshotError::Truncated(name));
+    }
+    Ok(u32::from_le_bytes([
+        header[8], header[9], header[10], header[11],
+    ]))
+}
+
 /// Checks a state file's header and checksum; returns the payload.
 pub fn decode_state<'a>(name: &str, bytes: &'a [u8]) -> Result<&'a [u8], SnapshotError> {
     if bytes.len() < 8 || &bytes[..8] != STATE_MAGIC {

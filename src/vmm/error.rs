@@ -36,6 +36,10 @@ pub enum VmmError {
     NoMetricsPath,
     #[error("cannot write metrics to {0}")]
     WriteMetrics(String, #[source] std::io::Error),
+    #[error("cannot open metrics file {0}")]
+    OpenMetrics(String, #[source] std::io::Error),
+    #[error("metrics are already configured; they can be set once per process")]
+    MetricsConfigured,
     #[error("the keyboard buffer is full; try again")]
     KeyboardFull,
     #[error("SendCtrlAltDel is not available on {0}")]

@@ -125,6 +125,10 @@ impl Vmm {
                     if armed {
                         self.metrics_timer = Some(timer);
                     }
+                    // As Firecracker: the first line at once, then one per period.
+                    if let Err(e) = self.flush_metrics() {
+                        tracing::warn!("{e}");
+                    }
                 }
                 Err(e) => tracing::warn!("no periodic metrics: {e}"),
             }

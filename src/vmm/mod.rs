@@ -52,6 +52,8 @@ pub struct VmmOptions {
     pub serial_in: bool,
     /// The seccomp filter of the vCPU threads (`None`: they run unfiltered).
     pub vcpu_seccomp: Option<crate::seccomp::Filter>,
+    /// The API server's samples, written to `metrics_path` with the VMM's.
+    pub api_metrics: Option<crate::metrics::Source>,
 }
 
 impl std::fmt::Debug for VmmOptions {
@@ -80,6 +82,8 @@ pub struct Vmm {
     pending_input: Vec<u8>,
     /// Metrics lines a slow or absent metrics reader did not take.
     metrics_lines_lost: u64,
+    /// Counter values as of the last line written to `metrics_path`.
+    metrics_previous: metrics::FcPrevious,
 }
 
 impl std::fmt::Debug for Vmm {
@@ -119,6 +123,7 @@ impl Vmm {
             metrics_timer: None,
             pending_input: Vec::new(),
             metrics_lines_lost: 0,
+            metrics_previous: metrics::FcPrevious::new(),
         }
     }
 
@@ -218,6 +223,17 @@ impl Vmm {
                 Ok(Reply::Empty)
             }
             Action::PutMetrics(metrics) => {
+                if self.config.metrics.is_some() {
+                    return Err(VmmError::MetricsConfigured);
+                }
+                // A FIFO whose reader is not there yet (ENXIO) is fine: lines written before
+                // it comes are counted as lost.
+                match open_metrics_file(&metrics.metrics_path) {
+                    Err(e) if e.raw_os_error() != Some(libc::ENXIO) => {
+                        return Err(VmmError::OpenMetrics(metrics.metrics_path.clone(), e));
+                    }
+                    _ => {}
+                }
                 self.config.metrics = Some(metrics);
                 Ok(Reply::Empty)
             }
@@ -447,26 +463,31 @@ impl Vmm {
     /// written without blocking: a FIFO nobody reads (or whose reader is behind) loses the line,
     /// which is counted, instead of stalling the VMM thread and with it the API.
     fn flush_metrics(&mut self) -> Result<(), VmmError> {
-        let Some(path) = self.config.metrics.as_ref().map(|m| m.metrics_path.clone()) else {
+        let Some(config) = self.config.metrics.as_ref() else {
             return Err(VmmError::NoMetricsPath);
         };
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let path = config.metrics_path.clone();
+        let header = metrics::FcHeader {
+            utc_timestamp_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            id: config.emit_id.then(|| self.options.instance_id.clone()),
+            properties: config.properties.clone(),
+        };
         let mut samples = metrics::collect(self.running.as_ref(), &self.boot_times);
         samples.push(metrics::lines_lost(self.metrics_lines_lost));
-        let mut line = crate::metrics::json_line(&samples, now_ms);
+        if let Some(api) = &self.options.api_metrics {
+            api(&mut samples);
+        }
+        let (mut line, now) = metrics::firecracker_line(&samples, &header, &self.metrics_previous);
         line.push('\n');
         use std::io::Write as _;
-        use std::os::unix::fs::OpenOptionsExt as _;
-        let written = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(&path)
-            .and_then(|mut f| f.write(line.as_bytes()));
+        let written = open_metrics_file(&path).and_then(|mut f| f.write(line.as_bytes()));
         match written {
-            Ok(n) if n == line.len() => Ok(()),
+            Ok(n) if n == line.len() => {
+                self.metrics_previous = now;
+                Ok(())
+            }
             Ok(_) => {
                 self.metrics_lines_lost += 1;
                 crate::warn_limited!("metrics line to {path} was cut short: its reader is behind");
@@ -483,4 +504,14 @@ impl Vmm {
             Err(e) => Err(VmmError::WriteMetrics(path, e)),
         }
     }
+}
+
+/// Opens the metrics file or FIFO for appending without blocking (created if missing).
+fn open_metrics_file(path: &str) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
 }
