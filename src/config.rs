@@ -476,6 +476,9 @@ impl SnapshotLoadConfig {
 pub struct SerialConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial_out_path: Option<String>,
+    /// Bytes per refill period the guest may write to the console; the rest is dropped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<TokenBucketConfig>,
 }
 
 /// The whole VM configuration: the config file's shape and `GET /vm/config`'s answer.

@@ -276,6 +276,31 @@ fn serial_output_goes_to_serial_out_path_when_configured() {
 }
 
 #[test]
+fn serial_rate_limiter_drops_console_output_beyond_its_budget() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("seriallimit");
+    let console = dir.path("console.log");
+    let mut config = guest_config(&test_guest(), "tg.smp=0 tg.count=200", 1, 64);
+    config["serial"] = serde_json::json!({
+        "serial_out_path": console,
+        // 300 bytes, refilled over 10 minutes: the rest of the run's output is dropped.
+        "rate_limiter": {"size": 300, "refill_time": 600000},
+    });
+    let out = run_config(&config, &[], b"");
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    let written = std::fs::metadata(&console).unwrap().len();
+    assert!((1..=301).contains(&written), "{written} bytes reached the console file");
+    // Without the limiter the same guest writes far more.
+    config["serial"] = serde_json::json!({"serial_out_path": dir.path("full.log")});
+    let out = run_config(&config, &[], b"");
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    let full = std::fs::metadata(dir.path("full.log")).unwrap().len();
+    assert!(full > 2 * written, "{full} bytes unlimited vs {written} limited");
+}
+
+#[test]
 fn unwritable_serial_out_path_is_a_clear_error() {
     let mut config = guest_config(&test_guest(), "", 1, 64);
     config["serial"] = serde_json::json!({"serial_out_path": "/nonexistent/dir/console.log"});

@@ -11,6 +11,57 @@ use super::EventFdTrigger;
 /// Where guest serial output goes.
 pub type SerialOut = Box<dyn Write + Send>;
 
+/// Serial output through a token bucket of bytes (`serial.rate_limiter`): bytes beyond the rate
+/// are dropped, as Firecracker does, and counted in `dropped`.
+pub struct LimitedOut {
+    inner: SerialOut,
+    bucket: super::rate_limiter::TokenBucket,
+    dropped: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl std::fmt::Debug for LimitedOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LimitedOut")
+            .field("bucket", &self.bucket)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LimitedOut {
+    /// `inner` unchanged when the bucket is unlimited (size or refill time 0).
+    pub fn wrap(
+        inner: SerialOut,
+        config: &crate::config::TokenBucketConfig,
+        dropped: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    ) -> SerialOut {
+        match super::rate_limiter::TokenBucket::new(config, std::time::Instant::now()) {
+            Some(bucket) => Box::new(LimitedOut {
+                inner,
+                bucket,
+                dropped,
+            }),
+            None => inner,
+        }
+    }
+}
+
+impl Write for LimitedOut {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let len = u64::try_from(buf.len()).unwrap_or(u64::MAX);
+        if self.bucket.consume(len, std::time::Instant::now()) {
+            self.inner.write(buf)
+        } else {
+            self.dropped
+                .fetch_add(len, std::sync::atomic::Ordering::Relaxed);
+            Ok(buf.len())
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// The UART's registers and pending input, for snapshots.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SerialSnapshot {
@@ -146,6 +197,31 @@ impl BusDevice for SerialDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn limited_output_drops_and_counts_bytes_beyond_the_rate() {
+        let sink = Sink::default();
+        let dropped = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let config = crate::config::TokenBucketConfig {
+            size: 10,
+            refill_time: 60_000,
+            one_time_burst: None,
+        };
+        let mut out = LimitedOut::wrap(Box::new(sink.clone()), &config, dropped.clone());
+        for b in 0..25u8 {
+            out.write_all(&[b]).unwrap();
+        }
+        assert_eq!(sink.0.lock().unwrap().len(), 10);
+        assert_eq!(dropped.load(std::sync::atomic::Ordering::Relaxed), 15);
+        let unlimited = crate::config::TokenBucketConfig {
+            size: 0,
+            refill_time: 0,
+            one_time_burst: None,
+        };
+        let mut out = LimitedOut::wrap(Box::new(sink.clone()), &unlimited, dropped.clone());
+        out.write_all(&[0; 100]).unwrap();
+        assert_eq!(sink.0.lock().unwrap().len(), 110);
+    }
     use std::sync::{Arc, Mutex};
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 

@@ -57,6 +57,16 @@ pub fn lines_lost(count: u64) -> Sample {
     )
 }
 
+/// Console output bytes the serial rate limiter dropped.
+pub fn serial_rate_limited(bytes: u64) -> Sample {
+    Sample::counter(
+        "flick_serial_rate_limited_bytes_total",
+        "Console output bytes dropped by the serial rate limiter.",
+        Vec::new(),
+        bytes,
+    )
+}
+
 /// Where one flick counter goes in Firecracker's metrics JSON: section and field. Devices are
 /// reported twice, as Firecracker does: under their own section (`block_<drive_id>`,
 /// `net_<iface_id>`) and summed into the kind's section (`block`, `net`, `entropy`).
@@ -137,6 +147,9 @@ fn fc_field(sample: &Sample) -> Option<FcField> {
             _ => None,
         },
         ("flick_serial_lost_bytes_total", _, _) => plain("uart", "missed_write_count"),
+        ("flick_serial_rate_limited_bytes_total", _, _) => {
+            plain("uart", "rate_limiter_dropped_bytes")
+        }
         ("flick_metrics_lines_lost_total", _, _) => plain("logger", "missed_metrics_count"),
         ("flick_api_requests_total", _, _) => api_field(label("method")?, label("path")?),
         _ => None,

@@ -84,6 +84,8 @@ pub struct Vmm {
     metrics_lines_lost: u64,
     /// Counter values as of the last line written to `metrics_path`.
     metrics_previous: metrics::FcPrevious,
+    /// Console output bytes dropped by the serial rate limiter.
+    serial_dropped: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for Vmm {
@@ -124,6 +126,7 @@ impl Vmm {
             pending_input: Vec::new(),
             metrics_lines_lost: 0,
             metrics_previous: metrics::FcPrevious::new(),
+            serial_dropped: Arc::default(),
         }
     }
 
@@ -352,6 +355,7 @@ impl Vmm {
             .serial
             .as_ref()
             .and_then(|s| s.serial_out_path.clone());
+        let limit = self.config.serial.as_ref().and_then(|s| s.rate_limiter);
         let serial_out: crate::devices::legacy::SerialOut =
             match (path, self.options.serial_out.take()) {
                 (Some(path), _) => Box::new(
@@ -364,6 +368,14 @@ impl Vmm {
                 (None, Some(out)) => out,
                 (None, None) => Box::new(std::io::stdout()),
             };
+        let serial_out = match limit {
+            Some(bucket) => crate::devices::legacy::LimitedOut::wrap(
+                serial_out,
+                &bucket,
+                self.serial_dropped.clone(),
+            ),
+            None => serial_out,
+        };
         Ok(BuildContext {
             host: self.host,
             serial_out,
@@ -450,12 +462,21 @@ impl Vmm {
         Ok(())
     }
 
+    /// The VMM's samples (the API server adds its own to `GET /metrics`).
+    fn samples(&self) -> Vec<crate::metrics::Sample> {
+        let mut samples = metrics::collect(self.running.as_ref(), &self.boot_times);
+        samples.push(metrics::lines_lost(self.metrics_lines_lost));
+        samples.push(metrics::serial_rate_limited(
+            self.serial_dropped
+                .load(std::sync::atomic::Ordering::Relaxed),
+        ));
+        samples
+    }
+
     /// Metrics in Prometheus text format.
     fn prometheus(&self) -> String {
         let mut text = String::new();
-        let mut samples = metrics::collect(self.running.as_ref(), &self.boot_times);
-        samples.push(metrics::lines_lost(self.metrics_lines_lost));
-        crate::metrics::prometheus(&samples, &mut text);
+        crate::metrics::prometheus(&self.samples(), &mut text);
         text
     }
 
@@ -474,8 +495,7 @@ impl Vmm {
             id: config.emit_id.then(|| self.options.instance_id.clone()),
             properties: config.properties.clone(),
         };
-        let mut samples = metrics::collect(self.running.as_ref(), &self.boot_times);
-        samples.push(metrics::lines_lost(self.metrics_lines_lost));
+        let mut samples = self.samples();
         if let Some(api) = &self.options.api_metrics {
             api(&mut samples);
         }
