@@ -176,6 +176,16 @@ fn get_root_over_curl_reports_not_started() {
     assert_eq!(status, 200);
     assert_eq!(info["state"], "Not started");
     assert_eq!(info["id"], "anonymous-instance");
+    // The Firecracker API version served, as a semantic version clients can compare, and
+    // flick's own version beside it.
+    let api_version = info["vmm_version"].as_str().unwrap();
+    let parts: Vec<u32> = api_version.split('.').map(|p| p.parse().unwrap()).collect();
+    assert!(parts.len() == 3 && parts[0] >= 1, "{body}");
+    assert_eq!(info["flick_version"], env!("CARGO_PKG_VERSION"), "{body}");
+    let (status, body) = flick.curl_call("GET", "/version", None);
+    assert_eq!(status, 200);
+    let version: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(version["firecracker_version"], api_version, "{body}");
 }
 
 #[test]

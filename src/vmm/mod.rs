@@ -31,6 +31,11 @@ pub use lifecycle::VmState;
 
 /// The VMM's version, reported by `GET /` and `GET /version`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The Firecracker API version whose endpoints and fields flick serves (see
+/// docs/firecracker-compat.md for what differs). `GET /` (`vmm_version`) and `GET /version`
+/// (`firecracker_version`) report it, as clients use them to decide which API calls exist;
+/// flick's own version is in `flick_version` and `flick --version`.
+pub const FIRECRACKER_API_VERSION: &str = "1.16.0";
 
 /// Exit code when the guest stopped on an error (emulation failure, triple fault, ...).
 pub const EXIT_GUEST_FAULT: i32 = 3;
@@ -183,10 +188,14 @@ impl Vmm {
             Action::GetInstanceInfo => json(&serde_json::json!({
                 "id": self.options.instance_id,
                 "state": self.state.as_str(),
-                "vmm_version": VERSION,
+                "vmm_version": FIRECRACKER_API_VERSION,
                 "app_name": "flick",
+                "flick_version": VERSION,
             })),
-            Action::GetVersion => json(&serde_json::json!({ "firecracker_version": VERSION })),
+            Action::GetVersion => json(&serde_json::json!({
+                "firecracker_version": FIRECRACKER_API_VERSION,
+                "flick_version": VERSION,
+            })),
             Action::GetVmConfig => json(&self.config),
             Action::GetMachineConfig => json(&self.config.machine_config),
             Action::PutMachineConfig(mc) => {
