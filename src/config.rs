@@ -450,6 +450,10 @@ pub struct SnapshotLoadConfig {
     pub resume_vm: bool,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub network_overrides: Vec<NetworkOverride>,
+    /// Advance the guest's KVM clock by the wall-clock time since the snapshot (refused: flick
+    /// restores the clock where it stopped).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub clock_realtime: bool,
 }
 
 impl SnapshotLoadConfig {
@@ -458,6 +462,11 @@ impl SnapshotLoadConfig {
         if self.enable_diff_snapshots || self.track_dirty_pages {
             return Err(ConfigError::NotSupported(
                 "enable_diff_snapshots and track_dirty_pages (dirty-page tracking)",
+            ));
+        }
+        if self.clock_realtime {
+            return Err(ConfigError::NotSupported(
+                "clock_realtime (the KVM clock resumes where the snapshot stopped it)",
             ));
         }
         match (&self.mem_backend, &self.mem_file_path) {

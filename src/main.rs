@@ -230,6 +230,7 @@ fn main() -> ExitCode {
             track_dirty_pages: false,
             resume_vm: cli.resume,
             network_overrides: Vec::new(),
+            clock_realtime: false,
         };
         if let Reply::Error(error) = vmm.handle(Action::LoadSnapshot(load)) {
             return fail(&error.message);

@@ -291,13 +291,19 @@ fn serial_rate_limiter_drops_console_output_beyond_its_budget() {
     let out = run_config(&config, &[], b"");
     assert_eq!(out.code, Some(0), "{out:#?}");
     let written = std::fs::metadata(&console).unwrap().len();
-    assert!((1..=301).contains(&written), "{written} bytes reached the console file");
+    assert!(
+        (1..=301).contains(&written),
+        "{written} bytes reached the console file"
+    );
     // Without the limiter the same guest writes far more.
     config["serial"] = serde_json::json!({"serial_out_path": dir.path("full.log")});
     let out = run_config(&config, &[], b"");
     assert_eq!(out.code, Some(0), "{out:#?}");
     let full = std::fs::metadata(dir.path("full.log")).unwrap().len();
-    assert!(full > 2 * written, "{full} bytes unlimited vs {written} limited");
+    assert!(
+        full > 2 * written,
+        "{full} bytes unlimited vs {written} limited"
+    );
 }
 
 #[test]

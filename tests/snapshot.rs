@@ -296,6 +296,42 @@ fn bad_snapshot_files_are_refused_and_left_untouched() {
 }
 
 #[test]
+fn load_options_flick_does_not_implement_are_refused_at_once() {
+    let dir = TempDir::new("snapopts");
+    let (mut child, sock, _) = spawn_api(&dir, "vm");
+    for (extra, needle) in [
+        (
+            serde_json::json!({"clock_realtime": true}),
+            "clock_realtime",
+        ),
+        (
+            serde_json::json!({"enable_diff_snapshots": true}),
+            "dirty-page tracking",
+        ),
+    ] {
+        let mut load = serde_json::json!({"snapshot_path": dir.path("x"),
+            "mem_backend": {"backend_type": "File", "backend_path": dir.path("y")}});
+        for (k, v) in extra.as_object().unwrap() {
+            load[k] = v.clone();
+        }
+        let (status, body) = api_call(&sock, "PUT", "/snapshot/load", Some(&load.to_string()));
+        assert_eq!(status, 400, "{body}");
+        assert!(body.contains(needle), "{body}");
+    }
+    // `clock_realtime: false` is Firecracker's default and what flick does.
+    let load = serde_json::json!({"snapshot_path": dir.path("x"), "clock_realtime": false,
+        "mem_backend": {"backend_type": "File", "backend_path": dir.path("y")}});
+    let (status, body) = api_call(&sock, "PUT", "/snapshot/load", Some(&load.to_string()));
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body.contains("cannot read"),
+        "the files are missing, nothing else: {body}"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+#[test]
 fn snapshot_of_a_running_vm_and_load_into_a_configured_vmm_are_refused() {
     if !kvm_available() {
         return;
