@@ -262,6 +262,11 @@ impl DriveConfig {
         if self.path_on_host.is_empty() {
             return Err(ConfigError::DrivePath(self.drive_id.clone()));
         }
+        if self.io_engine == IoEngine::Async {
+            return Err(ConfigError::NotSupported(
+                "io_engine Async (drives do synchronous I/O; use Sync)",
+            ));
+        }
         Ok(())
     }
 }

@@ -192,6 +192,16 @@ fn missing_drive_file_is_reported() {
 }
 
 #[test]
+fn drive_io_engine_async_is_refused_not_ignored() {
+    let dir = TempDir::new("asyncdrive");
+    let disk = dir.write("disk.img", &[0u8; 4096]);
+    let mut config = config_with_drive(&disk, false);
+    config["drives"][0]["io_engine"] = "Async".into();
+    let out = run_config(&config, &[], b"");
+    assert_one_line_error(&out, "io_engine Async");
+}
+
+#[test]
 fn empty_drive_file_is_reported() {
     let dir = TempDir::new("emptydisk");
     let disk = dir.write("disk.img", b"");

@@ -100,25 +100,51 @@ impl LinuxRun {
 
 /// Runs a Linux VM to its end (or the timeout).
 fn run_linux(config: &serde_json::Value) -> LinuxRun {
+    run_linux_serving(config, None)
+}
+
+/// Runs a Linux VM to its end (or the timeout); with `command`, the guest's init runs
+/// `flick.init=serve` and is sent the command line over the serial console once it asks.
+fn run_linux_serving(config: &serde_json::Value, command: Option<&str>) -> LinuxRun {
     let dir = TempDir::new("linux");
     let path = dir.write("vm.json", config.to_string().as_bytes());
     let _one = one_linux_vm();
     let start = Instant::now();
     let mut child = Command::new(flick_bin())
-        .args([
-            "--no-api",
-            "--level",
-            "Info",
-            "--boot-timer",
-            "--config-file",
-        ])
+        .args(["--no-api", "--boot-timer", "--config-file"])
         .arg(&path)
-        .stdin(Stdio::null())
+        .stdin(if command.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(std::fs::File::create(dir.path("console")).unwrap())
         .stderr(std::fs::File::create(dir.path("log")).unwrap())
         .spawn()
         .unwrap();
-    let code = wait_with_timeout(&mut child, LINUX_TIMEOUT);
+    let mut stdin = child.stdin.take();
+    // Kept open after the command is sent, until flick exits.
+    let mut _sent = None;
+    let code = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status.code();
+        }
+        if start.elapsed() > LINUX_TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        if let (Some(input), Some(command)) = (stdin.as_mut(), command) {
+            let console = std::fs::read_to_string(dir.path("console")).unwrap_or_default();
+            if console.contains("WAITING") {
+                use std::io::Write as _;
+                input.write_all(format!("{command}\n").as_bytes()).unwrap();
+                _sent = stdin.take();
+                continue;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     let run = LinuxRun {
         code,
         console: std::fs::read_to_string(dir.path("console")).unwrap_or_default(),
@@ -365,5 +391,43 @@ fn linux_gets_a_dhcp_lease_over_virtio_net_and_sends_netconsole() {
     assert!(
         netconsole.contains("Run /sbin/init as init process"),
         "netconsole got: {netconsole}"
+    );
+}
+
+#[test]
+fn linux_hwrng_reads_from_the_entropy_device() {
+    if !kvm_available() {
+        return;
+    }
+    let Some((kernel, _dir, image)) = kernel_and_root_copy("linuxrng") else {
+        return;
+    };
+    let config = serde_json::json!({
+        "boot-source": {"kernel_image_path": kernel,
+                        "boot_args": "console=ttyS0 reboot=k panic=1 flick.init=serve"},
+        "drives": [{"drive_id": "rootfs", "path_on_host": image, "is_root_device": true,
+                    "is_read_only": false}],
+        "entropy": {},
+        "machine-config": {"vcpu_count": 1, "mem_size_mib": 256}
+    });
+    let run = run_linux_serving(
+        &config,
+        Some(
+            "echo RNG current: $(cat /sys/class/misc/hw_random/rng_current); \
+             echo RNG read: $(head -c 4096 /dev/hwrng | wc -c) bytes",
+        ),
+    );
+    run.assert_user_space_and_clean_reboot();
+    assert!(
+        run.console.contains("RNG current: virtio_rng.0"),
+        "{}\n{}",
+        run.console,
+        run.log
+    );
+    assert!(
+        run.console.contains("RNG read: 4096 bytes"),
+        "{}\n{}",
+        run.console,
+        run.log
     );
 }
