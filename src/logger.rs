@@ -48,6 +48,15 @@ fn level_name(level: &Level) -> &'static str {
     }
 }
 
+/// The log file's descriptor (-1 while lines go to stderr).
+static FILE_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+/// The open log file's descriptor, if lines go to a file.
+pub fn file_fd() -> Option<std::os::fd::RawFd> {
+    let fd = FILE_FD.load(Ordering::Relaxed);
+    (fd >= 0).then_some(fd)
+}
+
 /// Sets the level and where lines go.
 pub fn configure(config: &LoggerConfig) -> Result<(), LoggerError> {
     if let Some(path) = &config.log_path {
@@ -56,6 +65,7 @@ pub fn configure(config: &LoggerConfig) -> Result<(), LoggerError> {
             .append(true)
             .open(path)
             .map_err(|e| LoggerError::Open(path.clone(), e))?;
+        FILE_FD.store(std::os::fd::AsRawFd::as_raw_fd(&file), Ordering::Relaxed);
         *OUTPUT.lock().unwrap_or_else(|p| p.into_inner()) = Some(Box::new(file));
     }
     if let Some(level) = config.level {

@@ -165,6 +165,12 @@ fn main() -> ExitCode {
     if let Err(e) = logger::configure(&log) {
         return fail(&error_chain(&e));
     }
+    if let Err(e) = flick::seccomp::install_sigsys_handler() {
+        return fail(&format!("cannot install the SIGSYS handler: {e}"));
+    }
+    if let Some(fd) = logger::file_fd() {
+        flick::seccomp::report_to(fd);
+    }
     let filters = match seccomp_filters(&cli) {
         Ok(filters) => filters,
         Err(message) => return fail(&message),

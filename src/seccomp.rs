@@ -5,8 +5,10 @@
 //! threads inherit the filter), each `flick_vcpuN` thread, and the short-lived teardown child.
 //! The default programs are compiled from `resources/seccomp/<arch>.json` by `build.rs` and
 //! embedded in the binary, so installing one is a single `seccomp(2)` call with no parsing or
-//! compiling at start-up. A call outside a thread's policy kills the whole process with
-//! `SIGSYS` (`SECCOMP_RET_KILL_PROCESS`); the kernel logs the call number and thread name.
+//! compiling at start-up. A call outside a thread's policy traps (`SECCOMP_RET_TRAP`): the SIGSYS
+//! handler writes `flick: error: seccomp: forbidden system call N (thread T)` to stderr and the
+//! log file and ends the process with exit code 148, as Firecracker does. (A filter file whose
+//! action is `kill_process` kills the process with SIGSYS instead, reported only by the kernel.)
 //!
 //! File format (the embedded programs and `--seccomp-filter FILE` alike): the serialization of a
 //! map from thread role to BPF program that Firecracker's `seccompiler-bin` writes (bincode,
@@ -80,6 +82,7 @@ pub struct Filter(Arc<[sock_filter]>);
 impl Filter {
     /// Confines the calling thread (and the threads and children it creates afterwards).
     pub fn install(&self, role: Role) -> Result<(), SeccompError> {
+        remember_thread_name(role);
         seccompiler::apply_filter(&self.0).map_err(|e| {
             let io = match e {
                 seccompiler::Error::Prctl(io) | seccompiler::Error::Seccomp(io) => io,
@@ -235,6 +238,141 @@ impl Filters {
             None => Ok(()),
         }
     }
+}
+
+/// Exit code when a seccomp filter traps a system call (Firecracker's `BadSyscall`).
+pub const EXIT_BAD_SYSCALL: i32 = 148;
+
+/// Where the SIGSYS report also goes besides stderr (the log file, when there is one); -1: none.
+static REPORT_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+/// Also write the SIGSYS report to `fd` (the log file's descriptor; kept open by the caller).
+pub fn report_to(fd: std::os::fd::RawFd) {
+    REPORT_FD.store(fd, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Installs the SIGSYS handler: a filter whose action is `trap` (the built-in ones) stops a
+/// forbidden call with SIGSYS, and the handler reports it on stderr (and the log file) as
+/// `flick: error: seccomp: forbidden system call N (thread T)` and ends the process with
+/// [`EXIT_BAD_SYSCALL`]. It uses only `write` and `exit_group`, which every built-in filter
+/// allows.
+pub fn install_sigsys_handler() -> std::io::Result<()> {
+    // SAFETY: `report_bad_syscall` is async-signal-safe (no allocation, no locks; only write(2)
+    // and _exit(2)); the sigaction struct is fully initialised before the call.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = report_bad_syscall as *const () as libc::sighandler_t;
+        action.sa_flags = libc::SA_SIGINFO;
+        libc::sigemptyset(&mut action.sa_mask);
+        if libc::sigaction(libc::SIGSYS, &action, std::ptr::null_mut()) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Appends `n` in decimal to `buf` at `*len`, without allocating.
+fn push_decimal(buf: &mut [u8], len: &mut usize, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut count = 0;
+    loop {
+        digits[count] = b'0' + (n % 10) as u8;
+        count += 1;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for d in digits[..count].iter().rev() {
+        if *len < buf.len() {
+            buf[*len] = *d;
+            *len += 1;
+        }
+    }
+}
+
+fn push_bytes(buf: &mut [u8], len: &mut usize, bytes: &[u8]) {
+    for b in bytes {
+        if *len < buf.len() {
+            buf[*len] = *b;
+            *len += 1;
+        }
+    }
+}
+
+/// The report line for a trapped call: number and the thread's name.
+fn bad_syscall_line(buf: &mut [u8], syscall: u64, thread: &[u8]) -> usize {
+    let mut len = 0;
+    push_bytes(
+        buf,
+        &mut len,
+        b"flick: error: seccomp: forbidden system call ",
+    );
+    push_decimal(buf, &mut len, syscall);
+    push_bytes(buf, &mut len, b" (thread ");
+    push_bytes(buf, &mut len, thread);
+    push_bytes(
+        buf,
+        &mut len,
+        b"); stopped by the thread's filter, see docs/security.md\n",
+    );
+    len
+}
+
+extern "C" fn report_bad_syscall(
+    _signal: libc::c_int,
+    info: *mut libc::siginfo_t,
+    _context: *mut libc::c_void,
+) {
+    // siginfo_t for SIGSYS: after si_signo, si_errno, si_code (and padding) come the call's
+    // address (a pointer) and then the system call number (an int).
+    const SYSCALL_OFFSET: usize = 16 + std::mem::size_of::<usize>();
+    let syscall = if info.is_null() {
+        u64::MAX
+    } else {
+        // SAFETY: the kernel passes a valid siginfo_t with SA_SIGINFO; the offset is inside it.
+        let raw = unsafe {
+            info.cast::<u8>()
+                .add(SYSCALL_OFFSET)
+                .cast::<i32>()
+                .read_unaligned()
+        };
+        u64::try_from(raw).unwrap_or(u64::MAX)
+    };
+    let mut name = [0u8; 16];
+    let thread = THREAD_NAME.with(|n| {
+        let n = n.get();
+        name = n;
+        n.iter().position(|b| *b == 0).unwrap_or(n.len())
+    });
+    let mut line = [0u8; 160];
+    let len = bad_syscall_line(&mut line, syscall, &name[..thread]);
+    let report_fd = REPORT_FD.load(std::sync::atomic::Ordering::Relaxed);
+    // SAFETY: write(2) and _exit(2) are async-signal-safe; the buffer is on this stack.
+    unsafe {
+        libc::write(2, line.as_ptr().cast(), len);
+        if report_fd >= 0 {
+            libc::write(report_fd, line.as_ptr().cast(), len);
+        }
+        libc::_exit(EXIT_BAD_SYSCALL);
+    }
+}
+
+thread_local! {
+    /// The role's thread name, for the SIGSYS report (no system call needed to look it up).
+    static THREAD_NAME: std::cell::Cell<[u8; 16]> = const { std::cell::Cell::new([0; 16]) };
+}
+
+fn remember_thread_name(role: Role) {
+    let name = std::thread::current()
+        .name()
+        .map(str::to_string)
+        .unwrap_or_else(|| role.key().to_string());
+    let mut bytes = [0u8; 16];
+    for (dst, src) in bytes.iter_mut().zip(name.bytes().take(15)) {
+        *dst = src;
+    }
+    THREAD_NAME.with(|n| n.set(bytes));
 }
 
 /// Installs `filter` on the calling thread of `role`; a failure ends the process, since the

@@ -431,3 +431,101 @@ fn linux_hwrng_reads_from_the_entropy_device() {
         run.log
     );
 }
+
+/// Waits until `file` contains `needle` or `child` exits or the Linux timeout passes.
+fn wait_for_console(file: &std::path::Path, needle: &str, child: &mut std::process::Child) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < LINUX_TIMEOUT {
+        if std::fs::read_to_string(file).is_ok_and(|t| t.contains(needle)) {
+            return true;
+        }
+        if child.try_wait().unwrap().is_some() {
+            return std::fs::read_to_string(file).is_ok_and(|t| t.contains(needle));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+#[test]
+fn linux_snapshot_restores_and_user_space_answers() {
+    if !kvm_available() {
+        return;
+    }
+    let Some((kernel, dir, image)) = kernel_and_root_copy("linuxsnap") else {
+        return;
+    };
+    let _one = one_linux_vm();
+    // Boot to init's prompt, pause, snapshot.
+    let source = ApiFlick::start("linuxsnap-source");
+    source.put_all(&[
+        (
+            "/boot-source",
+            serde_json::json!({"kernel_image_path": kernel,
+                "boot_args": "console=ttyS0 reboot=k panic=1 flick.init=serve"}),
+        ),
+        (
+            "/drives/rootfs",
+            serde_json::json!({"drive_id": "rootfs", "path_on_host": image,
+                "is_root_device": true, "is_read_only": false}),
+        ),
+        (
+            "/machine-config",
+            serde_json::json!({"vcpu_count": 1, "mem_size_mib": 256}),
+        ),
+        (
+            "/actions",
+            serde_json::json!({"action_type": "InstanceStart"}),
+        ),
+    ]);
+    let mut source = source;
+    let stdout = source.stdout.clone();
+    assert!(
+        wait_for_console(&stdout, "WAITING", &mut source.child),
+        "no prompt: {}",
+        std::fs::read_to_string(&stdout).unwrap_or_default()
+    );
+    let (status, body) = source.call("PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
+    assert_eq!(status, 204, "{body}");
+    let state = dir.path("linux.state");
+    let mem = dir.path("linux.mem");
+    let create = serde_json::json!({"snapshot_path": state, "mem_file_path": mem});
+    let (status, body) = source.call("PUT", "/snapshot/create", Some(&create.to_string()));
+    assert_eq!(status, 204, "{body}");
+    drop(source);
+
+    // Restore in a new flick, resume, and answer the prompt through its console.
+    let sock = dir.path("restored.sock");
+    let console = dir.path("restored.console");
+    let mut restored = Command::new(flick_bin())
+        .arg("--api-sock")
+        .arg(&sock)
+        .stdin(Stdio::piped())
+        .stdout(std::fs::File::create(&console).unwrap())
+        .stderr(std::fs::File::create(dir.path("restored.log")).unwrap())
+        .spawn()
+        .unwrap();
+    wait_for_socket(&sock);
+    let load = serde_json::json!({"snapshot_path": state,
+        "mem_backend": {"backend_type": "File", "backend_path": mem}, "resume_vm": true});
+    let (status, body) = api_call(&sock, "PUT", "/snapshot/load", Some(&load.to_string()));
+    assert_eq!(status, 204, "{body}");
+    {
+        use std::io::Write as _;
+        let stdin = restored.stdin.as_mut().unwrap();
+        stdin.write_all(b"echo restored-$((6*7))\n").unwrap();
+    }
+    let answered = wait_for_console(&console, "restored-42", &mut restored);
+    let code = wait_with_timeout(&mut restored, LINUX_TIMEOUT);
+    let text = std::fs::read_to_string(&console).unwrap_or_default();
+    let log = std::fs::read_to_string(dir.path("restored.log")).unwrap_or_default();
+    assert!(
+        answered,
+        "the restored guest did not run the command: {text}\n{log}"
+    );
+    assert_eq!(
+        code,
+        Some(0),
+        "the restored guest did not reboot cleanly: {text}\n{log}"
+    );
+}

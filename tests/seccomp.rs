@@ -21,6 +21,8 @@ const JEQ: u16 = 0x15;
 const RET: u16 = 0x06;
 const SECCOMP_RET_ALLOW: u32 = 0x7fff_0000;
 const SECCOMP_RET_KILL_PROCESS: u32 = 0x8000_0000;
+const SYS_IOCTL: u32 = 16;
+const SECCOMP_RET_TRAP: u32 = 0x0003_0000;
 const SYS_WRITE: u32 = 1;
 
 /// One BPF instruction: code, jump if true, jump if false, operand.
@@ -54,6 +56,16 @@ fn kill_on_write() -> Vec<Instruction> {
         (LD_ABS, 0, 0, 0), // the system call number
         (JEQ, 0, 1, SYS_WRITE),
         (RET, 0, 0, SECCOMP_RET_KILL_PROCESS),
+        (RET, 0, 0, SECCOMP_RET_ALLOW),
+    ]
+}
+
+/// Traps `ioctl(2)` (SIGSYS to the thread), allows everything else.
+fn trap_on_ioctl() -> Vec<Instruction> {
+    vec![
+        (LD_ABS, 0, 0, 0),
+        (JEQ, 0, 1, SYS_IOCTL),
+        (RET, 0, 0, SECCOMP_RET_TRAP),
         (RET, 0, 0, SECCOMP_RET_ALLOW),
     ]
 }
@@ -251,6 +263,69 @@ fn a_call_the_filter_forbids_kills_flick_with_sigsys() {
         b"",
     );
     out.assert_clean_exit();
+}
+
+#[test]
+fn a_trapped_call_is_reported_with_its_number_and_thread_and_exit_code_148() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("seccomp-trap");
+    // The vCPU thread's first KVM_RUN is the trapped call.
+    let filter = dir.write(
+        "filter.bpf",
+        &filter_file(&[
+            ("vmm", allow_all()),
+            ("api", allow_all()),
+            ("vcpu", trap_on_ioctl()),
+        ]),
+    );
+    let log = dir.path("flick.log");
+    let config = guest_config(&test_guest(), "tg.exit=halt", 1, 64);
+    let config = dir.write("vm.json", config.to_string().as_bytes());
+    let mut child = Command::new(flick_bin())
+        .args(["--no-api", "--config-file"])
+        .arg(&config)
+        .arg("--seccomp-filter")
+        .arg(&filter)
+        .arg("--log-path")
+        .arg(&log)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = wait_status(&mut child);
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(148), "{status:?} {stderr}");
+    let expected =
+        format!("flick: error: seccomp: forbidden system call {SYS_IOCTL} (thread flick_vcpu0)");
+    assert!(stderr.starts_with(&expected), "{stderr}");
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logged.contains(&expected),
+        "the log file has the report too: {logged}"
+    );
+}
+
+#[test]
+fn built_in_filters_trap_so_that_a_forbidden_call_is_reported() {
+    let policy: serde_json::Value =
+        serde_json::from_str(include_str!("../resources/seccomp/x86_64.json")).unwrap();
+    for role in ["vmm", "api", "vcpu"] {
+        assert_eq!(policy[role]["mismatch_action"], "trap", "{role}");
+        let calls: Vec<&str> = policy[role]["filter"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|rule| rule["syscall"].as_str())
+            .collect();
+        // What the SIGSYS handler itself needs.
+        for needed in ["write", "exit_group", "rt_sigreturn"] {
+            assert!(calls.contains(&needed), "{role} lacks {needed}");
+        }
+    }
 }
 
 #[test]

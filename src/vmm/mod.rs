@@ -231,6 +231,9 @@ impl Vmm {
             }
             Action::PutLogger(logger) => {
                 crate::logger::configure(&logger)?;
+                if let Some(fd) = crate::logger::file_fd() {
+                    crate::seccomp::report_to(fd);
+                }
                 self.config.logger = Some(logger);
                 Ok(Reply::Empty)
             }
