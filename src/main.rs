@@ -17,6 +17,7 @@ use flick::config::{
     LogLevel, LoggerConfig, MemBackendConfig, MemBackendType, SnapshotLoadConfig, VmConfig,
 };
 use flick::control::{self, Action, ControlReceiver, Reply};
+use flick::devices::boot_timer::{monotonic_us, process_cpu_us};
 use flick::seccomp::{Filter, Filters, Role};
 use flick::vmm::{Vmm, VmmOptions, VERSION};
 use flick::{error_chain, logger};
@@ -73,12 +74,18 @@ struct Cli {
     /// Prefix log lines with their source file and line.
     #[arg(long)]
     show_log_origin: bool,
-    /// Accepted for Firecracker compatibility.
+    /// When the process was started, in CLOCK_MONOTONIC microseconds (Firecracker's jailer
+    /// passes it): the time from then until the API socket listens is logged at Info level.
     #[arg(long, value_name = "US")]
     start_time_us: Option<u64>,
-    /// Accepted for Firecracker compatibility.
+    /// This process's CPU time when it was started, in microseconds (passed by the jailer): the
+    /// CPU time used from then until the API socket listens is logged with the start-up time.
     #[arg(long, value_name = "US")]
     start_time_cpu_us: Option<u64>,
+    /// CPU time the jailer used before starting this process, in microseconds: added to the
+    /// logged start-up CPU time.
+    #[arg(long, value_name = "US")]
+    parent_cpu_time_us: Option<u64>,
     /// Run without seccomp filters (by default every thread confines itself to its role's
     /// system calls; see docs/security.md).
     #[arg(long, conflicts_with = "seccomp_filter")]
@@ -154,6 +161,8 @@ fn main() -> ExitCode {
         }
     };
 
+    report_startup_time(&cli);
+
     let options = VmmOptions {
         instance_id: cli.id.clone(),
         boot_timer: cli.boot_timer,
@@ -195,6 +204,23 @@ fn main() -> ExitCode {
         return fail(&error_chain(&e));
     }
     run(vmm, api, filters.get(Role::Teardown).cloned())
+}
+
+/// Logs how long start-up took (process start to API socket listening, or to the end of
+/// configuration with `--no-api`), as Firecracker reports it in its `process_startup_time_us`
+/// and `process_startup_time_cpu_us` metrics, when the jailer told us when it started.
+fn report_startup_time(cli: &Cli) {
+    let Some(start_us) = cli.start_time_us else {
+        return;
+    };
+    let wall_us = monotonic_us().saturating_sub(start_us);
+    let cpu_us = cli.start_time_cpu_us.map(|start_cpu_us| {
+        process_cpu_us().saturating_sub(start_cpu_us) + cli.parent_cpu_time_us.unwrap_or(0)
+    });
+    match cpu_us {
+        Some(cpu_us) => tracing::info!("process startup time: {wall_us} us, {cpu_us} CPU us"),
+        None => tracing::info!("process startup time: {wall_us} us"),
+    }
 }
 
 /// The seccomp filters asked for on the command line: none, a file's, or the built-in ones.
