@@ -122,6 +122,7 @@ fn main() -> ExitCode {
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, MALLOC_ARENAS);
     }
+    read_fd_limit();
     let cli = Cli::parse();
     if cli.version {
         println!("flick v{VERSION}");
@@ -364,11 +365,48 @@ fn run(vmm: Vmm, api: Option<ApiServer>, teardown_filter: Option<Filter>) -> Exi
     }
 }
 
+/// One more than the highest fd this process may open (`RLIMIT_NOFILE`), read at start-up
+/// (the VMM filter has no call to read it later).
+static FD_LIMIT: OnceLock<libc::c_int> = OnceLock::new();
+
+/// Most fds scanned when `/proc` is not mounted.
+const MAX_FD_SCAN: libc::c_int = 1 << 16;
+
+fn read_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct we pass.
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    let scan = if rc == 0 {
+        libc::c_int::try_from(limit.rlim_cur).unwrap_or(MAX_FD_SCAN)
+    } else {
+        MAX_FD_SCAN
+    };
+    let _ = FD_LIMIT.set(scan.min(MAX_FD_SCAN));
+}
+
+/// Without `/proc` (in a jail): every open fd below the limit that is not an anonymous inode
+/// (those have no file type in `st_mode`).
+fn fds_to_release_without_proc() -> Vec<libc::c_int> {
+    let limit = FD_LIMIT.get().copied().unwrap_or(MAX_FD_SCAN);
+    (0..limit)
+        .filter(|&fd| {
+            // SAFETY: `stat` is plain data, valid when zeroed.
+            let mut st: libc::stat = unsafe { std::mem::zeroed() };
+            // SAFETY: fstat writes the stat struct we own; an fd that is not open gives EBADF.
+            let rc = unsafe { libc::fstat(fd, &mut st) };
+            rc == 0 && st.st_mode & libc::S_IFMT != 0
+        })
+        .collect()
+}
+
 /// The fds a teardown child must close: files, devices, sockets and pipes (TAPs, drive locks,
 /// the API socket, our standard streams), but not anonymous kernel objects.
 fn fds_to_release() -> Vec<libc::c_int> {
     let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
-        return Vec::new();
+        return fds_to_release_without_proc();
     };
     dir.filter_map(|entry| {
         let entry = entry.ok()?;
