@@ -334,6 +334,9 @@ fn assert_confined(jail: &Jail, ns: &NetNs, pid: u32) {
     assert_eq!(status_field(pid, "Uid"), ugid(UID));
     assert_eq!(status_field(pid, "Gid"), ugid(GID));
     assert_eq!(status_field(pid, "Groups"), "");
+    for caps in ["CapPrm", "CapEff"] {
+        assert_eq!(status_field(pid, caps), "0000000000000000", "{caps}");
+    }
     let proc_dir = PathBuf::from(format!("/proc/{pid}"));
     assert!(
         same_file(&proc_dir.join("root"), &jail.root),
