@@ -207,9 +207,9 @@ fn main() -> ExitCode {
     run(vmm, api, filters.get(Role::Teardown).cloned())
 }
 
-/// Logs how long start-up took (process start to API socket listening, or to the end of
-/// configuration with `--no-api`), as Firecracker reports it in its `process_startup_time_us`
-/// and `process_startup_time_cpu_us` metrics, when the jailer told us when it started.
+/// Logs how long start-up took (process start to API socket listening; with `--no-api`, to
+/// the same point), as Firecracker reports it in its `process_startup_time_us` and
+/// `process_startup_time_cpu_us` metrics, when the jailer told us when it started.
 fn report_startup_time(cli: &Cli) {
     let Some(start_us) = cli.start_time_us else {
         return;
