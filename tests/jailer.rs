@@ -389,6 +389,67 @@ fn assert_confined(jail: &Jail, ns: &NetNs, pid: u32) {
 const LEAK_MARKER: &str = "inherited-fd";
 const LEAK_FD: i32 = 9;
 
+/// Attaches to TAP `name` in the namespace from this (root) process, as another VMM would:
+/// the returned file keeps it busy.
+fn hold_tap(ns: &NetNs, name: &str) -> std::fs::File {
+    const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+    const FLAGS: libc::c_short = 0x0002 | 0x1000 | 0x4000; // IFF_TAP | IFF_NO_PI | IFF_VNET_HDR
+    let path = format!("/var/run/netns/{}", ns.name);
+    let name = name.to_string();
+    std::thread::spawn(move || {
+        let netns = std::fs::File::open(path).unwrap();
+        // SAFETY: setns on this short-lived thread only; the fd is valid.
+        let rc = unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        let tun = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")
+            .unwrap();
+        let mut req = [0u8; 40];
+        req[..name.len()].copy_from_slice(name.as_bytes());
+        req[16..18].copy_from_slice(&FLAGS.to_ne_bytes());
+        // SAFETY: TUNSETIFF reads and writes a 40-byte ifreq we own.
+        let rc = unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF, req.as_mut_ptr()) };
+        assert_eq!(
+            rc,
+            0,
+            "TUNSETIFF {name}: {}",
+            std::io::Error::last_os_error()
+        );
+        tun
+    })
+    .join()
+    .unwrap()
+}
+
+/// A jailed flick refuses a TAP that does not exist and one another process holds, with
+/// clear messages (it finds TAPs through /dev/net/tun, without /sys).
+fn assert_tap_errors(jail: &Jail, ns: &NetNs) {
+    let sock = jail.host_path("/run/api.sock");
+    let put = |tap: &str| {
+        let body = serde_json::json!({"iface_id": "probe", "host_dev_name": tap});
+        api_call(
+            &sock,
+            "PUT",
+            "/network-interfaces/probe",
+            Some(&body.to_string()),
+        )
+    };
+    let (status, body) = put("nosuchtap0");
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body.contains("TAP device nosuchtap0 does not exist or this user may not attach to it"),
+        "{body}"
+    );
+    let uid = UID.to_string();
+    ns.exec_ok(&["ip", "tuntap", "add", "busy0", "mode", "tap", "user", &uid]);
+    let _holder = hold_tap(ns, "busy0");
+    let (status, body) = put("busy0");
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("TAP device busy0 is busy"), "{body}");
+}
+
 /// Starts `jailer` with `args`; stdout and stderr go to files in the jail's base directory.
 fn spawn_jailer(jailer: &str, jail: &Jail, args: &[String]) -> (Child, PathBuf, PathBuf) {
     let out = jail.base.path("stdout");
@@ -431,6 +492,7 @@ fn boot_under(jailer: &str, tag: &str, subnet: u8) {
     let pid = jail.wait_for_pid();
     assert_eq!(pid, child.id(), "flick should be the jailer's own process");
     assert_confined(&jail, &ns, pid);
+    assert_tap_errors(&jail, &ns);
     configure_and_start(&jail, &ns, None);
     let code = wait_with_timeout(&mut child, VM_TIMEOUT);
 
