@@ -10,6 +10,7 @@
 mod args;
 mod cgroup;
 mod jail;
+mod process;
 
 use std::process::ExitCode;
 
@@ -104,7 +105,7 @@ fn sanitize() -> Result<(), Failure> {
 }
 
 fn main() -> ExitCode {
-    let times = jail::StartTimes::now();
+    let times = process::StartTimes::now();
     if let Err(failure) = sanitize() {
         return fail(&failure);
     }
