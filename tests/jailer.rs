@@ -536,16 +536,34 @@ fn flick_jailer_daemonizes_into_a_new_pid_namespace_with_cgroup_v2() {
     if !kvm_available() || !netns_available() {
         return;
     }
+    boot_detached_under(jailer_bin(), "jailpid", 43);
+}
+
+#[test]
+fn firecrackers_jailer_daemonizes_flick_into_a_new_pid_namespace() {
+    let Some(jailer) = std::env::var_os("FLICK_FC_JAILER") else {
+        skip("FLICK_FC_JAILER is not set (point it at a build of Firecracker's jailer)");
+        return;
+    };
+    if !kvm_available() || !netns_available() {
+        return;
+    }
+    boot_detached_under(jailer.to_str().unwrap(), "fcjailpid", 44);
+}
+
+/// Boots the guest under `jailer` with `--daemonize --new-pid-ns` and cgroup v2: flick runs
+/// detached as PID 1 of its own PID namespace; its serial output goes to a file in the jail.
+fn boot_detached_under(jailer: &str, tag: &str, subnet: u8) {
     let Some(hierarchy) = v2_any() else {
         skip("no cgroup v2 hierarchy with the pids or hugetlb controller is mounted");
         return;
     };
-    let ns = NetNs::with_tap_user("jailpid", 43, Some(UID));
-    let jail = Jail::new("jailpid", hierarchy);
+    let ns = NetNs::with_tap_user(tag, subnet, Some(UID));
+    let jail = Jail::new(tag, hierarchy);
     let mut args = jail.args(&ns, flick_bin());
     args.splice(0..0, ["--daemonize", "--new-pid-ns"].map(String::from));
     args.extend(["--api-sock", "/run/api.sock"].map(String::from));
-    let (mut child, _, err) = spawn_jailer(jailer_bin(), &jail, &args);
+    let (mut child, _, err) = spawn_jailer(jailer, &jail, &args);
     // The jailer's first process returns at once; flick runs on, detached.
     assert_eq!(wait_with_timeout(&mut child, VM_TIMEOUT), Some(0));
 
