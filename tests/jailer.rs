@@ -88,11 +88,14 @@ struct Jail {
     base: TempDir,
     id: String,
     root: PathBuf,
-    /// `--parent-cgroup`: private to this test process.
+    /// `--parent-cgroup`: private to this test.
     parent_cgroup: String,
     hierarchy: Hierarchy,
     /// The v2 root's `cgroup.subtree_control` before the test (restored on drop).
     v2_root_control: Option<String>,
+    /// Held while a v2 jail exists: tests that change the v2 root's controllers take turns,
+    /// so each restores what it found.
+    _v2_turn: Option<std::sync::MutexGuard<'static, ()>>,
     /// The jailed process, killed on drop if it still runs in the jail.
     pid: std::cell::Cell<Option<u32>>,
 }
@@ -104,16 +107,23 @@ impl Jail {
         let root = base.0.join("flick").join(&id).join("root");
         std::fs::create_dir_all(&root).unwrap();
         stage_libraries(&root);
+        static V2_TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let v2_turn = (hierarchy.version == 2).then(|| {
+            V2_TURN
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+        });
         let v2_root_control = (hierarchy.version == 2).then(|| {
             std::fs::read_to_string(hierarchy.mount.join("cgroup.subtree_control")).unwrap()
         });
         Jail {
             base,
+            parent_cgroup: format!("flick-test-{id}"),
             id,
             root,
-            parent_cgroup: format!("flick-test-{}", std::process::id()),
             hierarchy,
             v2_root_control,
+            _v2_turn: v2_turn,
             pid: std::cell::Cell::new(None),
         }
     }
