@@ -24,6 +24,7 @@ forbid src/snapshot 'crate::(api|vmm)\b|arch::x86_64' "snapshot never imports ap
 forbid src/config.rs 'crate::' "config imports nothing of the crate"
 forbid src/metrics.rs 'crate::' "metrics imports nothing of the crate"
 forbid src/seccomp.rs 'crate::' "seccomp imports nothing of the crate"
+forbid src/bin/flick-jailer '\bflick::' "the jailer imports nothing of flick's library (std, libc, thiserror only)"
 
 if ((bad)); then
 	exit 1

@@ -18,6 +18,7 @@ use flick::config::{
     VmConfig,
 };
 use flick::control::{self, Action, ControlReceiver, Reply};
+use flick::devices::boot_timer::{monotonic_us, process_cpu_us};
 use flick::seccomp::{Filter, Filters, Role};
 use flick::snapshot::FORMAT_VERSION;
 use flick::vmm::{Vmm, VmmOptions, VERSION};
@@ -82,12 +83,18 @@ struct Cli {
     /// Prefix log lines with their source file and line.
     #[arg(long)]
     show_log_origin: bool,
-    /// Accepted for Firecracker compatibility.
+    /// When the process was started, in CLOCK_MONOTONIC microseconds (Firecracker's jailer
+    /// passes it): the time from then until the API socket listens is logged at Info level.
     #[arg(long, value_name = "US")]
     start_time_us: Option<u64>,
-    /// Accepted for Firecracker compatibility.
+    /// This process's CPU time when it was started, in microseconds (passed by the jailer): the
+    /// CPU time used from then until the API socket listens is logged with the start-up time.
     #[arg(long, value_name = "US")]
     start_time_cpu_us: Option<u64>,
+    /// CPU time the jailer used before starting this process, in microseconds: added to the
+    /// logged start-up CPU time.
+    #[arg(long, value_name = "US")]
+    parent_cpu_time_us: Option<u64>,
     /// Run without seccomp filters (by default every thread confines itself to its role's
     /// system calls; see docs/security.md).
     #[arg(long, conflicts_with = "seccomp_filter")]
@@ -133,6 +140,7 @@ fn main() -> ExitCode {
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, MALLOC_ARENAS);
     }
+    read_fd_limit();
     let cli = Cli::parse();
     if cli.version {
         println!("flick v{VERSION}");
@@ -194,6 +202,8 @@ fn main() -> ExitCode {
         }
     };
 
+    report_startup_time(&cli);
+
     let options = VmmOptions {
         instance_id: cli.id.clone(),
         boot_timer: cli.boot_timer,
@@ -247,6 +257,23 @@ fn main() -> ExitCode {
         return fail(&error_chain(&e));
     }
     run(vmm, api, filters.get(Role::Teardown).cloned())
+}
+
+/// Logs how long start-up took (process start to API socket listening; with `--no-api`, to
+/// the same point), as Firecracker reports it in its `process_startup_time_us` and
+/// `process_startup_time_cpu_us` metrics, when the jailer told us when it started.
+fn report_startup_time(cli: &Cli) {
+    let Some(start_us) = cli.start_time_us else {
+        return;
+    };
+    let wall_us = monotonic_us().saturating_sub(start_us);
+    let cpu_us = cli.start_time_cpu_us.map(|start_cpu_us| {
+        process_cpu_us().saturating_sub(start_cpu_us) + cli.parent_cpu_time_us.unwrap_or(0)
+    });
+    match cpu_us {
+        Some(cpu_us) => tracing::info!("process startup time: {wall_us} us, {cpu_us} CPU us"),
+        None => tracing::info!("process startup time: {wall_us} us"),
+    }
 }
 
 /// The seccomp filters asked for on the command line: none, a file's, or the built-in ones.
@@ -390,11 +417,48 @@ fn run(vmm: Vmm, api: Option<ApiServer>, teardown_filter: Option<Filter>) -> Exi
     }
 }
 
+/// One more than the highest fd this process may open (`RLIMIT_NOFILE`), read at start-up
+/// (the VMM filter has no call to read it later).
+static FD_LIMIT: OnceLock<libc::c_int> = OnceLock::new();
+
+/// Most fds scanned when `/proc` is not mounted.
+const MAX_FD_SCAN: libc::c_int = 1 << 16;
+
+fn read_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct we pass.
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    let scan = if rc == 0 {
+        libc::c_int::try_from(limit.rlim_cur).unwrap_or(MAX_FD_SCAN)
+    } else {
+        MAX_FD_SCAN
+    };
+    let _ = FD_LIMIT.set(scan.min(MAX_FD_SCAN));
+}
+
+/// Without `/proc` (in a jail): every open fd below the limit that is not an anonymous inode
+/// (those have no file type in `st_mode`).
+fn fds_to_release_without_proc() -> Vec<libc::c_int> {
+    let limit = FD_LIMIT.get().copied().unwrap_or(MAX_FD_SCAN);
+    (0..limit)
+        .filter(|&fd| {
+            // SAFETY: `stat` is plain data, valid when zeroed.
+            let mut st: libc::stat = unsafe { std::mem::zeroed() };
+            // SAFETY: fstat writes the stat struct we own; an fd that is not open gives EBADF.
+            let rc = unsafe { libc::fstat(fd, &mut st) };
+            rc == 0 && st.st_mode & libc::S_IFMT != 0
+        })
+        .collect()
+}
+
 /// The fds a teardown child must close: files, devices, sockets and pipes (TAPs, drive locks,
 /// the API socket, our standard streams), but not anonymous kernel objects.
 fn fds_to_release() -> Vec<libc::c_int> {
     let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
-        return Vec::new();
+        return fds_to_release_without_proc();
     };
     dir.filter_map(|entry| {
         let entry = entry.ok()?;

@@ -298,3 +298,28 @@ fn network_still_works_after_snapshot_restore() {
     );
     assert!(text.contains("count: 60\n"), "{text}");
 }
+
+#[test]
+fn a_tap_is_found_in_a_namespace_entered_after_sys_was_mounted() {
+    if !kvm_available() || !netns_available() {
+        return;
+    }
+    // `nsenter --net` joins the namespace without mounting its /sys (unlike `ip netns exec`):
+    // /sys/class/net still lists the host's interfaces, not tap0.
+    if !tool_available("nsenter", "util-linux") {
+        return;
+    }
+    let ns = NetNs::new("nsenter", 27);
+    let dir = TempDir::new("netnsenter");
+    let cfg = net_config(&ns, "tg.net=ping", "06:00:0a:00:1b:02");
+    let path = dir.write("vm.json", cfg.to_string().as_bytes());
+    let mut cmd = std::process::Command::new("nsenter");
+    cmd.arg(format!("--net=/var/run/netns/{}", ns.name))
+        .arg(flick_bin())
+        .arg("--no-api")
+        .arg("--config-file")
+        .arg(&path);
+    let out = run_command(cmd, b"");
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    assert!(out.stdout.contains("net0: ping done ok=3/3"), "{out:#?}");
+}

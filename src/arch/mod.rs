@@ -55,12 +55,19 @@ pub enum HostKind {
 }
 
 impl HostKind {
-    /// Detects the host kind from the loaded KVM modules.
+    /// Detects the host kind from the loaded KVM modules, or, where `/sys` is not mounted
+    /// (inside a jail), from the CPU: KVM without hardware virtualization is PVM.
     pub fn detect() -> HostKind {
-        if std::path::Path::new("/sys/module/kvm_pvm").exists() {
-            HostKind::Pvm
-        } else {
+        if std::path::Path::new("/sys/module").is_dir() {
+            if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+                HostKind::Pvm
+            } else {
+                HostKind::HardwareVirt
+            }
+        } else if cpu_has_hardware_virt() {
             HostKind::HardwareVirt
+        } else {
+            HostKind::Pvm
         }
     }
 
@@ -70,6 +77,23 @@ impl HostKind {
             HostKind::Pvm => "PVM (guest kernel code runs in KVM's instruction emulator)",
         }
     }
+}
+
+/// Whether the CPU reports VT-x (CPUID.1:ECX.VMX) or AMD-V (CPUID.80000001h:ECX.SVM).
+#[cfg(target_arch = "x86_64")]
+fn cpu_has_hardware_virt() -> bool {
+    use std::arch::x86_64::__cpuid;
+    const VMX: u32 = 1 << 5;
+    const SVM: u32 = 1 << 2;
+    let vmx = __cpuid(1).ecx & VMX != 0;
+    let svm = __cpuid(0x8000_0000).eax >= 0x8000_0001 && __cpuid(0x8000_0001).ecx & SVM != 0;
+    vmx || svm
+}
+
+/// Other architectures have no PVM.
+#[cfg(not(target_arch = "x86_64"))]
+fn cpu_has_hardware_virt() -> bool {
+    true
 }
 
 /// Why an architecture could not set something up.

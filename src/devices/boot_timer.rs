@@ -10,7 +10,8 @@ use super::bus::BusDevice;
 /// The value a guest writes to mark "init reached".
 pub const MAGIC_VALUE: u8 = 123;
 
-/// CPU time of `clock` (a CPU-time clock id), in microseconds; 0 if it cannot be read.
+/// The time of `clock` (a CPU-time clock id, or the monotonic clock), in microseconds; 0 if it
+/// cannot be read.
 fn cpu_clock_us(clock: libc::clockid_t) -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
@@ -23,6 +24,11 @@ fn cpu_clock_us(clock: libc::clockid_t) -> u64 {
     }
     let positive = |n: libc::c_long| u64::try_from(n).unwrap_or(0);
     positive(ts.tv_sec) * 1_000_000 + positive(ts.tv_nsec) / 1_000
+}
+
+/// `CLOCK_MONOTONIC` in microseconds (the clock of Firecracker's `--start-time-us`).
+pub fn monotonic_us() -> u64 {
+    cpu_clock_us(libc::CLOCK_MONOTONIC)
 }
 
 /// CPU time this process has used, in microseconds.

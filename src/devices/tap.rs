@@ -1,5 +1,9 @@
 //! A host TAP device opened with a virtio-net header (`IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`),
 //! non-blocking, for the virtio-net device to read and write frames.
+//!
+//! The TAP is found by name through `/dev/net/tun` alone (`TUNSETIFF`), never through
+//! `/sys/class/net`: inside a jail there is no `/sys`, and a process that joined a network
+//! namespace after `/sys` was mounted sees the old namespace there.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -13,9 +17,12 @@ const TUNTAP: std::os::raw::c_uint = 0x54;
 vmm_sys_util::ioctl_iow_nr!(TUNSETIFF, TUNTAP, 202, std::os::raw::c_int);
 vmm_sys_util::ioctl_iow_nr!(TUNSETOFFLOAD, TUNTAP, 208, std::os::raw::c_uint);
 vmm_sys_util::ioctl_iow_nr!(TUNSETVNETHDRSZ, TUNTAP, 216, std::os::raw::c_int);
+vmm_sys_util::ioctl_ior_nr!(TUNGETIFF, TUNTAP, 210, std::os::raw::c_uint);
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
 const IFF_VNET_HDR: libc::c_short = 0x4000;
+/// Set in `TUNGETIFF`'s flags for a device that outlives its file descriptors (`ip tuntap add`).
+const IFF_PERSIST: libc::c_short = 0x0800;
 /// Offload flags for [`Tap::set_offload`].
 pub const TUN_F_CSUM: u32 = 0x01;
 pub const TUN_F_TSO4: u32 = 0x02;
@@ -30,6 +37,11 @@ pub enum TapError {
     Missing(String),
     #[error("TAP device {0} is busy (already attached to another process)")]
     Busy(String),
+    #[error(
+        "TAP device {0} does not exist or this user may not attach to it (create it with \
+         `ip tuntap add {0} mode tap user <uid>` in flick's network namespace)"
+    )]
+    NotPermitted(String),
     #[error("cannot open /dev/net/tun")]
     OpenTun(#[source] std::io::Error),
     #[error("cannot attach to TAP device {0}")]
@@ -46,6 +58,19 @@ struct IfReq {
     _pad: [u8; 22],
 }
 
+impl IfReq {
+    /// `name` must be shorter than 16 bytes.
+    fn new(name: &str, flags: libc::c_short) -> IfReq {
+        let mut req = IfReq {
+            name: [0; 16],
+            flags,
+            _pad: [0; 22],
+        };
+        req.name[..name.len()].copy_from_slice(name.as_bytes());
+        req
+    }
+}
+
 /// An attached TAP device.
 #[derive(Debug)]
 pub struct Tap {
@@ -59,21 +84,13 @@ impl Tap {
         if name.is_empty() || name.len() >= 16 || name.contains('/') {
             return Err(TapError::Missing(name.into()));
         }
-        if !std::path::Path::new("/sys/class/net").join(name).exists() {
-            return Err(TapError::Missing(name.into()));
-        }
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
             .open("/dev/net/tun")
             .map_err(TapError::OpenTun)?;
-        let mut req = IfReq {
-            name: [0; 16],
-            flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
-            _pad: [0; 22],
-        };
-        req.name[..name.len()].copy_from_slice(name.as_bytes());
+        let mut req = IfReq::new(name, IFF_TAP | IFF_NO_PI | IFF_VNET_HDR);
         // SAFETY: TUNSETIFF reads and updates an ifreq-sized struct we own and that outlives the
         // call.
         let rc = unsafe { ioctl_with_mut_ref(&file, TUNSETIFF(), &mut req) };
@@ -81,8 +98,26 @@ impl Tap {
             let err = std::io::Error::last_os_error();
             return Err(match err.raw_os_error() {
                 Some(libc::EBUSY) => TapError::Busy(name.into()),
+                // Without CAP_NET_ADMIN the kernel says EPERM both for a missing device (it
+                // would have to create one) and for one owned by another user.
+                Some(libc::EPERM) => TapError::NotPermitted(name.into()),
                 _ => TapError::Attach(name.into(), err),
             });
+        }
+        // With CAP_NET_ADMIN, TUNSETIFF on a name that does not exist creates a device that
+        // lives only as long as this fd; an existing TAP that can be attached to is persistent
+        // (one held by another process answers EBUSY above). Dropping the fd removes it again.
+        let mut current = IfReq::new("", 0);
+        // SAFETY: TUNGETIFF writes an ifreq-sized struct we own and that outlives the call.
+        let rc = unsafe { ioctl_with_mut_ref(&file, TUNGETIFF(), &mut current) };
+        if rc < 0 {
+            return Err(TapError::Configure(
+                name.into(),
+                std::io::Error::last_os_error(),
+            ));
+        }
+        if current.flags & IFF_PERSIST == 0 {
+            return Err(TapError::Missing(name.into()));
         }
         const _: () = assert!(VNET_HDR_LEN == 12);
         let hdr_len: libc::c_int = 12;
@@ -140,5 +175,7 @@ mod tests {
         assert_eq!(TUNSETIFF(), 0x4004_54ca);
         assert_eq!(TUNSETOFFLOAD(), 0x4004_54d0);
         assert_eq!(TUNSETVNETHDRSZ(), 0x4004_54d8);
+        // _IOR('T', 210, unsigned int)
+        assert_eq!(TUNGETIFF(), 0x8004_54d2);
     }
 }

@@ -228,6 +228,12 @@ pub struct NetNs {
 impl NetNs {
     /// Creates namespace `flk<pid><tag>` holding TAP `tap0`. `subnet` picks 10.0.<subnet>.0/24.
     pub fn new(tag: &str, subnet: u8) -> NetNs {
+        NetNs::with_tap_user(tag, subnet, None)
+    }
+
+    /// As [`NetNs::new`], with the TAP owned by `user` (a uid), so that a process running as
+    /// that user without privileges can attach to it (e.g. flick under a jailer).
+    pub fn with_tap_user(tag: &str, subnet: u8, user: Option<u32>) -> NetNs {
         let name = format!("flk{}{tag}", std::process::id());
         let _ = Command::new("ip")
             .args(["netns", "del", &name])
@@ -241,7 +247,12 @@ impl NetNs {
             children: Vec::new(),
         };
         ns.ip(&["netns", "add", &name]);
-        ns.exec_ok(&["ip", "tuntap", "add", "tap0", "mode", "tap"]);
+        let owner = user.map(|uid| uid.to_string());
+        let mut add = vec!["ip", "tuntap", "add", "tap0", "mode", "tap"];
+        if let Some(uid) = &owner {
+            add.extend(["user", uid.as_str()]);
+        }
+        ns.exec_ok(&add);
         ns.exec_ok(&[
             "ip",
             "addr",
