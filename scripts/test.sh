@@ -141,6 +141,11 @@ if [[ -n "$skipped" ]]; then
     sed 's/^/  /' <<<"$skipped" >&2
     [[ -z "${CI:-}" ]] || status=1
 fi
+not_run=$(grep -ho '\[NOT-RUN\] .*' "$log_dir/flick.log" || true)
+if [[ -n "$not_run" ]]; then
+    echo "test.sh: $(wc -l <<<"$not_run") tests NOT RUN: they need a program no package provides (reported, not a failure):" >&2
+    sed 's/^/  /' <<<"$not_run" >&2
+fi
 known=$(grep -ho '\[KNOWN-ISSUE\] .*' "$log_dir/flick.log" || true)
 if [[ -n "$known" ]]; then
     echo "test.sh: $(wc -l <<<"$known") tests NOT RUN because of a known, documented issue:" >&2

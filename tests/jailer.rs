@@ -532,7 +532,7 @@ fn flick_jailer_boots_a_guest_with_disk_and_tap_as_an_unprivileged_user() {
 #[test]
 fn firecrackers_jailer_runs_flick_unchanged() {
     let Some(jailer) = std::env::var_os("FLICK_FC_JAILER") else {
-        skip("FLICK_FC_JAILER is not set (point it at a build of Firecracker's jailer)");
+        not_run_without("FLICK_FC_JAILER, a build of Firecracker's jailer (docs/jailer.md)");
         return;
     };
     if !kvm_available() || !netns_available() {
@@ -552,7 +552,7 @@ fn flick_jailer_daemonizes_into_a_new_pid_namespace_with_cgroup_v2() {
 #[test]
 fn firecrackers_jailer_daemonizes_flick_into_a_new_pid_namespace() {
     let Some(jailer) = std::env::var_os("FLICK_FC_JAILER") else {
-        skip("FLICK_FC_JAILER is not set (point it at a build of Firecracker's jailer)");
+        not_run_without("FLICK_FC_JAILER, a build of Firecracker's jailer (docs/jailer.md)");
         return;
     };
     if !kvm_available() || !netns_available() {

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 pub use flick_fixtures::http;
 #[allow(unused_imports)]
 pub use flick_fixtures::{
-    known_issue, kvm_available, repo_root, skip, test_guest, test_guest_dir, test_guest_pvh,
-    tool_available, TempDir,
+    known_issue, kvm_available, not_run_without, repo_root, skip, test_guest, test_guest_dir,
+    test_guest_pvh, tool_available, TempDir,
 };
 
 /// Longest a test VM may run, or a test may wait for one, before the test fails (the VM is
