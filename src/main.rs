@@ -202,7 +202,7 @@ fn main() -> ExitCode {
         }
     };
 
-    report_startup_time(&cli);
+    let startup_time = report_startup_time(&cli);
 
     let options = VmmOptions {
         instance_id: cli.id.clone(),
@@ -211,6 +211,7 @@ fn main() -> ExitCode {
         serial_in: true,
         vcpu_seccomp: filters.get(Role::Vcpu).cloned(),
         api_metrics: api.as_ref().map(ApiServer::metrics_source),
+        startup_time,
     };
     let mut vmm = Vmm::new(options, control);
     if let Some(path) = &cli.metrics_path {
@@ -262,10 +263,8 @@ fn main() -> ExitCode {
 /// Logs how long start-up took (process start to API socket listening; with `--no-api`, to
 /// the same point), as Firecracker reports it in its `process_startup_time_us` and
 /// `process_startup_time_cpu_us` metrics, when the jailer told us when it started.
-fn report_startup_time(cli: &Cli) {
-    let Some(start_us) = cli.start_time_us else {
-        return;
-    };
+fn report_startup_time(cli: &Cli) -> Option<(u64, Option<u64>)> {
+    let start_us = cli.start_time_us?;
     let wall_us = monotonic_us().saturating_sub(start_us);
     let cpu_us = cli.start_time_cpu_us.map(|start_cpu_us| {
         process_cpu_us().saturating_sub(start_cpu_us) + cli.parent_cpu_time_us.unwrap_or(0)
@@ -274,6 +273,7 @@ fn report_startup_time(cli: &Cli) {
         Some(cpu_us) => tracing::info!("process startup time: {wall_us} us, {cpu_us} CPU us"),
         None => tracing::info!("process startup time: {wall_us} us"),
     }
+    Some((wall_us, cpu_us))
 }
 
 /// The seccomp filters asked for on the command line: none, a file's, or the built-in ones.

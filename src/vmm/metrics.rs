@@ -57,6 +57,26 @@ pub fn lines_lost(count: u64) -> Sample {
     )
 }
 
+/// Process start to API socket listening (given `--start-time-us`, and CPU time with
+/// `--start-time-cpu-us`).
+pub fn startup_time(wall_us: u64, cpu_us: Option<u64>) -> Vec<Sample> {
+    let mut out = vec![Sample::gauge(
+        "flick_process_startup_time_us",
+        "Process start (--start-time-us) to the API socket listening.",
+        Vec::new(),
+        wall_us,
+    )];
+    if let Some(cpu_us) = cpu_us {
+        out.push(Sample::gauge(
+            "flick_process_startup_cpu_time_us",
+            "CPU time from process start (--start-time-cpu-us) to the API socket listening.",
+            Vec::new(),
+            cpu_us,
+        ));
+    }
+    out
+}
+
 /// Console output bytes the serial rate limiter dropped.
 pub fn serial_rate_limited(bytes: u64) -> Sample {
     Sample::counter(
@@ -151,6 +171,10 @@ fn fc_field(sample: &Sample) -> Option<FcField> {
             plain("uart", "rate_limiter_dropped_bytes")
         }
         ("flick_metrics_lines_lost_total", _, _) => plain("logger", "missed_metrics_count"),
+        ("flick_process_startup_time_us", _, _) => plain("api_server", "process_startup_time_us"),
+        ("flick_process_startup_cpu_time_us", _, _) => {
+            plain("api_server", "process_startup_time_cpu_us")
+        }
         ("flick_api_requests_total", _, _) => api_field(label("method")?, label("path")?),
         _ => None,
     }
@@ -207,6 +231,8 @@ pub fn firecracker_line(
 ) -> (String, FcPrevious) {
     use std::collections::BTreeMap;
     let mut totals: BTreeMap<(String, &'static str), u64> = BTreeMap::new();
+    // Gauges (Firecracker's store metrics) are written as they are, not as increases.
+    let mut absolute: std::collections::BTreeSet<(String, &'static str)> = Default::default();
     for sample in samples {
         let crate::metrics::Value::Count(value) = sample.value else {
             continue;
@@ -230,6 +256,9 @@ pub fn firecracker_line(
             }
             continue;
         }
+        if sample.kind == crate::metrics::Kind::Gauge {
+            absolute.insert((fc.section.to_string(), fc.field));
+        }
         add(fc.section.to_string(), fc.field);
         if let Some(key) = fc.per_device {
             if let Some((_, id)) = sample.labels.iter().find(|(k, _)| *k == key) {
@@ -251,10 +280,14 @@ pub fn firecracker_line(
     }
     let mut now = FcPrevious::with_capacity(totals.len());
     for ((section, field), total) in totals {
-        let before = previous
-            .get(&(section.clone(), field))
-            .copied()
-            .unwrap_or(0);
+        let before = if absolute.contains(&(section.clone(), field)) {
+            0
+        } else {
+            previous
+                .get(&(section.clone(), field))
+                .copied()
+                .unwrap_or(0)
+        };
         now.insert((section.clone(), field), total);
         let entry = root
             .entry(section)
@@ -346,6 +379,19 @@ mod tests {
         assert_eq!(v["put_api_requests"]["drive_fails"], 1, "{line}");
         assert_eq!(v["get_api_requests"]["instance_info_count"], 5, "{line}");
         assert!(v["get_api_requests"].get("instance_info_fails").is_none());
+    }
+
+    #[test]
+    fn gauges_are_written_as_they_are() {
+        let samples = startup_time(1500, Some(900));
+        let (_, previous) = firecracker_line(&samples, &FcHeader::default(), &FcPrevious::new());
+        let (line, _) = firecracker_line(&samples, &FcHeader::default(), &previous);
+        let v = parse(&line);
+        assert_eq!(v["api_server"]["process_startup_time_us"], 1500, "{line}");
+        assert_eq!(
+            v["api_server"]["process_startup_time_cpu_us"], 900,
+            "{line}"
+        );
     }
 
     #[test]

@@ -59,6 +59,9 @@ pub struct VmmOptions {
     pub vcpu_seccomp: Option<crate::seccomp::Filter>,
     /// The API server's samples, written to `metrics_path` with the VMM's.
     pub api_metrics: Option<crate::metrics::Source>,
+    /// Process start to API socket listening, wall and CPU microseconds (when the start time was
+    /// given with `--start-time-us`).
+    pub startup_time: Option<(u64, Option<u64>)>,
 }
 
 impl std::fmt::Debug for VmmOptions {
@@ -478,6 +481,9 @@ impl Vmm {
     fn samples(&self) -> Vec<crate::metrics::Sample> {
         let mut samples = metrics::collect(self.running.as_ref(), &self.boot_times);
         samples.push(metrics::lines_lost(self.metrics_lines_lost));
+        if let Some((wall_us, cpu_us)) = self.options.startup_time {
+            samples.extend(metrics::startup_time(wall_us, cpu_us));
+        }
         samples.push(metrics::serial_rate_limited(
             self.serial_dropped
                 .load(std::sync::atomic::Ordering::Relaxed),
