@@ -46,6 +46,7 @@ fn flush_metrics_to_a_fifo_nobody_reads_does_not_stall_the_api() {
         .custom_flags(libc::O_NONBLOCK)
         .open(&fifo)
         .unwrap();
+    wait_for_text(&flick.stdout, "testguest: done");
     let (status, answer) = flick.call("PUT", "/actions", Some(&flush));
     assert_eq!(status, 204, "{answer}");
     let mut line = String::new();
@@ -54,6 +55,6 @@ fn flush_metrics_to_a_fifo_nobody_reads_does_not_stall_the_api() {
         panic!("not one JSON line ({e}): {line:?}");
     });
     assert_eq!(value["logger"]["missed_metrics_count"], 2, "{line}");
-    // What the lost lines would have said is in this one: the guest's serial output so far.
+    // What the lost lines would have said is in this one: the guest's serial output.
     assert!(value["vcpu"]["exit_io_out"].as_u64().unwrap() > 0, "{line}");
 }
