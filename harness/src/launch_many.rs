@@ -26,6 +26,8 @@ pub struct Opts {
     pub keep: bool,
     pub json: Option<PathBuf>,
     pub timeout: Duration,
+    /// Clones: snapshot one running VM, then restore N VMs from that one snapshot.
+    pub restore: bool,
 }
 
 /// The running VMs; dropping it kills and reaps them all and removes the directory.
@@ -207,6 +209,25 @@ pub fn run(o: &Opts) -> i32 {
     println!("API: {api_note}");
 
     let boot_args = "tg.exit=halt tg.smp=0 tg.quiet=1";
+    // Clones: one snapshot of a running test guest that counts on its console every 50 ms.
+    let clone_files = if o.restore {
+        match make_snapshot(&o.flick, &o.guest, &dir, o.mem_mib) {
+            Ok(files) => {
+                let size = std::fs::metadata(&files.1).map(|m| m.len()).unwrap_or(0);
+                println!(
+                    "clones: restored with --restore-snapshot/--resume from one snapshot of a counting test guest (memory file {:.1} MiB, mapped MAP_PRIVATE by every clone)",
+                    size as f64 / 1048576.0
+                );
+                Some(files)
+            }
+            Err(e) => {
+                eprintln!("launch-many: making the snapshot failed: {e}");
+                return 1;
+            }
+        }
+    } else {
+        None
+    };
     for i in 0..n {
         let cfg = json!({
             "boot-source": {"kernel_image_path": o.guest, "boot_args": boot_args},
@@ -228,7 +249,12 @@ pub fn run(o: &Opts) -> i32 {
     let t0 = Instant::now();
     let watcher = {
         let (dir, stop) = (dir.clone(), stop.clone());
-        std::thread::spawn(move || watch(&dir, n, &stop))
+        let parse = if o.restore {
+            parse_restore_ms
+        } else {
+            parse_boot_time_ms
+        };
+        std::thread::spawn(move || watch(&dir, n, &stop, parse))
     };
     let mut spawn_at: Vec<Instant> = Vec::with_capacity(n);
     for i in 0..n {
@@ -244,12 +270,31 @@ pub fn run(o: &Opts) -> i32 {
         } else {
             cmd.arg("--no-api");
         }
-        cmd.arg("--config-file")
-            .arg(dir.join(format!("vm{i}.json")))
-            .args(["--boot-timer", "--level", "Info", "--log-path"])
+        match &clone_files {
+            Some((state, mem)) => {
+                cmd.arg("--restore-snapshot")
+                    .arg(state)
+                    .arg("--restore-mem")
+                    .arg(mem)
+                    .arg("--resume");
+            }
+            None => {
+                cmd.arg("--config-file")
+                    .arg(dir.join(format!("vm{i}.json")))
+                    .arg("--boot-timer");
+            }
+        }
+        cmd.args(["--level", "Info", "--log-path"])
             .arg(dir.join(format!("vm{i}.log")))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null());
+            .stdin(Stdio::null());
+        if clone_files.is_some() {
+            match std::fs::File::create(dir.join(format!("vm{i}.out"))) {
+                Ok(f) => cmd.stdout(f),
+                Err(_) => cmd.stdout(Stdio::null()),
+            };
+        } else {
+            cmd.stdout(Stdio::null());
+        }
         match std::fs::File::create(dir.join(format!("vm{i}.err"))) {
             Ok(f) => cmd.stderr(f),
             Err(_) => cmd.stderr(Stdio::null()),
@@ -326,18 +371,48 @@ pub fn run(o: &Opts) -> i32 {
         .filter_map(|(r, s)| r.map(|r| (r - *s).as_secs_f64() * 1e3))
         .collect();
     let all_ready = ready.iter().flatten().max().copied().unwrap_or_default();
+    let up_means = if o.restore {
+        "\"snapshot loaded\" in every log: restored and resumed"
+    } else {
+        "Guest-boot-time in every log"
+    };
     println!(
-        "all {n} up (Guest-boot-time in every log) {:.1} ms after the first spawn; spawning took {:.1} ms",
+        "all {n} up ({up_means}) {:.1} ms after the first spawn; spawning took {:.1} ms",
         all_ready.as_secs_f64() * 1e3,
         spawned.as_secs_f64() * 1e3
     );
     let ready_ms = stats(own);
     let boot = stats(boot_ms.clone());
+    let phase = if o.restore {
+        "snapshot load (flick's own log)"
+    } else {
+        "InstanceStart -> boot timer"
+    };
     if let (Some(r), Some(b)) = (ready_ms, boot) {
         println!(
-            "  per VM, its own spawn -> up: median {:.1} ms, p90 {:.1} ms, max {:.1} ms; InstanceStart -> boot timer: median {:.2} ms, p90 {:.2} ms, max {:.2} ms",
+            "  per VM, its own spawn -> up: median {:.1} ms, p90 {:.1} ms, max {:.1} ms; {phase}: median {:.2} ms, p90 {:.2} ms, max {:.2} ms",
             r.median, r.p90, r.max, b.median, b.p90, b.max
         );
+    }
+    // Clones: every restored guest must go on running (counting on its console).
+    let mut clones_running = None;
+    if o.restore {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let counting = |i: &usize| {
+            std::fs::read_to_string(dir.join(format!("vm{i}.out")))
+                .is_ok_and(|t| t.contains("count: "))
+        };
+        let mut running = (0..n).filter(counting).count();
+        while running < n && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+            running = (0..n).filter(counting).count();
+        }
+        println!("  clones whose guest printed after the restore: {running} of {n}");
+        clones_running = Some(running);
+        if running < n {
+            eprintln!("launch-many: {} restored guests did not run", n - running);
+            return 1;
+        }
     }
 
     // API check: GET / on every socket.
@@ -367,12 +442,14 @@ pub fn run(o: &Opts) -> i32 {
     // Memory.
     let guest_kib = o.mem_mib * 1024;
     let (mut rss, mut over, mut pss, mut counted) = (0u64, 0u64, 0u64, 0usize);
+    let mut private = 0u64;
     for &p in &fleet.pids {
         if let Some((t, ov, ps, _)) = smaps_rss(p, guest_kib) {
             rss += t;
             over += ov;
             pss += ps;
             counted += 1;
+            private += measure::smaps_private_kib(p).unwrap_or(0);
         }
     }
     let avail_after = host::meminfo_kib("MemAvailable").unwrap_or(0);
@@ -385,6 +462,10 @@ pub fn run(o: &Opts) -> i32 {
         mib(over as f64 / nn),
         mib((rss - over) as f64 / nn),
         mib(host_per_vm)
+    );
+    println!(
+        "  private memory per VM (Private_Clean + Private_Dirty of every mapping: VMM and the guest pages it wrote): {:.2} MiB",
+        mib(private as f64 / nn)
     );
     let load_after = host::loadavg();
     let stop = fleet.stop();
@@ -409,7 +490,10 @@ pub fn run(o: &Opts) -> i32 {
                 "vmm_overhead_rss": mib(over as f64 / nn),
                 "guest_ram_rss": mib((rss - over) as f64 / nn),
                 "host_memavailable_drop": mib(host_per_vm),
+                "private": mib(private as f64 / nn),
             },
+            "restore": o.restore,
+            "clones_running": clones_running,
             "limits": {"nofile": nofile, "pid_max": pid_max, "threads_max": threads_max, "pids_cgroup_max": cg_pids},
             "load_before": load_before,
             "load_after": load_after,
@@ -420,6 +504,76 @@ pub fn run(o: &Opts) -> i32 {
         }
     }
     0
+}
+
+/// flick's `snapshot loaded in N us` log line, in milliseconds.
+fn parse_restore_ms(log: &str) -> Option<f64> {
+    let rest = log.split("snapshot loaded in ").nth(1)?;
+    let us: f64 = rest.split_whitespace().next()?.parse().ok()?;
+    Some(us / 1e3)
+}
+
+/// Boots one counting test guest with the API, pauses it and snapshots it into `dir`; returns
+/// the state and memory files.
+fn make_snapshot(
+    flick: &str,
+    guest: &Path,
+    dir: &Path,
+    mem_mib: u64,
+) -> Result<(PathBuf, PathBuf), String> {
+    let cfg = dir.join("source.json");
+    let sock = dir.join("source.sock");
+    let out = dir.join("source.out");
+    std::fs::write(
+        &cfg,
+        json!({
+            "boot-source": {"kernel_image_path": guest,
+                            "boot_args": "tg.smp=0 tg.quiet=1 tg.count=1000000000 tg.delay_ms=50"},
+            "machine-config": {"vcpu_count": 1, "mem_size_mib": mem_mib},
+        })
+        .to_string(),
+    )
+    .map_err(|e| e.to_string())?;
+    let mut child = Command::new(flick)
+        .arg("--api-sock")
+        .arg(&sock)
+        .arg("--config-file")
+        .arg(&cfg)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out).map_err(|e| e.to_string())?)
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let result = (|| {
+        let t0 = Instant::now();
+        while !std::fs::read_to_string(&out).is_ok_and(|t| t.contains("count: 1\n")) {
+            if t0.elapsed() > Duration::from_secs(10) {
+                return Err("the source guest did not start counting within 10 s".to_string());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let call = |method, path, body: serde_json::Value| match flick_fixtures::http::request(
+            &sock,
+            method,
+            path,
+            Some(&body.to_string()),
+        ) {
+            Ok((204, _)) => Ok(()),
+            Ok((status, answer)) => Err(format!("{method} {path}: {status} {answer}")),
+            Err(e) => Err(format!("{method} {path}: {e}")),
+        };
+        call("PATCH", "/vm", json!({"state": "Paused"}))?;
+        let (state, mem) = (dir.join("clone.state"), dir.join("clone.mem"));
+        call(
+            "PUT",
+            "/snapshot/create",
+            json!({"snapshot_path": state, "mem_file_path": mem}),
+        )?;
+        Ok((state, mem))
+    })();
+    let _ = child.kill();
+    let _ = child.wait();
+    result
 }
 
 /// Starts one VM with `--api-sock` and checks that it comes up and answers `GET /`.
@@ -473,7 +627,12 @@ fn probe_api(flick: &str, guest: &Path, dir: &Path) -> Result<(), String> {
 /// Per VM: when its log first held the `Guest-boot-time` line, and the value logged. Woken by
 /// inotify on the log directory; every 100 ms (and on an event-queue overflow) it rescans the
 /// logs not yet seen up.
-fn watch(dir: &Path, n: usize, stop: &AtomicBool) -> (Vec<Option<Instant>>, Vec<Option<f64>>) {
+fn watch(
+    dir: &Path,
+    n: usize,
+    stop: &AtomicBool,
+    parse: fn(&str) -> Option<f64>,
+) -> (Vec<Option<Instant>>, Vec<Option<f64>>) {
     let mut ready: Vec<Option<Instant>> = vec![None; n];
     let mut boot: Vec<Option<f64>> = vec![None; n];
     let mut left = n;
@@ -490,7 +649,7 @@ fn watch(dir: &Path, n: usize, stop: &AtomicBool) -> (Vec<Option<Instant>>, Vec<
             return;
         }
         let text = std::fs::read_to_string(dir.join(format!("vm{i}.log"))).unwrap_or_default();
-        if let Some(b) = parse_boot_time_ms(&text) {
+        if let Some(b) = parse(&text) {
             ready[i] = Some(now);
             boot[i] = Some(b);
             *left -= 1;

@@ -21,7 +21,7 @@ Usage:
                         [--only a,b,...] [--with-linux] [--no-smaps] [--settle S] [--verbose]
                         [--out DIR] [--repo DIR]
                         [--flick PATH] [--guest-dir DIR] [--busybox PATH]
-  flick-bench launch-many N [--mem-mib M] [--api] [--flick PATH] [--guest PATH]
+  flick-bench launch-many N [--mem-mib M] [--api] [--restore] [--flick PATH] [--guest PATH]
                         [--dir DIR] [--keep] [--json FILE] [--timeout-s S]
   flick-bench variants        list the variant names
 
@@ -254,6 +254,7 @@ fn launch_many_main(argv: Vec<String>) -> i32 {
         keep: false,
         json: None,
         timeout: Duration::from_secs(0),
+        restore: false,
     };
     let mut timeout = None;
     while let Some(a) = args.next() {
@@ -264,6 +265,7 @@ fn launch_many_main(argv: Vec<String>) -> i32 {
             "--guest" => o.guest = PathBuf::from(value(&mut args, &a)),
             "--dir" => o.dir = Some(PathBuf::from(value(&mut args, &a))),
             "--keep" => o.keep = true,
+            "--restore" => o.restore = true,
             "--json" => o.json = Some(PathBuf::from(value(&mut args, &a))),
             "--timeout-s" => timeout = Some(number(&mut args, &a) as u64),
             "-h" | "--help" => {

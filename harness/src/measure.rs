@@ -131,6 +131,20 @@ pub fn smaps_rss(pid: i32, exclude_size_kib: u64) -> Option<(u64, u64, u64, usiz
     Some((total, overhead, pss, maps))
 }
 
+/// Private_Clean + Private_Dirty over all mappings of `pid` (memory no other process shares).
+pub fn smaps_private_kib(pid: i32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    Some(
+        text.lines()
+            .filter_map(|l| {
+                l.strip_prefix("Private_Clean:")
+                    .or_else(|| l.strip_prefix("Private_Dirty:"))
+            })
+            .map(kib)
+            .sum(),
+    )
+}
+
 fn kib(field: &str) -> u64 {
     field
         .split_whitespace()
