@@ -5,12 +5,11 @@
 #   scripts/launch-many.sh N [--mem-mib 32] [--api] [--restore] [--json FILE] [--timeout-s S]
 #                            [--flick PATH]
 #
-# With --restore (clones): one test guest that counts on its console is booted, paused and
-# snapshotted, then the N VMs are restored from that one snapshot (`--restore-snapshot
-# --restore-mem --resume`; every clone maps the same memory file MAP_PRIVATE, so unwritten guest
-# pages stay shared in the page cache). A clone is up when its log has `snapshot loaded`, and
-# each must then print on its console (its guest runs); the private memory per clone
-# (Private_Clean + Private_Dirty) is reported too.
+# With --restore (clones): one halted test guest is booted, paused and snapshotted, then the N
+# VMs are restored from that one snapshot (`--restore-snapshot --restore-mem --resume`; every
+# clone maps the same memory file MAP_PRIVATE, so unwritten guest pages stay shared in the page
+# cache). A clone is up when its log has `snapshot loaded` (restored, vCPUs resumed); the private
+# memory per clone (Private_Clean + Private_Dirty) is reported too.
 #
 # Each VM runs the test guest in halt mode (`tg.exit=halt tg.smp=0 tg.quiet=1`, so it stays
 # up) with its own config, log file (--log-path) and, with --api (when this flick serves its
