@@ -170,7 +170,9 @@ firectl_case() {
 	shift 5
 	local sock=$work/$name.sock
 	rm -f "$sock"
-	"$firectl" --firecracker-binary="$bin" -s "$sock" "$@" \
+	# In its own session, so that the VMM it starts (which outlives a firectl that gives up
+	# after a failed Start) can be ended with it, by process group.
+	setsid "$firectl" --firecracker-binary="$bin" -s "$sock" "$@" \
 		</dev/null >"$work/$name.out" 2>&1 &
 	local pid=$! state= i
 	for ((i = 0; i < 60; i++)); do
@@ -192,13 +194,12 @@ firectl_case() {
 		[[ -n $last ]] || last=$(tail -n 2 "$work/$name.out" | tr '\n' ' ')
 		echo "FAIL firectl/$name: VMM not Running (state '${state}'): ${last:0:400}" >>"$out"
 	fi
-	# firectl's VMM child (by pid), in case firectl does not stop it.
-	local kids
-	kids=$(pgrep -P $pid 2>/dev/null)
 	kill -TERM $pid 2>/dev/null
 	for ((i = 0; i < 20; i++)); do kill -0 $pid 2>/dev/null || break; sleep 0.25; done
-	kill -KILL $pid $kids 2>/dev/null
+	kill -KILL $pid 2>/dev/null
 	wait $pid 2>/dev/null
+	# The VMM, if firectl left it running: firectl's process group (its pid, from setsid).
+	kill -KILL -- -$pid 2>/dev/null
 	return 0
 }
 ok() { :; }
