@@ -20,6 +20,8 @@
 //	mmds     a NIC with AllowMMDS; Set/Get/UpdateMetadata
 //	vsock    a vsock device; its unix socket
 //	balloon  the SDK's balloon handler; Update/Get balloon and statistics
+//	default-builder  the SDK's own command builder: "firecracker" found on PATH
+//	         (a symlink to -bin), run as <bin> --api-sock S --id <uuid> --no-seccomp
 //	stop     StopVMM
 package main
 
@@ -42,7 +44,9 @@ import (
 	firecracker "github.com/firecracker-microvm/firecracker-go-sdk"
 	models "github.com/firecracker-microvm/firecracker-go-sdk/client/models"
 	ops "github.com/firecracker-microvm/firecracker-go-sdk/client/operations"
+	"github.com/google/uuid"
 	"github.com/sirupsen/logrus"
+	"golang.org/x/sys/unix"
 )
 
 var (
@@ -149,7 +153,8 @@ func baseConfig(name, rootfs string) firecracker.Config {
 			MemSizeMib: firecracker.Int64(*memMiB),
 			Smt:        firecracker.Bool(false),
 		},
-		VMID: name,
+		// What the SDK generates when VMID is empty; flick must take it as --id.
+		VMID: uuid.New().String(),
 	}
 }
 
@@ -289,6 +294,9 @@ func main() {
 	}
 	if want("balloon") {
 		balloon(ctx, rootfs)
+	}
+	if want("default-builder") {
+		defaultBuilder(ctx, rootfs)
 	}
 	if want("stop") {
 		stopVMM(ctx, rootfs)
@@ -558,6 +566,62 @@ func derefs(p *string) interface{} {
 		return nil
 	}
 	return *p
+}
+
+// defaultBuilder starts a machine without WithProcessRunner, so the SDK runs
+// "firecracker" from PATH with its default arguments; the VMM's output, which
+// that builder sends to this program's stdout, goes to a file instead.
+func defaultBuilder(ctx context.Context, rootfs string) {
+	dir := filepath.Join(*workDir, "path")
+	os.RemoveAll(dir)
+	bin, err := filepath.Abs(*binPath)
+	if err == nil {
+		err = os.MkdirAll(dir, 0o755)
+	}
+	if err == nil {
+		err = os.Symlink(bin, filepath.Join(dir, "firecracker"))
+	}
+	if err == nil {
+		err = os.Setenv("PATH", dir+":"+os.Getenv("PATH"))
+	}
+	if !check("default-builder/firecracker-on-path", err) {
+		return
+	}
+	cfg := baseConfig("default-builder", rootfs)
+	cfg.VMID = ""
+	m, err := firecracker.NewMachine(ctx, cfg, firecracker.WithLogger(logger("default-builder")))
+	if !check("default-builder/new-machine", err) {
+		return
+	}
+	defer stop(m)
+	out, err := os.Create(filepath.Join(*workDir, "default-builder.vmm.out"))
+	if err != nil {
+		fail("default-builder/start", err)
+		return
+	}
+	defer out.Close()
+	// The child inherits fd 1 at Start: point it at the file for that call.
+	saved, err := unix.Dup(1)
+	if err == nil {
+		err = unix.Dup2(int(out.Fd()), 1)
+	}
+	if err != nil {
+		fail("default-builder/start", err)
+		return
+	}
+	err = m.Start(ctx)
+	_ = unix.Dup2(saved, 1)
+	unix.Close(saved)
+	if !check("default-builder/start", err) {
+		return
+	}
+	if info, err := m.DescribeInstanceInfo(ctx); err != nil {
+		fail("default-builder/instance-id", err)
+	} else if info.ID == nil || *info.ID != m.Cfg.VMID {
+		fail("default-builder/instance-id", fmt.Errorf("id %v, want the SDK's VMID %s", derefs(info.ID), m.Cfg.VMID))
+	} else {
+		pass("default-builder/instance-id")
+	}
 }
 
 func stopVMM(ctx context.Context, rootfs string) {
