@@ -478,6 +478,8 @@ fn fds_to_release() -> Vec<libc::c_int> {
 struct Reaper {
     release: Vec<libc::c_int>,
     pipe: [libc::c_int; 2],
+    /// Its write end is closed by the child once the fds in `release` are closed.
+    released: [libc::c_int; 2],
     /// The child's own seccomp filter (the program it points at is leaked with the `Reaper`).
     filter: Option<libc::sock_fprog>,
 }
@@ -503,6 +505,8 @@ extern "C" fn reap(arg: *mut libc::c_void) -> libc::c_int {
         for &fd in &reaper.release {
             libc::close(fd);
         }
+        libc::close(reaper.released[0]);
+        libc::close(reaper.released[1]);
         libc::read(reaper.pipe[0], (&mut byte as *mut u8).cast(), 1);
         libc::_exit(0)
     }
@@ -513,26 +517,39 @@ extern "C" fn reap(arg: *mut libc::c_void) -> libc::c_int {
 /// waits for a grace period: together ~20 ms on a nested host) happens after our exit status is
 /// delivered rather than before. The child shares our address space (`CLONE_VM`), so our exit
 /// does not tear it down, and keeps only anonymous kernel objects such as the KVM fds (so TAPs,
-/// drive locks, sockets and our standard streams are released with us). It waits for a pipe to
-/// close (it closes when this process is gone), then exits, releasing everything.
+/// drive locks, sockets and our standard streams are released with us: this process waits until
+/// the child has closed its copies, so a drive's lock or a TAP is free for the next VM once our
+/// exit status is delivered). It waits for a pipe to close (it closes when this process is gone),
+/// then exits, releasing everything.
 fn defer_teardown(filter: Option<&Filter>) {
     const STACK_BYTES: usize = 64 * 1024;
     let mut pipe = [0 as libc::c_int; 2];
-    // SAFETY: pipe writes two fds into the array we own.
-    if unsafe { libc::pipe(pipe.as_mut_ptr()) } != 0 {
-        return;
+    // Closed by the child once it has released its copies of our fds.
+    let mut released = [0 as libc::c_int; 2];
+    // SAFETY: pipe writes two fds into each array we own; on failure of the second, the first
+    // pair is closed again.
+    unsafe {
+        if libc::pipe(pipe.as_mut_ptr()) != 0 {
+            return;
+        }
+        if libc::pipe(released.as_mut_ptr()) != 0 {
+            libc::close(pipe[0]);
+            libc::close(pipe[1]);
+            return;
+        }
     }
-    // Listed after the pipe exists, so a number freed by the listing itself is not mistaken
-    // for the pipe's.
+    // Listed after the pipes exist, so a number freed by the listing itself is not mistaken
+    // for theirs.
     let release = fds_to_release()
         .into_iter()
-        .filter(|fd| !pipe.contains(fd))
+        .filter(|fd| !pipe.contains(fd) && !released.contains(fd))
         .collect();
     // The program must outlive the child: leak a handle on it along with the rest.
     let filter = filter.map(|f| Box::leak(Box::new(f.clone())).as_fprog());
     let reaper: &'static Reaper = Box::leak(Box::new(Reaper {
         release,
         pipe,
+        released,
         filter,
     }));
     let stack: &'static mut [u8] = Box::leak(vec![0u8; STACK_BYTES].into_boxed_slice());
@@ -549,11 +566,19 @@ fn defer_teardown(filter: Option<&Filter>) {
         )
     };
     // SAFETY: closing the read end (the child has its own copy of the fd table); on failure
-    // also the write end.
+    // also the write end. Then waiting (a read into a local) until the child has closed its
+    // copy of `released`'s write end, after its copies of the released fds, or has died.
     unsafe {
         libc::close(pipe[0]);
+        libc::close(released[1]);
         if pid < 0 {
             libc::close(pipe[1]);
+        } else {
+            let mut byte = 0u8;
+            while libc::read(released[0], (&mut byte as *mut u8).cast(), 1) < 0
+                && *libc::__errno_location() == libc::EINTR
+            {}
         }
+        libc::close(released[0]);
     }
 }

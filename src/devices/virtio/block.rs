@@ -216,19 +216,7 @@ impl Backing {
         if unsafe { libc::flock(file.as_raw_fd(), mode | libc::LOCK_NB) } != 0 {
             return Err(BlockError::Locked(path.into()));
         }
-        let mut probe = &file;
-        let size = probe
-            .seek(SeekFrom::End(0))
-            .map_err(|e| BlockError::Open(path.into(), e))?;
-        let capacity_sectors = size / SECTOR_SIZE;
-        if capacity_sectors == 0 {
-            return Err(BlockError::Empty(path.into()));
-        }
-        if !size.is_multiple_of(SECTOR_SIZE) {
-            tracing::warn!(
-                "{path}: size is not a multiple of 512; the last partial sector is ignored"
-            );
-        }
+        let capacity_sectors = capacity(&file, path)?;
         Ok(Backing {
             file,
             path: path.into(),
@@ -351,6 +339,31 @@ impl std::fmt::Debug for Block {
 }
 
 /// Config space: capacity in sectors (le64) only.
+/// The size of `file` in whole sectors; an empty file is refused.
+fn capacity(file: &File, path: &str) -> Result<u64, BlockError> {
+    let mut probe = file;
+    let size = probe
+        .seek(SeekFrom::End(0))
+        .map_err(|e| BlockError::Open(path.into(), e))?;
+    let capacity_sectors = size / SECTOR_SIZE;
+    if capacity_sectors == 0 {
+        return Err(BlockError::Empty(path.into()));
+    }
+    if !size.is_multiple_of(SECTOR_SIZE) {
+        tracing::warn!("{path}: size is not a multiple of 512; the last partial sector is ignored");
+    }
+    Ok(capacity_sectors)
+}
+
+/// Whether `path` names the file `file` has open (same device and inode).
+fn is_same_file(file: &File, path: &str) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(path), file.metadata()) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
 fn config_bytes(backing: &Backing) -> Vec<u8> {
     backing.capacity_sectors.to_le_bytes().to_vec()
 }
@@ -378,10 +391,17 @@ impl Block {
     }
 
     /// Replaces the backing file (PATCH /drives); the new file keeps the drive's read-only mode.
+    /// A path naming the file the drive already has open (Firecracker's Go SDK sends
+    /// `path_on_host` with every drive update, rate-limiter changes included) keeps that open,
+    /// locked file and re-reads its size: opening it again would find it locked by this drive.
     fn swap_backing(&mut self, path: &str) -> Result<(), DeviceError> {
-        let backing = Backing::open(path, self.backing.read_only)?;
-        self.config_space.replace(config_bytes(&backing));
-        self.backing = backing;
+        if is_same_file(&self.backing.file, path) {
+            self.backing.capacity_sectors = capacity(&self.backing.file, path)?;
+            self.backing.path = path.to_string();
+        } else {
+            self.backing = Backing::open(path, self.backing.read_only)?;
+        }
+        self.config_space.replace(config_bytes(&self.backing));
         self.saved.path = path.to_string();
         Ok(())
     }
@@ -958,6 +978,25 @@ mod tests {
         std::fs::write(&path, b"").unwrap();
         let err = Backing::open(path.to_str().unwrap(), false).unwrap_err();
         assert!(matches!(err, BlockError::Empty(_)));
+    }
+
+    #[test]
+    fn patch_naming_the_drive_own_writable_file_keeps_it_and_rereads_its_size() {
+        let (mut blk, _mem, path) = setup(4, false);
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        file.set_len(6 * SECTOR_SIZE).unwrap();
+        let update = DeviceUpdate::Drive(crate::control::DriveUpdate {
+            drive_id: "disk_0".into(),
+            path_on_host: Some(path.to_str().unwrap().into()),
+            rate_limiter: None,
+        });
+        assert!(blk.update(&update).unwrap(), "the guest must be told");
+        let mut data = [0u8; 8];
+        blk.config_space().read(0, &mut data);
+        assert_eq!(u64::from_le_bytes(data), 6);
+        // The drive still holds its exclusive lock.
+        let err = Backing::open(path.to_str().unwrap(), false).unwrap_err();
+        assert!(matches!(err, BlockError::Locked(_)), "{err}");
     }
 
     #[test]
