@@ -756,6 +756,23 @@ fn metrics_file_gets_firecracker_schema_lines_at_boot_and_on_flush() {
         fails >= 1,
         "the refused FlushMetrics is a failed action: {lines:?}"
     );
+
+    // Operation latencies, once there was one to measure.
+    assert!(lines[2]["latencies_us"].get("vmm_pause_vm").is_none());
+    let (status, answer) = flick.curl_call("PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
+    assert_eq!(status, 204, "{answer}");
+    let (status, answer) = flick.curl_call(
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "FlushMetrics"}"#),
+    );
+    assert_eq!(status, 204, "{answer}");
+    let lines = metrics_lines(&metrics);
+    assert!(
+        lines[3]["latencies_us"]["vmm_pause_vm"].is_u64(),
+        "{}",
+        lines[3]
+    );
 }
 
 #[test]

@@ -94,6 +94,8 @@ pub struct Vmm {
     metrics_previous: metrics::FcPrevious,
     /// Console output bytes dropped by the serial rate limiter.
     serial_dropped: Arc<std::sync::atomic::AtomicU64>,
+    /// How long the last pause, resume, snapshot creation and load took.
+    latencies: metrics::Latencies,
 }
 
 impl std::fmt::Debug for Vmm {
@@ -135,6 +137,7 @@ impl Vmm {
             metrics_lines_lost: 0,
             metrics_previous: metrics::FcPrevious::new(),
             serial_dropped: Arc::default(),
+            latencies: metrics::Latencies::default(),
         }
     }
 
@@ -282,23 +285,33 @@ impl Vmm {
                 Ok(Reply::Empty)
             }
             Action::Pause => {
+                let started = Instant::now();
                 self.set_vcpus_running(VmState::Paused)?;
+                self.latencies.record(metrics::Latency::Pause, started);
                 Ok(Reply::Empty)
             }
             Action::Resume => {
+                let started = Instant::now();
                 self.set_vcpus_running(VmState::Running)?;
+                self.latencies.record(metrics::Latency::Resume, started);
                 Ok(Reply::Empty)
             }
             Action::CreateSnapshot(params) => {
+                let started = Instant::now();
                 let vm = self.running()?;
                 snapshot::create(vm, &self.config, &params)?;
+                self.latencies
+                    .record(metrics::Latency::CreateSnapshot, started);
                 Ok(Reply::Empty)
             }
             Action::LoadSnapshot(params) => {
                 if self.config.boot_source.is_some() || !self.config.drives.is_empty() {
                     return Err(VmmError::LoadIntoConfigured);
                 }
+                let started = Instant::now();
                 self.load_snapshot(&params)?;
+                self.latencies
+                    .record(metrics::Latency::LoadSnapshot, started);
                 Ok(Reply::Empty)
             }
             Action::FlushMetrics => {
@@ -484,6 +497,7 @@ impl Vmm {
         if let Some((wall_us, cpu_us)) = self.options.startup_time {
             samples.extend(metrics::startup_time(wall_us, cpu_us));
         }
+        self.latencies.samples(&mut samples);
         samples.push(metrics::serial_rate_limited(
             self.serial_dropped
                 .load(std::sync::atomic::Ordering::Relaxed),
