@@ -241,7 +241,7 @@ pub fn load(
     let mut phases = Phases::new();
     let mem = map_memory(&mem_file, mem_path, &snap.ram)?;
     phases.mark("map memory file");
-    let vm = builder::create_vm(&mem, snap.machine.vcpu_count, &mut phases)?;
+    let (vm, vcpu_fds) = builder::create_vm(&mem, snap.machine.vcpu_count, &mut phases)?;
     Current::restore_vm(vm.fd(), &snap.vm).map_err(SnapshotOpError::Restore)?;
 
     let mut mmio = Bus::new();
@@ -265,8 +265,7 @@ pub fn load(
     phases.mark("devices");
 
     let mut configured = Vec::with_capacity(vcpu_count);
-    for (index, state) in (0u8..).zip(&snap.vcpus) {
-        let fd = vm.create_vcpu(index).map_err(BuildError::from)?;
+    for (state, fd) in snap.vcpus.iter().zip(vcpu_fds) {
         let config = Current::restore_vcpu(&fd, state).map_err(SnapshotOpError::Restore)?;
         configured.push((fd, config));
     }
