@@ -10,7 +10,9 @@
 #   scripts/test.sh            everything
 #   scripts/test.sh -- ARGS    extra arguments for `cargo test` (e.g. a test name filter)
 #
-# Then the hardware-virtualization lane (scripts/nested-lane.sh, docs/nested-lane.md): the
+# Then the two QEMU lanes, each the same way: the aarch64 lane after the nested one
+# (scripts/aarch64-lane.sh, docs/aarch64.md; FLICK_AARCH64_LANE=0 skips it outside CI), and the
+# hardware-virtualization lane (scripts/nested-lane.sh, docs/nested-lane.md): the
 # integration tests again, inside an L1 Linux under QEMU TCG on KVM-AMD. In CI it always runs and
 # any problem, setting it up included, fails the run. Elsewhere FLICK_NESTED_LANE=0 skips it, and
 # so does a host where it cannot be set up; a skip is announced and counted in the last line.
@@ -130,8 +132,40 @@ if [[ -n "$lane_skipped" ]]; then
     echo "==================================================================" >&2
 fi
 
+echo "== aarch64 lane: flick on arm64 KVM inside QEMU TCG with EL2 (scripts/aarch64-lane.sh)" >&2
+arm_lane_skipped=
+if [[ -z "${CI:-}" && "${FLICK_AARCH64_LANE:-1}" == 0 ]]; then
+    arm_lane_skipped="FLICK_AARCH64_LANE=0"
+elif ((${#shift_args[@]})) && [[ -z "${CI:-}" ]]; then
+    arm_lane_skipped="cargo test arguments given; run scripts/aarch64-lane.sh yourself"
+else
+    arm_lane_rc=0
+    scripts/aarch64-lane.sh || arm_lane_rc=$?
+    case $arm_lane_rc in
+        0) ;;
+        3)
+            if [[ -n "${CI:-}" ]]; then
+                echo "test.sh: the aarch64 lane could not be set up; CI requires it" >&2
+                status=1
+            else
+                arm_lane_skipped="it could not be set up on this host (see above)"
+            fi
+            ;;
+        *)
+            echo "test.sh: aarch64 lane FAILED" >&2
+            status=1
+            ;;
+    esac
+fi
+if [[ -n "$arm_lane_skipped" ]]; then
+    echo "==================================================================" >&2
+    echo "== SKIPPED: aarch64 lane (arm64 KVM under QEMU TCG): $arm_lane_skipped" >&2
+    echo "==================================================================" >&2
+fi
+
 skipped=$(grep -ho '\[SKIP\] .*' "$log_dir/flick.log" "$log_dir/harness.log" || true)
-for extra in "$aarch64_skipped" "${lane_skipped:+[SKIP] nested lane: $lane_skipped}"; do
+for extra in "$aarch64_skipped" "${lane_skipped:+[SKIP] nested lane: $lane_skipped}" \
+    "${arm_lane_skipped:+[SKIP] aarch64 lane: $arm_lane_skipped}"; do
     if [[ -n "$extra" ]]; then
         skipped=$(printf '%s\n%s' "$extra" "$skipped" | sed '/^$/d')
     fi
