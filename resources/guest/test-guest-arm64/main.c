@@ -21,8 +21,27 @@ typedef unsigned long size_t;
 #define PSCI_SYSTEM_RESET 0x84000009UL
 
 #define MAX_CPUS 8
+#define MAX_VIRTIO 8
 
 extern char secondary_entry[];
+
+/* The compiler may call these for structure initialisation and copies. */
+void *memset(void *dst, int c, size_t n)
+{
+	u8 *d = dst;
+	while (n--)
+		*d++ = (u8)c;
+	return dst;
+}
+
+void *memcpy(void *dst, const void *src, size_t n)
+{
+	u8 *d = dst;
+	const u8 *s = src;
+	while (n--)
+		*d++ = *s++;
+	return dst;
+}
 
 static inline void mmio_write8(u64 addr, u8 v)
 {
@@ -143,6 +162,9 @@ struct bootinfo {
 	u64 mem_start, mem_size;
 	u32 ncpus;
 	u64 mpidr[MAX_CPUS];
+	u32 nvirtio;
+	u64 virtio_base[MAX_VIRTIO];
+	u32 virtio_spi[MAX_VIRTIO];
 };
 
 static void fdt_parse(const u8 *fdt, struct bootinfo *bi)
@@ -182,6 +204,12 @@ static void fdt_parse(const u8 *fdt, struct bootinfo *bi)
 				   len >= 16) {
 				bi->mem_start = be64(val);
 				bi->mem_size = be64(val + 8);
+			} else if (depth == 2 && prefix(path[1], "virtio_mmio@") &&
+				   bi->nvirtio < MAX_VIRTIO && streq(pname, "reg") && len >= 16) {
+				bi->virtio_base[bi->nvirtio++] = be64(val);
+			} else if (depth == 2 && prefix(path[1], "virtio_mmio@") && bi->nvirtio > 0 &&
+				   streq(pname, "interrupts") && len >= 12) {
+				bi->virtio_spi[bi->nvirtio - 1] = be32(val + 4);
 			} else if (depth == 3 && streq(path[1], "cpus") && streq(pname, "reg") &&
 				   bi->ncpus > 0) {
 				bi->mpidr[bi->ncpus - 1] = len >= 8 ? be64(val) : be32(val);
@@ -199,7 +227,7 @@ static void fdt_parse(const u8 *fdt, struct bootinfo *bi)
 enum exit_mode { EXIT_REBOOT, EXIT_HALT, EXIT_POWEROFF };
 
 struct opts {
-	int timer, smp, quiet;
+	int timer, smp, quiet, virtio;
 	u64 count, smp_timeout_ms;
 	enum exit_mode exit;
 };
@@ -223,6 +251,7 @@ static void opts_parse(const char *s, u32 len, struct opts *o)
 	o->timer = 1;
 	o->smp = 1;
 	o->quiet = 0;
+	o->virtio = 0;
 	o->count = 0;
 	o->smp_timeout_ms = 1000;
 	o->exit = EXIT_REBOOT;
@@ -245,6 +274,8 @@ static void opts_parse(const char *s, u32 len, struct opts *o)
 			o->timer = parse_num(val, vlen) != 0;
 		else if (key_is(tok, k, "tg.smp"))
 			o->smp = parse_num(val, vlen) != 0;
+		else if (key_is(tok, k, "tg.virtio"))
+			o->virtio = parse_num(val, vlen) != 0;
 		else if (key_is(tok, k, "tg.quiet"))
 			o->quiet = parse_num(val, vlen) != 0;
 		else if (key_is(tok, k, "tg.count"))
@@ -328,6 +359,34 @@ static void smp_boot(const struct bootinfo *bi, const struct opts *o)
 	puts("\n");
 }
 
+/* ---- virtio-mmio: list the devices the device tree names, read their identity ---- */
+
+static inline u32 mmio_read32(u64 addr)
+{
+	return *(volatile u32 *)addr;
+}
+
+static void virtio_list(const struct bootinfo *bi)
+{
+	puts("virtio: ");
+	put_u64(bi->nvirtio, 10);
+	puts(" devices\n");
+	for (u32 i = 0; i < bi->nvirtio; i++) {
+		u64 base = bi->virtio_base[i];
+		u32 magic = mmio_read32(base);
+		puts("virtio: base=");
+		put_hex(base);
+		puts(" spi=");
+		put_u64(bi->virtio_spi[i], 10);
+		puts(magic == 0x74726976 ? " magic=ok" : " magic=bad");
+		puts(" version=");
+		put_u64(mmio_read32(base + 4), 10);
+		puts(" device=");
+		put_u64(mmio_read32(base + 8), 10);
+		puts("\n");
+	}
+}
+
 /* ---- main ---- */
 
 static struct bootinfo bi;
@@ -387,6 +446,8 @@ void tg_main(const u8 *fdt)
 		puts("\n");
 	}
 	smp_boot(&bi, &opts);
+	if (opts.virtio)
+		virtio_list(&bi);
 	for (u64 i = 1; i <= opts.count; i++) {
 		puts("count: ");
 		put_u64(i, 10);
