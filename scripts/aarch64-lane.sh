@@ -172,6 +172,16 @@ done
 cp "$LANE_SRC/init" "$root/init"
 aarch64-linux-gnu-strip -o "$root/flick" "$FLICK"
 cp "$GUEST_OUT/testguest-arm64.bin" "$root/testguest-arm64.bin"
+# The Linux guest: the same Debian Image, and a busybox initramfs of its own.
+guest_root=$WORK/linux-guest
+mkdir -p "$guest_root"/{bin,proc,sys,dev} "$root/linux"
+cp "$BUSYBOX" "$guest_root/bin/busybox"
+for applet in sh mount cat grep devmem reboot; do
+	ln -s busybox "$guest_root/bin/$applet"
+done
+cp "$LANE_SRC/guest-init" "$guest_root/init"
+(cd "$guest_root" && find . | cpio -o -H newc --quiet) >"$root/linux/initramfs.cpio"
+cp "$KERNEL" "$root/linux/Image"
 (cd "$root" && find . | cpio -o -H newc --quiet) >"$WORK/initramfs.cpio"
 say "initramfs: $(($(stat -c %s "$WORK/initramfs.cpio") / 1024)) KiB"
 
