@@ -109,9 +109,41 @@ download_arm64() {
 	(cd "$dir" && timeout "$SETUP_TIMEOUT" apt-get download -q "$L1_PACKAGE:arm64" busybox-static:arm64 >&2)
 }
 
+# Modules the Linux guest loads from its initramfs (Debian builds them as modules), with their
+# dependencies, read from each .ko's modinfo `depends=`.
+GUEST_MODULES=(virtio_mmio virtio_blk)
+declare -A KO_FILE=() KO_ADDED=()
+KO_ORDER=()
+add_module() {
+	local name=${1//-/_} file dep
+	[[ -n ${KO_ADDED[$name]:-} ]] && return 0
+	file=${KO_FILE[$name]:-}
+	[[ -n $file ]] || { echo "no module $name in the kernel package" >&2; return 1; }
+	KO_ADDED[$name]=1
+	for dep in $(tr '\0' '\n' <"$file" | sed -n 's/^depends=//p' | head -n1 | tr ',' ' '); do
+		add_module "$dep" || return 1
+	done
+	KO_ORDER+=("$file")
+}
+collect_modules() {
+	local tree=$1 out=$2 f m
+	while IFS= read -r f; do
+		m=$(basename "$f" .ko)
+		KO_FILE[${m//-/_}]=$f
+	done < <(find "$tree" -name '*.ko')
+	for m in "${GUEST_MODULES[@]}"; do add_module "$m" || return 1; done
+	mkdir -p "$out"
+	: >"$out/order"
+	for f in "${KO_ORDER[@]}"; do
+		cp "$f" "$out/"
+		basename "$f" >>"$out/order"
+	done
+}
+
 KERNEL=$CACHE/Image
 BUSYBOX=$CACHE/busybox
-if [[ ! -s $KERNEL || ! -x $BUSYBOX ]]; then
+MODULES=$CACHE/modules-$(sha256sum <<<"${GUEST_MODULES[*]}" | cut -c1-8)
+if [[ ! -s $KERNEL || ! -x $BUSYBOX || ! -s $MODULES/order ]]; then
 	say "downloading the arm64 kernel and busybox packages (apt-get download, arm64 added to dpkg for it)"
 	tmp=$(mktemp -d)
 	chmod 755 "$tmp" # apt-get download fetches as the _apt user
@@ -128,6 +160,8 @@ if [[ ! -s $KERNEL || ! -x $BUSYBOX ]]; then
 	mv "$KERNEL.tmp" "$KERNEL"
 	basename "$vmlinuz" >"$CACHE/kernel-version"
 	cp "$tmp/x/bin/busybox" "$BUSYBOX"
+	rm -rf "$MODULES"
+	collect_modules "$tmp/x/lib/modules" "$MODULES" || { rm -rf "$tmp" "$MODULES"; setup_fail "cannot collect the guest's modules"; }
 	rm -rf "$tmp"
 	# Drop the arm64 package lists again.
 	timeout "$SETUP_TIMEOUT" apt-get update -q -o DPkg::Lock::Timeout=300 >&2 || true
@@ -166,19 +200,22 @@ trap cleanup EXIT
 root=$WORK/root
 mkdir -p "$root"/{bin,proc,sys,dev,tmp}
 cp "$BUSYBOX" "$root/bin/busybox"
-for applet in sh mount cat cut sleep grep sed awk timeout dd poweroff dmesg head tail sync; do
+for applet in sh mount cat cut sleep grep sed awk timeout dd poweroff dmesg head tail sync rm kill printf; do
 	ln -s busybox "$root/bin/$applet"
 done
 cp "$LANE_SRC/init" "$root/init"
 aarch64-linux-gnu-strip -o "$root/flick" "$FLICK"
+aarch64-linux-gnu-gcc -static -O2 -Wall -o "$root/api-client" "$LANE_SRC/api-client.c" ||
+	setup_fail "cannot build the API client"
 cp "$GUEST_OUT/testguest-arm64.bin" "$root/testguest-arm64.bin"
 # The Linux guest: the same Debian Image, and a busybox initramfs of its own.
 guest_root=$WORK/linux-guest
 mkdir -p "$guest_root"/{bin,proc,sys,dev} "$root/linux"
 cp "$BUSYBOX" "$guest_root/bin/busybox"
-for applet in sh mount cat grep devmem reboot; do
+for applet in sh mount cat grep devmem reboot insmod head dd sync; do
 	ln -s busybox "$guest_root/bin/$applet"
 done
+cp -r "$MODULES" "$guest_root/modules"
 cp "$LANE_SRC/guest-init" "$guest_root/init"
 (cd "$guest_root" && find . | cpio -o -H newc --quiet) >"$root/linux/initramfs.cpio"
 cp "$KERNEL" "$root/linux/Image"
