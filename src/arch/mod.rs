@@ -185,6 +185,10 @@ pub trait Arch {
     /// Whether the guest learns of virtio-mmio devices from `virtio_mmio.device=` entries on its
     /// command line (x86) rather than from boot structures the architecture writes.
     const DEVICES_ON_CMDLINE: bool = true;
+    /// Whether a snapshot's VM-wide state is restored after its vCPUs (aarch64: the GIC finds
+    /// per-vCPU state by the MPIDR that initialising a vCPU sets) rather than right after the
+    /// VM is created (x86: before devices can raise interrupts).
+    const RESTORE_VM_AFTER_VCPUS: bool = false;
 
     /// Guest RAM ranges `(start, size)` for `mem_bytes` of memory.
     fn ram_ranges(mem_bytes: u64) -> Vec<(u64, u64)>;

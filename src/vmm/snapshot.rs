@@ -245,7 +245,9 @@ pub fn load(
     let mem = map_memory(&mem_file, mem_path, &snap.ram)?;
     phases.mark("map memory file");
     let (vm, vcpu_fds) = builder::create_vm(&mem, snap.machine.vcpu_count, &mut phases)?;
-    Current::restore_vm(vm.fd(), &snap.vm).map_err(SnapshotOpError::Restore)?;
+    if !Current::RESTORE_VM_AFTER_VCPUS {
+        Current::restore_vm(vm.fd(), &snap.vm).map_err(SnapshotOpError::Restore)?;
+    }
 
     let mut mmio = Bus::new();
     let devices = Registry::attach(&vm, &mem, &mut mmio, opened).map_err(BuildError::from)?;
@@ -271,6 +273,9 @@ pub fn load(
     for (state, fd) in snap.vcpus.iter().zip(vcpu_fds) {
         let config = Current::restore_vcpu(&fd, state).map_err(SnapshotOpError::Restore)?;
         configured.push((fd, config));
+    }
+    if Current::RESTORE_VM_AFTER_VCPUS {
+        Current::restore_vm(vm.fd(), &snap.vm).map_err(SnapshotOpError::Restore)?;
     }
     phases.mark("restore vCPUs");
     let vcpus = builder::start_vcpus(

@@ -228,7 +228,7 @@ enum exit_mode { EXIT_REBOOT, EXIT_HALT, EXIT_POWEROFF };
 
 struct opts {
 	int timer, smp, quiet, virtio;
-	u64 count, smp_timeout_ms;
+	u64 count, smp_timeout_ms, delay_ms;
 	enum exit_mode exit;
 };
 
@@ -253,6 +253,7 @@ static void opts_parse(const char *s, u32 len, struct opts *o)
 	o->quiet = 0;
 	o->virtio = 0;
 	o->count = 0;
+	o->delay_ms = 0;
 	o->smp_timeout_ms = 1000;
 	o->exit = EXIT_REBOOT;
 	u32 i = 0;
@@ -280,6 +281,8 @@ static void opts_parse(const char *s, u32 len, struct opts *o)
 			o->quiet = parse_num(val, vlen) != 0;
 		else if (key_is(tok, k, "tg.count"))
 			o->count = parse_num(val, vlen);
+		else if (key_is(tok, k, "tg.delay_ms"))
+			o->delay_ms = parse_num(val, vlen);
 		else if (key_is(tok, k, "tg.smp_timeout_ms"))
 			o->smp_timeout_ms = parse_num(val, vlen);
 		else if (key_is(tok, k, "tg.exit") && vlen == 4 && prefix(val, "halt"))
@@ -449,6 +452,11 @@ void tg_main(const u8 *fdt)
 	if (opts.virtio)
 		virtio_list(&bi);
 	for (u64 i = 1; i <= opts.count; i++) {
+		if (i > 1 && opts.delay_ms) {
+			u64 until = counter() + counter_hz() / 1000 * opts.delay_ms;
+			while (counter() < until)
+				;
+		}
 		puts("count: ");
 		put_u64(i, 10);
 		puts("\n");

@@ -7,6 +7,9 @@ use kvm_bindings::{
     KVM_DEV_ARM_VGIC_CTRL_INIT, KVM_DEV_ARM_VGIC_GRP_ADDR, KVM_DEV_ARM_VGIC_GRP_CTRL,
     KVM_DEV_ARM_VGIC_GRP_NR_IRQS, KVM_VGIC_V3_ADDR_TYPE_DIST, KVM_VGIC_V3_ADDR_TYPE_REDIST,
 };
+use std::os::fd::AsRawFd;
+use std::sync::Mutex;
+
 use kvm_ioctls::{DeviceFd, VmFd};
 
 use super::layout::{gic_redist_start, GIC_DIST_START, GIC_NR_IRQS};
@@ -21,6 +24,23 @@ fn set_attr(gic: &DeviceFd, group: u32, attr: u32, addr: u64, what: &str) -> Res
     };
     gic.set_device_attr(&attr)
         .map_err(|e| ArchError::Kvm(format!("set up the GICv3: {what}"), e))
+}
+
+/// The GIC of this process's VM: the VM fd's number, the GIC's fd and the vCPU count. KVM
+/// offers no way back from a VM fd to a device it holds, and the architecture interface keeps
+/// no state, so snapshots find the GIC here (flick runs one VM per process).
+static GIC: Mutex<Option<(i32, DeviceFd, u8)>> = Mutex::new(None);
+
+/// Runs `f` with the GIC of `vm` and its vCPU count.
+pub fn with_gic<T>(
+    vm: &VmFd,
+    f: impl FnOnce(&DeviceFd, u8) -> Result<T, ArchError>,
+) -> Result<T, ArchError> {
+    let guard = GIC.lock().unwrap_or_else(|p| p.into_inner());
+    match guard.as_ref() {
+        Some((fd, gic, vcpus)) if *fd == vm.as_raw_fd() => f(gic, *vcpus),
+        _ => Err(ArchError::SavedState("GICv3: this VM has none")),
+    }
 }
 
 /// Creates and initialises the vGICv3 for `vcpus` vCPUs, all of them already created.
@@ -65,6 +85,6 @@ pub fn create(vm: &VmFd, vcpus: u8) -> Result<(), ArchError> {
         0,
         "initialisation",
     )?;
-    // Closing the device fd leaves the GIC in place: it lives as long as the VM.
+    *GIC.lock().unwrap_or_else(|p| p.into_inner()) = Some((vm.as_raw_fd(), gic, vcpus));
     Ok(())
 }

@@ -1,11 +1,12 @@
 //! aarch64: the memory map (Firecracker's arm64 layout), loading a kernel `Image` and an initrd,
 //! the device tree, the in-kernel GICv3, vCPU initialisation (PSCI 0.2) and boot registers, and
 //! the 8250 UART, PL031 RTC and boot timer on MMIO. PSCI SYSTEM_OFF and SYSTEM_RESET reach the
-//! generic vCPU loop as system events. Snapshots are not implemented on aarch64 yet.
+//! generic vCPU loop as system events. vCPU and GICv3 state for snapshots (`state.rs`).
 
 pub mod fdt;
 pub mod gic;
 pub mod layout;
+pub mod state;
 pub mod vcpu;
 
 use std::fs::File;
@@ -39,9 +40,9 @@ pub struct BootEntry {
     pub fdt: u64,
 }
 
-/// Stands for vCPU and VM state in snapshots, which aarch64 does not capture yet.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct NotCaptured;
+/// What saving a vCPU needs from the VM: nothing on aarch64.
+#[derive(Debug, Clone)]
+pub struct NoContext;
 
 /// Why a guest's kernel, initrd or device tree cannot be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -107,10 +108,11 @@ impl Arch for Aarch64 {
     const NAME: &'static str = "aarch64";
     /// The device tree describes the virtio devices.
     const DEVICES_ON_CMDLINE: bool = false;
+    const RESTORE_VM_AFTER_VCPUS: bool = true;
     type VcpuConfig = kvm_vcpu_init;
-    type VcpuState = NotCaptured;
-    type VmState = NotCaptured;
-    type SaveContext = NotCaptured;
+    type VcpuState = state::VcpuState;
+    type VmState = state::GicState;
+    type SaveContext = NoContext;
     type BootEntry = BootEntry;
 
     fn ram_ranges(mem_bytes: u64) -> Vec<(u64, u64)> {
@@ -257,23 +259,28 @@ impl Arch for Aarch64 {
         vcpu::pc(fd).map_or_else(String::new, |pc| format!(" at PC {pc:#x}"))
     }
 
-    fn save_context(_: &Kvm) -> Result<NotCaptured, ArchError> {
-        Err(ArchError::NotImplemented("snapshots"))
+    fn save_context(_: &Kvm) -> Result<NoContext, ArchError> {
+        Ok(NoContext)
     }
 
-    fn save_vcpu(_: &VcpuFd, _: &kvm_vcpu_init, _: &NotCaptured) -> Result<NotCaptured, ArchError> {
-        Err(ArchError::NotImplemented("snapshots"))
+    fn save_vcpu(
+        fd: &VcpuFd,
+        init: &kvm_vcpu_init,
+        _: &NoContext,
+    ) -> Result<state::VcpuState, ArchError> {
+        state::VcpuState::capture(fd, init)
     }
 
-    fn restore_vcpu(_: &VcpuFd, _: &NotCaptured) -> Result<kvm_vcpu_init, ArchError> {
-        Err(ArchError::NotImplemented("snapshots"))
+    fn restore_vcpu(fd: &VcpuFd, saved: &state::VcpuState) -> Result<kvm_vcpu_init, ArchError> {
+        saved.restore(fd)
     }
 
-    fn save_vm(_: &VmFd) -> Result<NotCaptured, ArchError> {
-        Err(ArchError::NotImplemented("snapshots"))
+    /// The GIC (restored after the vCPUs: `RESTORE_VM_AFTER_VCPUS`).
+    fn save_vm(vm: &VmFd) -> Result<state::GicState, ArchError> {
+        gic::with_gic(vm, state::GicState::capture)
     }
 
-    fn restore_vm(_: &VmFd, _: &NotCaptured) -> Result<(), ArchError> {
-        Err(ArchError::NotImplemented("snapshots"))
+    fn restore_vm(vm: &VmFd, saved: &state::GicState) -> Result<(), ArchError> {
+        gic::with_gic(vm, |gic, vcpus| saved.restore(gic, vcpus))
     }
 }
