@@ -212,7 +212,7 @@ cp "$GUEST_OUT/testguest-arm64.bin" "$root/testguest-arm64.bin"
 guest_root=$WORK/linux-guest
 mkdir -p "$guest_root"/{bin,proc,sys,dev} "$root/linux"
 cp "$BUSYBOX" "$guest_root/bin/busybox"
-for applet in sh mount cat grep devmem reboot insmod head dd sync; do
+for applet in sh mount cat grep devmem reboot insmod head dd sync sed sleep; do
 	ln -s busybox "$guest_root/bin/$applet"
 done
 cp -r "$MODULES" "$guest_root/modules"

@@ -97,8 +97,6 @@ pub enum ArchError {
     SavedState(&'static str),
     #[error("this build of flick does not run guests on {0} yet")]
     Unsupported(&'static str),
-    #[error("{0} are not implemented on this architecture yet")]
-    NotImplemented(&'static str),
 }
 
 impl ArchError {

@@ -58,9 +58,6 @@ impl SnapshotOpError {
     /// Whether the host rather than the request is at fault.
     pub fn is_internal(&self) -> bool {
         match self {
-            // A request this architecture cannot serve yet, not a host failure.
-            SnapshotOpError::Capture(ArchError::NotImplemented(_))
-            | SnapshotOpError::Restore(ArchError::NotImplemented(_)) => false,
             SnapshotOpError::Capture(_)
             | SnapshotOpError::CaptureVcpu(_)
             | SnapshotOpError::Encode(_)
