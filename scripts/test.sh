@@ -10,7 +10,9 @@
 #   scripts/test.sh            everything
 #   scripts/test.sh -- ARGS    extra arguments for `cargo test` (e.g. a test name filter)
 #
-# Then the hardware-virtualization lane (scripts/nested-lane.sh, docs/nested-lane.md): the
+# Then the two QEMU lanes, each the same way: the aarch64 lane after the nested one
+# (scripts/aarch64-lane.sh, docs/aarch64.md; FLICK_AARCH64_LANE=0 skips it outside CI), and the
+# hardware-virtualization lane (scripts/nested-lane.sh, docs/nested-lane.md): the
 # integration tests again, inside an L1 Linux under QEMU TCG on KVM-AMD. In CI it always runs and
 # any problem, setting it up included, fails the run. Elsewhere FLICK_NESTED_LANE=0 skips it, and
 # so does a host where it cannot be set up; a skip is announced and counted in the last line.
@@ -67,6 +69,23 @@ aarch64_skipped=
 if rustup target list --installed 2>/dev/null | grep -qx aarch64-unknown-linux-gnu ||
     rustup target add aarch64-unknown-linux-gnu >&2; then
     cargo check --lib --quiet --target aarch64-unknown-linux-gnu
+    echo "== aarch64 unit tests of the architecture module and devices (qemu-user)" >&2
+    for tool in qemu-aarch64-static:qemu-user-static aarch64-linux-gnu-gcc:gcc-aarch64-linux-gnu; do
+        command -v "${tool%%:*}" >/dev/null 2>&1 ||
+            apt-get install -y -qq --no-install-recommends "${tool##*:}" >&2 || true
+    done
+    [[ -e /usr/aarch64-linux-gnu/lib/libc.a ]] ||
+        apt-get install -y -qq --no-install-recommends libc6-dev-arm64-cross >&2 || true
+    if command -v qemu-aarch64-static >/dev/null && command -v aarch64-linux-gnu-gcc >/dev/null; then
+        # Static, in the target directory the aarch64 lane builds in, so the two share work.
+        CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target}/aarch64-static" \
+            CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static" \
+            CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER=qemu-aarch64-static \
+            cargo test --lib --quiet --target aarch64-unknown-linux-gnu -- arch:: devices::
+    else
+        aarch64_skipped="[SKIP] aarch64 unit tests: qemu-user-static or gcc-aarch64-linux-gnu missing"
+        echo "$aarch64_skipped" >&2
+    fi
 else
     aarch64_skipped="[SKIP] aarch64 check: rustup cannot add the aarch64-unknown-linux-gnu target here"
     echo "$aarch64_skipped" >&2
@@ -130,8 +149,40 @@ if [[ -n "$lane_skipped" ]]; then
     echo "==================================================================" >&2
 fi
 
+echo "== aarch64 lane: flick on arm64 KVM inside QEMU TCG with EL2 (scripts/aarch64-lane.sh)" >&2
+arm_lane_skipped=
+if [[ -z "${CI:-}" && "${FLICK_AARCH64_LANE:-1}" == 0 ]]; then
+    arm_lane_skipped="FLICK_AARCH64_LANE=0"
+elif ((${#shift_args[@]})) && [[ -z "${CI:-}" ]]; then
+    arm_lane_skipped="cargo test arguments given; run scripts/aarch64-lane.sh yourself"
+else
+    arm_lane_rc=0
+    scripts/aarch64-lane.sh || arm_lane_rc=$?
+    case $arm_lane_rc in
+        0) ;;
+        3)
+            if [[ -n "${CI:-}" ]]; then
+                echo "test.sh: the aarch64 lane could not be set up; CI requires it" >&2
+                status=1
+            else
+                arm_lane_skipped="it could not be set up on this host (see above)"
+            fi
+            ;;
+        *)
+            echo "test.sh: aarch64 lane FAILED" >&2
+            status=1
+            ;;
+    esac
+fi
+if [[ -n "$arm_lane_skipped" ]]; then
+    echo "==================================================================" >&2
+    echo "== SKIPPED: aarch64 lane (arm64 KVM under QEMU TCG): $arm_lane_skipped" >&2
+    echo "==================================================================" >&2
+fi
+
 skipped=$(grep -ho '\[SKIP\] .*' "$log_dir/flick.log" "$log_dir/harness.log" || true)
-for extra in "$aarch64_skipped" "${lane_skipped:+[SKIP] nested lane: $lane_skipped}"; do
+for extra in "$aarch64_skipped" "${lane_skipped:+[SKIP] nested lane: $lane_skipped}" \
+    "${arm_lane_skipped:+[SKIP] aarch64 lane: $arm_lane_skipped}"; do
     if [[ -n "$extra" ]]; then
         skipped=$(printf '%s\n%s' "$extra" "$skipped" | sed '/^$/d')
     fi

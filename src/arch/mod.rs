@@ -15,9 +15,14 @@ pub mod x86_64;
 #[cfg(target_arch = "x86_64")]
 pub use x86_64::X86_64 as Current;
 
-#[cfg(not(target_arch = "x86_64"))]
+#[cfg(target_arch = "aarch64")]
+pub mod aarch64;
+#[cfg(target_arch = "aarch64")]
+pub use aarch64::Aarch64 as Current;
+
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
 mod unsupported;
-#[cfg(not(target_arch = "x86_64"))]
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
 pub use unsupported::Unsupported as Current;
 
 use std::sync::atomic::AtomicBool;
@@ -143,6 +148,9 @@ pub struct GuestSetup<'a> {
     /// The complete kernel command line.
     pub cmdline: &'a str,
     pub vcpu_count: u8,
+    /// The virtio-mmio devices, for architectures that describe them to the guest (aarch64: the
+    /// device tree).
+    pub devices: &'a [DeviceSlot],
 }
 
 /// Legacy devices, created by the architecture and used by the VMM thread.
@@ -196,6 +204,13 @@ pub trait Arch {
     type SaveContext: Clone + Send + std::fmt::Debug + 'static;
     /// Where the boot vCPU starts.
     type BootEntry: std::fmt::Debug;
+    /// Whether the guest learns of virtio-mmio devices from `virtio_mmio.device=` entries on its
+    /// command line (x86) rather than from boot structures the architecture writes.
+    const DEVICES_ON_CMDLINE: bool = true;
+    /// Whether a snapshot's VM-wide state is restored after its vCPUs (aarch64: the GIC finds
+    /// per-vCPU state by the MPIDR that initialising a vCPU sets) rather than right after the
+    /// VM is created (x86: before devices can raise interrupts).
+    const RESTORE_VM_AFTER_VCPUS: bool = false;
 
     /// Guest RAM ranges `(start, size)` for `mem_bytes` of memory.
     fn ram_ranges(mem_bytes: u64) -> Vec<(u64, u64)>;
@@ -206,13 +221,20 @@ pub trait Arch {
     /// Kernel command line arguments this host needs for `profile`, before the device entries.
     fn host_cmdline(profile: CpuProfile, host: HostKind) -> Option<&'static str>;
 
-    /// Creates the interrupt controller and timers; called after memory is registered.
+    /// Creates the interrupt controller and timers; called after memory is registered, before
+    /// any vCPU is created.
     fn setup_vm(vm: &VmFd) -> Result<(), ArchError>;
+    /// Finishes the VM once its `vcpu_count` vCPUs exist, before any device or irqfd is set up
+    /// (aarch64: the GIC, which KVM initialises only then).
+    fn vcpus_created(_vm: &VmFd, _vcpu_count: u8) -> Result<(), ArchError> {
+        Ok(())
+    }
     /// Loads the kernel (and initrd) and writes the boot structures.
     fn load_guest(setup: &GuestSetup<'_>) -> Result<Self::BootEntry, ArchError>;
     /// What each vCPU of `machine` is configured with on this kind of host.
     fn vcpu_configs(
         kvm: &Kvm,
+        vm: &VmFd,
         machine: &MachineConfig,
         profile: CpuProfile,
         host: HostKind,

@@ -51,6 +51,7 @@ impl Arch for Unsupported {
 
     fn vcpu_configs(
         _: &Kvm,
+        _: &VmFd,
         _: &MachineConfig,
         _: CpuProfile,
         _: HostKind,

@@ -9,6 +9,7 @@ pub mod bus;
 pub mod i8042;
 pub mod legacy;
 pub mod rate_limiter;
+pub mod rtc;
 pub mod tap;
 pub mod virtio;
 

@@ -157,12 +157,14 @@ fn check_supported(config: &VmConfig) -> Result<(), BuildError> {
     Ok(())
 }
 
-/// Creates the KVM VM around `mem`: memory slots first, then the architecture's irqchip.
+/// Creates the KVM VM around `mem` and its `vcpus` vCPUs (not yet configured): memory slots
+/// first, then the architecture's irqchip, the vCPUs, and what the architecture finishes once
+/// they exist.
 pub(crate) fn create_vm(
     mem: &GuestMemoryMmap,
     vcpus: u8,
     phases: &mut Phases,
-) -> Result<Vm, BuildError> {
+) -> Result<(Vm, Vec<kvm_ioctls::VcpuFd>), BuildError> {
     let vm = Vm::new()?;
     phases.mark("create VM");
     vm.check_vcpu_count(vcpus)?;
@@ -170,7 +172,12 @@ pub(crate) fn create_vm(
     phases.mark("register memory");
     Current::setup_vm(vm.fd())?;
     phases.mark("irqchip");
-    Ok(vm)
+    let fds = (0..vcpus)
+        .map(|index| vm.create_vcpu(index))
+        .collect::<Result<Vec<_>, _>>()?;
+    Current::vcpus_created(vm.fd(), vcpus)?;
+    phases.mark("create vCPUs");
+    Ok((vm, fds))
 }
 
 /// Running vCPU threads and what the VMM needs to watch them.
@@ -289,9 +296,12 @@ pub fn build(config: &VmConfig, ctx: BuildContext) -> Result<RunningVm, BuildErr
     }
 
     let mut phases = Phases::new();
-    let vm = create_vm(&mem, machine.vcpu_count, &mut phases)?;
+    let (vm, vcpu_fds) = create_vm(&mem, machine.vcpu_count, &mut phases)?;
     let mut mmio = Bus::new();
     let devices = Registry::attach(&vm, &mem, &mut mmio, opened)?;
+    let slots: Vec<_> = (0..devices.entries.len())
+        .filter_map(Current::device_slot)
+        .collect();
     let profile = Current::effective_profile(machine.cpu_profile, ctx.host);
     let mut extra: Vec<String> = Current::host_cmdline(profile, ctx.host)
         .map(str::to_string)
@@ -305,6 +315,7 @@ pub fn build(config: &VmConfig, ctx: BuildContext) -> Result<RunningVm, BuildErr
         boot: boot_source,
         cmdline: &cmdline,
         vcpu_count: machine.vcpu_count,
+        devices: &slots,
     })?;
     phases.mark("load kernel, initrd, boot structures");
 
@@ -323,15 +334,14 @@ pub fn build(config: &VmConfig, ctx: BuildContext) -> Result<RunningVm, BuildErr
     let (legacy, pio) = Current::legacy_devices(vm.fd(), &mut mmio, timer, make_serial)?;
     phases.mark("devices");
 
-    let configs = Current::vcpu_configs(vm.kvm(), machine, profile, ctx.host)?;
+    let configs = Current::vcpu_configs(vm.kvm(), vm.fd(), machine, profile, ctx.host)?;
     phases.mark("vCPU configurations");
     let mut configured = Vec::with_capacity(configs.len());
-    for (index, config) in (0u8..).zip(configs) {
-        let fd = vm.create_vcpu(index)?;
+    for ((index, config), fd) in (0u8..).zip(configs).zip(vcpu_fds) {
         Current::configure_vcpu(&fd, index, &config, (index == 0).then_some(&entry))?;
         configured.push((fd, config));
     }
-    phases.mark("create and configure vCPUs");
+    phases.mark("configure vCPUs");
     let vcpus = start_vcpus(
         configured,
         &mem,

@@ -183,10 +183,12 @@ impl Registry {
                 activate,
                 queue_evts,
             ));
-            registry.cmdline.push(format!(
-                "virtio_mmio.device=4K@{:#x}:{}",
-                slot.base, slot.irq
-            ));
+            if Current::DEVICES_ON_CMDLINE {
+                registry.cmdline.push(format!(
+                    "virtio_mmio.device=4K@{:#x}:{}",
+                    slot.base, slot.irq
+                ));
+            }
             registry.cmdline.extend(new.cmdline);
             registry.entries.push(DeviceEntry {
                 kind,

@@ -241,8 +241,10 @@ pub fn load(
     let mut phases = Phases::new();
     let mem = map_memory(&mem_file, mem_path, &snap.ram)?;
     phases.mark("map memory file");
-    let vm = builder::create_vm(&mem, snap.machine.vcpu_count, &mut phases)?;
-    Current::restore_vm(vm.fd(), &snap.vm).map_err(SnapshotOpError::Restore)?;
+    let (vm, vcpu_fds) = builder::create_vm(&mem, snap.machine.vcpu_count, &mut phases)?;
+    if !Current::RESTORE_VM_AFTER_VCPUS {
+        Current::restore_vm(vm.fd(), &snap.vm).map_err(SnapshotOpError::Restore)?;
+    }
 
     let mut mmio = Bus::new();
     let devices = Registry::attach(&vm, &mem, &mut mmio, opened).map_err(BuildError::from)?;
@@ -265,10 +267,12 @@ pub fn load(
     phases.mark("devices");
 
     let mut configured = Vec::with_capacity(vcpu_count);
-    for (index, state) in (0u8..).zip(&snap.vcpus) {
-        let fd = vm.create_vcpu(index).map_err(BuildError::from)?;
+    for (state, fd) in snap.vcpus.iter().zip(vcpu_fds) {
         let config = Current::restore_vcpu(&fd, state).map_err(SnapshotOpError::Restore)?;
         configured.push((fd, config));
+    }
+    if Current::RESTORE_VM_AFTER_VCPUS {
+        Current::restore_vm(vm.fd(), &snap.vm).map_err(SnapshotOpError::Restore)?;
     }
     phases.mark("restore vCPUs");
     let vcpus = builder::start_vcpus(

@@ -162,6 +162,7 @@ impl Arch for X86_64 {
 
     fn vcpu_configs(
         kvm: &Kvm,
+        _: &VmFd,
         machine: &MachineConfig,
         profile: CpuProfile,
         host: HostKind,
@@ -345,8 +346,10 @@ mod tests {
             return;
         };
         let machine = MachineConfig::default();
+        let vm = kvm.create_vm().unwrap();
         let configs =
-            X86_64::vcpu_configs(&kvm, &machine, CpuProfile::Host, HostKind::detect()).unwrap();
+            X86_64::vcpu_configs(&kvm, &vm, &machine, CpuProfile::Host, HostKind::detect())
+                .unwrap();
         let leaf1 = configs[0]
             .as_slice()
             .iter()

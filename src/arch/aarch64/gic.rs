@@ -1,0 +1,90 @@
+//! The in-kernel GICv3 (`KVM_CREATE_DEVICE`): distributor and redistributor addresses, the
+//! number of interrupt IDs, and its initialisation, which KVM accepts only once every vCPU
+//! exists and which irqfds need.
+
+use kvm_bindings::{
+    kvm_create_device, kvm_device_attr, kvm_device_type_KVM_DEV_TYPE_ARM_VGIC_V3,
+    KVM_DEV_ARM_VGIC_CTRL_INIT, KVM_DEV_ARM_VGIC_GRP_ADDR, KVM_DEV_ARM_VGIC_GRP_CTRL,
+    KVM_DEV_ARM_VGIC_GRP_NR_IRQS, KVM_VGIC_V3_ADDR_TYPE_DIST, KVM_VGIC_V3_ADDR_TYPE_REDIST,
+};
+use std::os::fd::AsRawFd;
+use std::sync::Mutex;
+
+use kvm_ioctls::{DeviceFd, VmFd};
+
+use super::layout::{gic_redist_start, GIC_DIST_START, GIC_NR_IRQS};
+use crate::arch::ArchError;
+
+fn set_attr(gic: &DeviceFd, group: u32, attr: u32, addr: u64, what: &str) -> Result<(), ArchError> {
+    let attr = kvm_device_attr {
+        flags: 0,
+        group,
+        attr: u64::from(attr),
+        addr,
+    };
+    gic.set_device_attr(&attr)
+        .map_err(|e| ArchError::Kvm(format!("set up the GICv3: {what}"), e))
+}
+
+/// The GIC of this process's VM: the VM fd's number, the GIC's fd and the vCPU count. KVM
+/// offers no way back from a VM fd to a device it holds, and the architecture interface keeps
+/// no state, so snapshots find the GIC here (flick runs one VM per process).
+static GIC: Mutex<Option<(i32, DeviceFd, u8)>> = Mutex::new(None);
+
+/// Runs `f` with the GIC of `vm` and its vCPU count.
+pub fn with_gic<T>(
+    vm: &VmFd,
+    f: impl FnOnce(&DeviceFd, u8) -> Result<T, ArchError>,
+) -> Result<T, ArchError> {
+    let guard = GIC.lock().unwrap_or_else(|p| p.into_inner());
+    match guard.as_ref() {
+        Some((fd, gic, vcpus)) if *fd == vm.as_raw_fd() => f(gic, *vcpus),
+        _ => Err(ArchError::SavedState("GICv3: this VM has none")),
+    }
+}
+
+/// Creates and initialises the vGICv3 for `vcpus` vCPUs, all of them already created.
+pub fn create(vm: &VmFd, vcpus: u8) -> Result<(), ArchError> {
+    let mut device = kvm_create_device {
+        type_: kvm_device_type_KVM_DEV_TYPE_ARM_VGIC_V3,
+        fd: 0,
+        flags: 0,
+    };
+    let gic = vm
+        .create_device(&mut device)
+        .map_err(crate::arch::kvm_error("create the in-kernel GICv3"))?;
+    let dist: u64 = GIC_DIST_START;
+    let redist: u64 = gic_redist_start(vcpus);
+    let nr_irqs: u32 = GIC_NR_IRQS;
+    // The attributes point at these locals, which outlive each call.
+    set_attr(
+        &gic,
+        KVM_DEV_ARM_VGIC_GRP_ADDR,
+        KVM_VGIC_V3_ADDR_TYPE_DIST,
+        std::ptr::addr_of!(dist) as u64,
+        "distributor address",
+    )?;
+    set_attr(
+        &gic,
+        KVM_DEV_ARM_VGIC_GRP_ADDR,
+        KVM_VGIC_V3_ADDR_TYPE_REDIST,
+        std::ptr::addr_of!(redist) as u64,
+        "redistributor address",
+    )?;
+    set_attr(
+        &gic,
+        KVM_DEV_ARM_VGIC_GRP_NR_IRQS,
+        0,
+        std::ptr::addr_of!(nr_irqs) as u64,
+        "number of interrupts",
+    )?;
+    set_attr(
+        &gic,
+        KVM_DEV_ARM_VGIC_GRP_CTRL,
+        KVM_DEV_ARM_VGIC_CTRL_INIT,
+        0,
+        "initialisation",
+    )?;
+    *GIC.lock().unwrap_or_else(|p| p.into_inner()) = Some((vm.as_raw_fd(), gic, vcpus));
+    Ok(())
+}
