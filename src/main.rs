@@ -185,6 +185,7 @@ fn main() -> ExitCode {
             track_dirty_pages: false,
             resume_vm: cli.resume,
             network_overrides: Vec::new(),
+            vsock_override: None,
         };
         if let Reply::Error(error) = vmm.handle(Action::LoadSnapshot(load)) {
             return fail(&error.message);
