@@ -705,9 +705,15 @@ mod tests {
         for cid in [0, 1, 2, u32::MAX] {
             assert_eq!(vsock(cid, "/v").validate(), Err(ConfigError::GuestCid(cid)));
         }
-        assert!(matches!(vsock(3, "").validate(), Err(ConfigError::UdsPath(_))));
+        assert!(matches!(
+            vsock(3, "").validate(),
+            Err(ConfigError::UdsPath(_))
+        ));
         let long = "a".repeat(MAX_UDS_PATH + 1);
-        assert!(matches!(vsock(3, &long).validate(), Err(ConfigError::UdsPath(_))));
+        assert!(matches!(
+            vsock(3, &long).validate(),
+            Err(ConfigError::UdsPath(_))
+        ));
         let bad_id = VsockConfig {
             vsock_id: Some("a-b".into()),
             ..vsock(3, "/v")

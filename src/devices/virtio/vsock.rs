@@ -196,10 +196,7 @@ impl Vsock {
         };
         let (mem, queue) = (&active.mem, &mut active.queues[RX]);
         let mut completed = false;
-        loop {
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                break;
-            };
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
             let descs: Vec<Descriptor> = chain.take(packet::MAX_DESCS + 1).collect();
             let used = match packet::rx_room(&descs) {
@@ -259,11 +256,13 @@ impl Vsock {
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
             let first = chain.take(1).next();
-            let written = first.filter(|d| d.is_write_only() && d.len() >= 4).and_then(|d| {
-                mem.write_obj(EVENT_TRANSPORT_RESET.to_le(), d.addr())
-                    .ok()
-                    .map(|()| 4)
-            });
+            let written = first
+                .filter(|d| d.is_write_only() && d.len() >= 4)
+                .and_then(|d| {
+                    mem.write_obj(EVENT_TRANSPORT_RESET.to_le(), d.addr())
+                        .ok()
+                        .map(|()| 4)
+                });
             if queue.add_used(mem, head, written.unwrap_or(0)).is_err() {
                 break;
             }
@@ -407,7 +406,10 @@ impl VirtioDevice for Vsock {
         ));
         counters(
             out,
-            ("flick_vsock_bytes_total", "vsock stream bytes, by direction."),
+            (
+                "flick_vsock_bytes_total",
+                "vsock stream bytes, by direction.",
+            ),
             "direction",
             &[
                 ("to_guest", n(&s.bytes_to_guest)),

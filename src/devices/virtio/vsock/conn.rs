@@ -257,7 +257,10 @@ mod tests {
             .unwrap();
         assert!(c.credit_update_due());
         let h = c.header(3, super::super::packet::OP_CREDIT_UPDATE);
-        assert_eq!((h.fwd_cnt, h.buf_alloc), (CREDIT_UPDATE_THRESHOLD, TX_BUF_SIZE));
+        assert_eq!(
+            (h.fwd_cnt, h.buf_alloc),
+            (CREDIT_UPDATE_THRESHOLD, TX_BUF_SIZE)
+        );
         assert!(!c.credit_update_due());
         let mut got = vec![0u8; CREDIT_UPDATE_THRESHOLD as usize];
         std::io::Read::read_exact(&mut b, &mut got).unwrap();

@@ -11,7 +11,7 @@ const BACKLOG: i32 = 64;
 fn sockaddr(path: &str) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> {
     // SAFETY: sockaddr_un is plain old data; all zeroes is a valid (empty) address.
     let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    addr.sun_family = libc::sa_family_t::try_from(libc::AF_UNIX).unwrap_or_default();
     let bytes = path.as_bytes();
     if bytes.is_empty() || bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
         return Err(io::Error::new(
@@ -20,10 +20,11 @@ fn sockaddr(path: &str) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> {
         ));
     }
     for (dst, &src) in addr.sun_path.iter_mut().zip(bytes) {
-        *dst = src as libc::c_char;
+        *dst = libc::c_char::from_ne_bytes([src]);
     }
     let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
-    Ok((addr, len as libc::socklen_t))
+    let len = libc::socklen_t::try_from(len).unwrap_or(libc::socklen_t::MAX);
+    Ok((addr, len))
 }
 
 fn stream_socket() -> io::Result<OwnedFd> {

@@ -70,7 +70,9 @@ struct Handshake {
 /// What a finished handshake line asks for.
 fn parse_connect(line: &[u8]) -> Option<u32> {
     let text = std::str::from_utf8(line).ok()?;
-    let port = text.trim_end_matches(['\r', '\n']).strip_prefix("CONNECT ")?;
+    let port = text
+        .trim_end_matches(['\r', '\n'])
+        .strip_prefix("CONNECT ")?;
     port.trim().parse().ok()
 }
 
@@ -144,10 +146,7 @@ impl Mux {
     }
 
     fn watch(&self, fd: RawFd) -> io::Result<()> {
-        let set = EventSet::IN
-            | EventSet::OUT
-            | EventSet::READ_HANG_UP
-            | EventSet::EDGE_TRIGGERED;
+        let set = EventSet::IN | EventSet::OUT | EventSet::READ_HANG_UP | EventSet::EDGE_TRIGGERED;
         let token = u64::try_from(fd).unwrap_or(u64::MAX - 1);
         self.epoll
             .ctl(ControlOperation::Add, fd, EpollEvent::new(set, token))
@@ -376,8 +375,8 @@ impl Mux {
                     return;
                 }
             };
-            let full = self.handshakes.len() >= MAX_HANDSHAKES
-                || self.conns.len() >= MAX_CONNECTIONS;
+            let full =
+                self.handshakes.len() >= MAX_HANDSHAKES || self.conns.len() >= MAX_CONNECTIONS;
             if !active || full {
                 inc(&self.stats.host_refused);
                 continue; // dropping the stream closes it
