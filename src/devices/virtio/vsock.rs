@@ -444,3 +444,317 @@ impl VirtioDevice for Vsock {
         Err(DeviceError::WrongUpdate(KIND.name))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::packet::*;
+    use super::*;
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixListener;
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Address, GuestAddress};
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    const F_WRITE: u16 = 2;
+    const RINGS: [u64; 3] = [0x1_0000, 0x2_0000, 0x3_0000];
+    const TX_PKT: u64 = 0x10_0000;
+    const RX_BUFS: u64 = 0x20_0000;
+    const GUEST_PORT: u32 = 1000;
+
+    struct Rig<'m> {
+        dir: std::path::PathBuf,
+        dev: Vsock,
+        mem: &'m GuestMemoryMmap,
+        queues: Vec<MockSplitQueue<'m, GuestMemoryMmap>>,
+        tx_next: u16,
+        rx_seen: u16,
+    }
+
+    impl Drop for Rig<'_> {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn rig<'m>(mem: &'m GuestMemoryMmap, tag: &str) -> Rig<'m> {
+        let dir = std::env::temp_dir().join(format!("flick-vsock-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let saved = SavedVsock {
+            vsock_id: None,
+            guest_cid: 3,
+            uds_path: dir.join("v.sock").display().to_string(),
+        };
+        let listener = host::listen(&saved.uds_path).unwrap();
+        let mux = Mux::new(3, &saved.uds_path, listener).unwrap();
+        let mut dev = Vsock::new(saved, mux);
+        let queues: Vec<_> = RINGS
+            .iter()
+            .map(|&at| MockSplitQueue::create(mem, GuestAddress(at), 32))
+            .collect();
+        dev.activate(Activation {
+            mem: mem.clone(),
+            queues: queues.iter().map(|q| q.create_queue().unwrap()).collect(),
+            acked_features: VIRTIO_F_VERSION_1,
+            interrupt: Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap())),
+        })
+        .unwrap();
+        // Receive buffers: 16 of 4 KiB + header room.
+        let rx: Vec<RawDescriptor> = (0..16u64)
+            .map(|i| RawDescriptor::from(Descriptor::new(RX_BUFS + i * 0x2000, 0x2000, F_WRITE, 0)))
+            .collect();
+        queues[RX].add_desc_chains(&rx, 0).unwrap();
+        Rig {
+            dir,
+            dev,
+            mem,
+            queues,
+            tx_next: 0,
+            rx_seen: 0,
+        }
+    }
+
+    impl Rig<'_> {
+        fn send(&mut self, op: u16, dst_port: u32, payload: &[u8]) {
+            let hdr = Header {
+                src_cid: 3,
+                dst_cid: HOST_CID,
+                src_port: GUEST_PORT,
+                dst_port,
+                len: u32::try_from(payload.len()).unwrap(),
+                kind: TYPE_STREAM,
+                op,
+                buf_alloc: 64 * 1024,
+                ..Header::default()
+            };
+            self.mem
+                .write_slice(&hdr.to_bytes(), GuestAddress(TX_PKT))
+                .unwrap();
+            self.mem
+                .write_slice(payload, GuestAddress(TX_PKT + HDR_LEN as u64))
+                .unwrap();
+            let len = u32::try_from(HDR_LEN + payload.len()).unwrap();
+            let desc = RawDescriptor::from(Descriptor::new(TX_PKT, len, 0, 0));
+            self.send_chain(&[desc]);
+        }
+
+        fn send_chain(&mut self, descs: &[RawDescriptor]) {
+            self.queues[TX]
+                .add_desc_chains(descs, self.tx_next)
+                .unwrap();
+            self.tx_next += u16::try_from(descs.len()).unwrap();
+            self.dev.process_queue(TX);
+        }
+
+        fn used(&self, queue: usize) -> u16 {
+            let q = &self.queues[queue];
+            self.mem
+                .read_obj::<u16>(q.used_addr().unchecked_add(2))
+                .unwrap()
+        }
+
+        /// Packets the device put in the receive queue since the last call.
+        fn received(&mut self) -> Vec<(Header, Vec<u8>)> {
+            let mut out = Vec::new();
+            let q = &self.queues[RX];
+            while self.rx_seen < self.used(RX) {
+                let elem = q.used_addr().unchecked_add(4 + 8 * u64::from(self.rx_seen));
+                let id: u32 = self.mem.read_obj(elem).unwrap();
+                let len: u32 = self.mem.read_obj(elem.unchecked_add(4)).unwrap();
+                let at = GuestAddress(RX_BUFS + u64::from(id) * 0x2000);
+                let mut raw = [0u8; HDR_LEN];
+                self.mem.read_slice(&mut raw, at).unwrap();
+                let hdr = Header::from_bytes(&raw);
+                let mut payload = vec![0u8; usize::try_from(hdr.len).unwrap()];
+                self.mem
+                    .read_slice(&mut payload, at.unchecked_add(HDR_LEN as u64))
+                    .unwrap();
+                assert_eq!(len as usize, HDR_LEN + payload.len());
+                out.push((hdr, payload));
+                self.rx_seen += 1;
+            }
+            out
+        }
+
+        fn host_events(&mut self) {
+            let fd = self.dev.mux.epoll_fd();
+            self.dev.process_fd(fd);
+        }
+
+        fn listener(&self, port: u32) -> UnixListener {
+            UnixListener::bind(format!("{}_{port}", self.dev.saved.uds_path)).unwrap()
+        }
+    }
+
+    fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap()
+    }
+
+    #[test]
+    fn guest_connection_gets_a_response_and_bytes_flow_both_ways() {
+        let mem = mem();
+        let mut rig = rig(&mem, "flow");
+        let listener = rig.listener(52);
+        rig.send(OP_REQUEST, 52, b"");
+        let got = rig.received();
+        assert_eq!(got.len(), 1);
+        let (hdr, _) = got[0];
+        assert_eq!(
+            (hdr.op, hdr.src_port, hdr.dst_port),
+            (OP_RESPONSE, 52, GUEST_PORT)
+        );
+        assert_eq!((hdr.buf_alloc, hdr.dst_cid), (conn::TX_BUF_SIZE, 3));
+
+        let (mut host, _) = listener.accept().unwrap();
+        rig.send(OP_RW, 52, b"to host");
+        let mut buf = [0u8; 7];
+        host.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"to host");
+
+        host.write_all(b"to guest").unwrap();
+        rig.host_events();
+        let got = rig.received();
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(
+            (got[0].0.op, got[0].1.as_slice()),
+            (OP_RW, &b"to guest"[..])
+        );
+        assert_eq!(rig.dev.stats.bytes_to_host.load(Ordering::Relaxed), 7);
+    }
+
+    #[test]
+    fn guest_request_with_no_listener_is_reset() {
+        let mem = mem();
+        let mut rig = rig(&mem, "refused");
+        rig.send(OP_REQUEST, 99, b"");
+        let got = rig.received();
+        assert_eq!(got.len(), 1);
+        assert_eq!((got[0].0.op, got[0].0.dst_port), (OP_RST, GUEST_PORT));
+        assert_eq!(rig.dev.stats.guest_refused.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_guest_sending_past_its_credit_is_reset_and_buffers_stay_bounded() {
+        let mem = mem();
+        let mut rig = rig(&mem, "overrun");
+        let _listener = rig.listener(52); // accepted by the kernel, never read
+        rig.send(OP_REQUEST, 52, b"");
+        rig.received();
+        let chunk = vec![5u8; MAX_PAYLOAD];
+        let mut reset = false;
+        for _ in 0..20 {
+            rig.send(OP_RW, 52, &chunk);
+            if rig.received().iter().any(|(h, _)| h.op == OP_RST) {
+                reset = true;
+                break;
+            }
+        }
+        assert!(reset, "20 x 64 KiB never overran a 256 KiB credit");
+        assert_eq!(rig.dev.stats.credit_overruns.load(Ordering::Relaxed), 1);
+        assert_eq!(rig.dev.mux.connection_count(), 0);
+    }
+
+    #[test]
+    fn malformed_and_misaddressed_packets_are_dropped_without_answers() {
+        let mem = mem();
+        let mut rig = rig(&mem, "hostile");
+        let writable = RawDescriptor::from(Descriptor::new(TX_PKT, 64, F_WRITE, 0));
+        let empty = RawDescriptor::from(Descriptor::new(TX_PKT, 0, 0, 0));
+        let outside = RawDescriptor::from(Descriptor::new(0xfff_0000, 64, 0, 0));
+        rig.send_chain(&[writable, empty, outside]);
+        let wrong_cid = Header {
+            src_cid: 9,
+            dst_cid: HOST_CID,
+            kind: TYPE_STREAM,
+            op: OP_REQUEST,
+            ..Header::default()
+        };
+        mem.write_slice(&wrong_cid.to_bytes(), GuestAddress(TX_PKT))
+            .unwrap();
+        rig.send_chain(&[RawDescriptor::from(Descriptor::new(TX_PKT, 44, 0, 0))]);
+        assert_eq!(rig.used(TX), 4, "every chain is returned");
+        assert!(rig.received().is_empty());
+        assert_eq!(rig.dev.stats.invalid_packets.load(Ordering::Relaxed), 4);
+    }
+
+    #[test]
+    fn host_connect_gets_ok_once_the_guest_accepts() {
+        let mem = mem();
+        let mut rig = rig(&mem, "hostok");
+        let mut host = std::os::unix::net::UnixStream::connect(&rig.dev.saved.uds_path).unwrap();
+        host.write_all(b"CONNECT 52\nearly").unwrap();
+        rig.host_events();
+        let got = rig.received();
+        assert_eq!(got.len(), 1, "{got:?}");
+        let request = got[0].0;
+        assert_eq!((request.op, request.dst_port), (OP_REQUEST, 52));
+        assert_eq!(request.src_port, 1 << 30);
+        // The guest accepts from its port 52.
+        let accept = Header {
+            src_cid: 3,
+            dst_cid: HOST_CID,
+            src_port: 52,
+            dst_port: request.src_port,
+            kind: TYPE_STREAM,
+            op: OP_RESPONSE,
+            buf_alloc: 4096,
+            ..Header::default()
+        };
+        mem.write_slice(&accept.to_bytes(), GuestAddress(TX_PKT))
+            .unwrap();
+        rig.send_chain(&[RawDescriptor::from(Descriptor::new(TX_PKT, 44, 0, 0))]);
+        let mut ok = [0u8; 14];
+        host.read_exact(&mut ok).unwrap();
+        assert_eq!(&ok, b"OK 1073741824\n");
+        // Bytes sent after the CONNECT line, before the answer, reach the guest.
+        let got = rig.received();
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!((got[0].0.op, got[0].1.as_slice()), (OP_RW, &b"early"[..]));
+    }
+
+    #[test]
+    fn an_unanswered_host_connect_is_closed_after_the_timeout() {
+        let mem = mem();
+        let mut rig = rig(&mem, "timeout");
+        let mut host = std::os::unix::net::UnixStream::connect(&rig.dev.saved.uds_path).unwrap();
+        host.write_all(b"CONNECT 52\n").unwrap();
+        rig.host_events();
+        assert_eq!(rig.received()[0].0.op, OP_REQUEST);
+        host.set_nonblocking(true).unwrap();
+        let give_up = std::time::Instant::now() + mux::CONNECT_TIMEOUT * 5;
+        let mut byte = [0u8; 1];
+        loop {
+            rig.host_events();
+            match host.read(&mut byte) {
+                Ok(0) => break,
+                Ok(_) => panic!("an unanswered request got data"),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+            assert!(std::time::Instant::now() < give_up, "never closed");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let got = rig.received();
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got[0].0.op, OP_RST);
+        assert_eq!(rig.dev.mux.connection_count(), 0);
+    }
+
+    #[test]
+    fn a_restored_device_tells_the_guest_its_transport_was_reset() {
+        let mem = mem();
+        let mut rig = rig(&mem, "restore");
+        let event = RawDescriptor::from(Descriptor::new(0x30_0000, 8, F_WRITE, 0));
+        mem.write_obj(0xffff_ffffu32, GuestAddress(0x30_0000))
+            .unwrap();
+        rig.queues[EVENT].add_desc_chains(&[event], 0).unwrap();
+        rig.dev.process_queue(EVENT);
+        assert_eq!(rig.used(EVENT), 0, "no event before a restore");
+        rig.dev.restore_state(&serde_json::json!({})).unwrap();
+        rig.dev.process_queue(EVENT);
+        assert_eq!(rig.used(EVENT), 1);
+        let id: u32 = mem.read_obj(GuestAddress(0x30_0000)).unwrap();
+        assert_eq!(id, EVENT_TRANSPORT_RESET);
+    }
+}

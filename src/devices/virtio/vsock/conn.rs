@@ -66,6 +66,8 @@ pub struct Conn {
     pub peer_no_send: bool,
     /// Queued for the receive path.
     pub rx_queued: bool,
+    /// When the REQUEST of a host-initiated connection was queued.
+    pub requested_at: Option<std::time::Instant>,
 }
 
 impl Conn {
@@ -86,6 +88,7 @@ impl Conn {
             fwd_cnt_sent: 0,
             peer_no_send: false,
             rx_queued: false,
+            requested_at: None,
         }
     }
 

@@ -9,8 +9,10 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::conn::{Conn, ConnState, Key};
 use super::host;
@@ -26,8 +28,11 @@ const MAX_HANDSHAKE_LINE: usize = 32;
 pub const MAX_CONTROL: usize = 1024;
 /// First port the host side uses for host-initiated connections.
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
-/// Epoll token of the listener (streams use their fd).
+/// How long a host-initiated connection waits for the guest to accept or refuse it.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Epoll tokens of the listener and the connect timer (streams use their fd).
 const LISTENER: u64 = u64::MAX;
+const TIMER: u64 = u64::MAX - 1;
 
 /// Counters of the device, read by the metrics code.
 #[derive(Debug, Default)]
@@ -89,6 +94,9 @@ pub struct Mux {
     /// Connections that may have host data for the guest, in turn.
     rx_ready: VecDeque<Key>,
     next_local_port: u32,
+    /// Fires when the oldest unanswered host-initiated request times out.
+    timer: TimerFd,
+    timer_armed: bool,
     pub rx_buf: Vec<u8>,
     pub stats: Arc<VsockStats>,
 }
@@ -101,6 +109,12 @@ impl Mux {
             listener.as_raw_fd(),
             EpollEvent::new(EventSet::IN, LISTENER),
         )?;
+        let timer = TimerFd::new()?;
+        epoll.ctl(
+            ControlOperation::Add,
+            timer.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, TIMER),
+        )?;
         Ok(Mux {
             guest_cid,
             uds_path: uds_path.to_string(),
@@ -112,6 +126,8 @@ impl Mux {
             control: VecDeque::new(),
             rx_ready: VecDeque::new(),
             next_local_port: FIRST_LOCAL_PORT,
+            timer,
+            timer_armed: false,
             rx_buf: vec![0; MAX_PAYLOAD],
             stats: Arc::new(VsockStats::default()),
         })
@@ -147,7 +163,7 @@ impl Mux {
 
     fn watch(&self, fd: RawFd) -> io::Result<()> {
         let set = EventSet::IN | EventSet::OUT | EventSet::READ_HANG_UP | EventSet::EDGE_TRIGGERED;
-        let token = u64::try_from(fd).unwrap_or(u64::MAX - 1);
+        let token = u64::try_from(fd).unwrap_or(u64::MAX - 2);
         self.epoll
             .ctl(ControlOperation::Add, fd, EpollEvent::new(set, token))
     }
@@ -353,6 +369,8 @@ impl Mux {
                 let set = EventSet::from_bits_truncate(event.events);
                 if event.data() == LISTENER {
                     self.accept_all(active);
+                } else if event.data() == TIMER {
+                    self.expire_requests();
                 } else if let Ok(fd) = RawFd::try_from(event.data()) {
                     self.stream_event(fd, set, active);
                 }
@@ -443,10 +461,52 @@ impl Mux {
         };
         let key = (local, port);
         let mut conn = Conn::new(hs.stream, key, ConnState::Requesting);
+        conn.requested_at = Some(Instant::now());
         let request = conn.header(self.guest_cid, OP_REQUEST);
         self.by_fd.insert(fd, key);
         self.conns.insert(key, conn);
         self.push_control(request);
+        self.arm_timer(CONNECT_TIMEOUT);
+    }
+
+    fn arm_timer(&mut self, after: Duration) {
+        if self.timer_armed {
+            return;
+        }
+        match self.timer.reset(after.max(Duration::from_millis(1)), None) {
+            Ok(()) => self.timer_armed = true,
+            Err(e) => crate::warn_limited!("vsock: cannot arm the connect timer: {e}"),
+        }
+    }
+
+    /// Host-initiated requests the guest left unanswered for [`CONNECT_TIMEOUT`] are reset
+    /// (the host stream closes).
+    fn expire_requests(&mut self) {
+        let _ = self.timer.wait();
+        self.timer_armed = false;
+        let now = Instant::now();
+        let mut expired = Vec::new();
+        let mut next: Option<Duration> = None;
+        for (key, conn) in &self.conns {
+            let Some(at) = conn
+                .requested_at
+                .filter(|_| conn.state == ConnState::Requesting)
+            else {
+                continue;
+            };
+            let age = now.saturating_duration_since(at);
+            match CONNECT_TIMEOUT.checked_sub(age).filter(|d| !d.is_zero()) {
+                Some(left) => next = Some(next.map_or(left, |n| n.min(left))),
+                None => expired.push(*key),
+            }
+        }
+        for key in expired {
+            inc(&self.stats.host_refused);
+            self.reset_conn(key);
+        }
+        if let Some(left) = next {
+            self.arm_timer(left);
+        }
     }
 
     fn free_local_port(&mut self, peer_port: u32) -> Option<u32> {
