@@ -32,6 +32,8 @@ const FIRST_LOCAL_PORT: u32 = 1 << 30;
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Epoll tokens of the listener and the connect timer (streams use their fd).
 const LISTENER: u64 = u64::MAX;
+/// How long the listener rests after a failed accept.
+const LISTENER_PAUSE: Duration = Duration::from_millis(100);
 const TIMER: u64 = u64::MAX - 1;
 
 /// Counters of the device, read by the metrics code.
@@ -97,6 +99,9 @@ pub struct Mux {
     /// Fires when the oldest unanswered host-initiated request times out.
     timer: TimerFd,
     timer_armed: bool,
+    /// The listener is out of the epoll set after a failed accept (out of fds), until the
+    /// timer fires: a listener that stays readable must not spin the VMM thread.
+    listener_paused: bool,
     pub rx_buf: Vec<u8>,
     pub stats: Arc<VsockStats>,
 }
@@ -128,6 +133,7 @@ impl Mux {
             next_local_port: FIRST_LOCAL_PORT,
             timer,
             timer_armed: false,
+            listener_paused: false,
             rx_buf: vec![0; MAX_PAYLOAD],
             stats: Arc::new(VsockStats::default()),
         })
@@ -370,7 +376,7 @@ impl Mux {
                 if event.data() == LISTENER {
                     self.accept_all(active);
                 } else if event.data() == TIMER {
-                    self.expire_requests();
+                    self.on_timer();
                 } else if let Ok(fd) = RawFd::try_from(event.data()) {
                     self.stream_event(fd, set, active);
                 }
@@ -390,6 +396,9 @@ impl Mux {
                 Err(e) => {
                     inc(&self.stats.host_errors);
                     crate::warn_limited!("vsock: accept on {} failed: {e}", self.uds_path);
+                    self.unwatch(self.listener.as_raw_fd());
+                    self.listener_paused = true;
+                    self.arm_timer(LISTENER_PAUSE);
                     return;
                 }
             };
@@ -479,11 +488,18 @@ impl Mux {
         }
     }
 
-    /// Host-initiated requests the guest left unanswered for [`CONNECT_TIMEOUT`] are reset
-    /// (the host stream closes).
-    fn expire_requests(&mut self) {
+    /// The timer fired: resumes a paused listener, and resets the host-initiated requests the
+    /// guest left unanswered for [`CONNECT_TIMEOUT`] (their host streams close).
+    fn on_timer(&mut self) {
         let _ = self.timer.wait();
         self.timer_armed = false;
+        if std::mem::take(&mut self.listener_paused) {
+            let readable = EpollEvent::new(EventSet::IN, LISTENER);
+            let fd = self.listener.as_raw_fd();
+            if let Err(e) = self.epoll.ctl(ControlOperation::Add, fd, readable) {
+                crate::warn_limited!("vsock: cannot watch {} again: {e}", self.uds_path);
+            }
+        }
         let now = Instant::now();
         let mut expired = Vec::new();
         let mut next: Option<Duration> = None;
