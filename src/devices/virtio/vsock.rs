@@ -517,7 +517,13 @@ mod tests {
 
     impl Rig<'_> {
         fn send(&mut self, op: u16, dst_port: u32, payload: &[u8]) {
+            let flags = if op == OP_SHUTDOWN {
+                SHUTDOWN_RCV | SHUTDOWN_SEND
+            } else {
+                0
+            };
             let hdr = Header {
+                flags,
                 src_cid: 3,
                 dst_cid: HOST_CID,
                 src_port: GUEST_PORT,
@@ -621,6 +627,41 @@ mod tests {
             (OP_RW, &b"to guest"[..])
         );
         assert_eq!(rig.dev.stats.bytes_to_host.load(Ordering::Relaxed), 7);
+    }
+
+    #[test]
+    fn data_the_guest_sent_before_closing_reaches_a_slow_host_reader() {
+        let mem = mem();
+        let mut rig = rig(&mem, "drain");
+        let listener = rig.listener(52);
+        rig.send(OP_REQUEST, 52, b"");
+        rig.received();
+        // Until the host socket is full and the device holds some of it (within the credit).
+        let chunk = vec![9u8; MAX_PAYLOAD];
+        let mut chunks = 0;
+        while rig.dev.mux.pending_tx() == 0 {
+            rig.send(OP_RW, 52, &chunk);
+            chunks += 1;
+            assert!(chunks < 24, "the host socket never filled");
+        }
+        rig.send(OP_SHUTDOWN, 52, b"");
+        let pending = rig.received();
+        assert!(pending.iter().all(|(h, _)| h.op != OP_RST), "{pending:?}");
+        let (mut host, _) = listener.accept().unwrap();
+        host.set_nonblocking(true).unwrap();
+        let mut total = 0usize;
+        let mut buf = vec![0u8; MAX_PAYLOAD];
+        loop {
+            match host.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => total += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => rig.host_events(),
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(total, chunks * MAX_PAYLOAD);
+        assert!(rig.received().iter().any(|(h, _)| h.op == OP_RST));
+        assert_eq!(rig.dev.mux.connection_count(), 0);
     }
 
     #[test]

@@ -68,6 +68,8 @@ pub struct Conn {
     pub rx_queued: bool,
     /// When the REQUEST of a host-initiated connection was queued.
     pub requested_at: Option<std::time::Instant>,
+    /// When the guest closed while data still waited for the host stream.
+    pub closing_since: Option<std::time::Instant>,
 }
 
 impl Conn {
@@ -89,6 +91,7 @@ impl Conn {
             peer_no_send: false,
             rx_queued: false,
             requested_at: None,
+            closing_since: None,
         }
     }
 

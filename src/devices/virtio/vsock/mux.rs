@@ -28,7 +28,8 @@ const MAX_HANDSHAKE_LINE: usize = 32;
 pub const MAX_CONTROL: usize = 1024;
 /// First port the host side uses for host-initiated connections.
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
-/// How long a host-initiated connection waits for the guest to accept or refuse it.
+/// How long a host-initiated connection waits for the guest to accept or refuse it, and a
+/// connection the guest closed waits for the host stream to take what it still holds.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Epoll tokens of the listener and the connect timer (streams use their fd).
 const LISTENER: u64 = u64::MAX;
@@ -146,6 +147,12 @@ impl Mux {
 
     pub fn connection_count(&self) -> usize {
         self.conns.len()
+    }
+
+    /// Guest bytes waiting for host streams, over all connections.
+    #[cfg(test)]
+    pub fn pending_tx(&self) -> usize {
+        self.conns.values().map(Conn::pending_tx).sum()
     }
 
     /// Whether the guest must drain its receive queue before more of its packets are taken.
@@ -299,10 +306,16 @@ impl Mux {
             (ConnState::Established, OP_SHUTDOWN) => {
                 let both = SHUTDOWN_RCV | SHUTDOWN_SEND;
                 if hdr.flags & both == both {
-                    // The guest closed: write what is buffered (best effort), then finish.
+                    // The guest closed: finish once what it sent reached the host stream
+                    // (or after the timeout, if the host does not read it).
                     conn.peer_no_send = true;
-                    let _ = conn.flush();
-                    self.reset_conn(key);
+                    conn.peer_no_rcv = true;
+                    if conn.flush().is_err() || conn.pending_tx() == 0 {
+                        self.reset_conn(key);
+                    } else {
+                        conn.closing_since = Some(Instant::now());
+                        self.arm_timer(CONNECT_TIMEOUT);
+                    }
                     return;
                 }
                 conn.peer_no_rcv |= hdr.flags & SHUTDOWN_RCV != 0;
@@ -489,7 +502,8 @@ impl Mux {
     }
 
     /// The timer fired: resumes a paused listener, and resets the host-initiated requests the
-    /// guest left unanswered for [`CONNECT_TIMEOUT`] (their host streams close).
+    /// guest left unanswered for [`CONNECT_TIMEOUT`] (their host streams close) and closed
+    /// connections whose data the host did not take in that time.
     fn on_timer(&mut self) {
         let _ = self.timer.wait();
         self.timer_armed = false;
@@ -504,10 +518,10 @@ impl Mux {
         let mut expired = Vec::new();
         let mut next: Option<Duration> = None;
         for (key, conn) in &self.conns {
-            let Some(at) = conn
+            let requested = conn
                 .requested_at
-                .filter(|_| conn.state == ConnState::Requesting)
-            else {
+                .filter(|_| conn.state == ConnState::Requesting);
+            let Some(at) = requested.or(conn.closing_since) else {
                 continue;
             };
             let age = now.saturating_duration_since(at);
@@ -517,7 +531,13 @@ impl Mux {
             }
         }
         for key in expired {
-            inc(&self.stats.host_refused);
+            if self
+                .conns
+                .get(&key)
+                .is_some_and(|c| c.state == ConnState::Requesting)
+            {
+                inc(&self.stats.host_refused);
+            }
             self.reset_conn(key);
         }
         if let Some(left) = next {
@@ -550,7 +570,7 @@ impl Mux {
         };
         if set.intersects(EventSet::OUT | EventSet::ERROR | EventSet::HANG_UP) {
             let before = conn.pending_tx();
-            if conn.flush().is_err() {
+            if conn.flush().is_err() || (conn.closing_since.is_some() && conn.pending_tx() == 0) {
                 self.reset_conn(key);
                 return;
             }
