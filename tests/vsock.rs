@@ -373,7 +373,8 @@ fn after_a_snapshot_restore_old_connections_are_gone_and_new_ones_work() {
     assert_eq!(echo(&mut old, b"before\n"), b"before\n");
 
     let (snap, mem) = (vm.dir.path("vm.snap"), vm.dir.path("vm.mem"));
-    vm.call("PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
+    let (status, answer) = vm.call("PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
+    assert_eq!(status, 204, "{answer}");
     let body = serde_json::json!({"snapshot_path": snap, "mem_file_path": mem});
     let (status, answer) = vm.call("PUT", "/snapshot/create", Some(&body.to_string()));
     assert_eq!(status, 204, "{answer}");

@@ -330,6 +330,10 @@ impl MutEventSubscriber for VirtioSlot {
             }
             return;
         }
+        // Host-side events too: a device the driver already started must see itself active.
+        if self.sync_requested.load(Ordering::Acquire) {
+            self.sync();
+        }
         lock(&self.device).process_fd(fd);
     }
 
