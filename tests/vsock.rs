@@ -507,8 +507,11 @@ fn linux_user_space_connects_to_the_host_and_accepts_from_it() {
     let uds = dir.path("v.sock");
     let listener = UnixListener::bind(format!("{}_6000", uds.display())).unwrap();
     let config = serde_json::json!({
+        // no-kvmclock: on the PVM hosts here the switch to kvm-clock (clocksource_done_booting)
+        // was seen to stall the guest for over 10 minutes when the host is loaded; vsock does
+        // not care which clock the guest keeps time with.
         "boot-source": {"kernel_image_path": kernel,
-                        "boot_args": "console=ttyS0 reboot=k panic=1 flick.init=serve"},
+                        "boot_args": "console=ttyS0 reboot=k panic=1 no-kvmclock flick.init=serve"},
         "drives": [{"drive_id": "rootfs", "path_on_host": image, "is_root_device": true}],
         "machine-config": {"vcpu_count": 1, "mem_size_mib": 256},
         "vsock": {"guest_cid": CID, "uds_path": uds},
@@ -524,7 +527,9 @@ fn linux_user_space_connects_to_the_host_and_accepts_from_it() {
         .spawn()
         .unwrap();
     let started = Instant::now();
-    let linux_timeout = Duration::from_secs(900);
+    // A hang guard, not a performance bound: on a loaded PVM host init alone has been seen to
+    // take over 6 minutes to reach its prompt.
+    let linux_timeout = Duration::from_secs(1800);
     let log = dir.path("log");
     let wait = |child: &mut Child, needle: &str| loop {
         let text = std::fs::read_to_string(&console).unwrap_or_default();
