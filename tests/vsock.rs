@@ -151,19 +151,29 @@ fn echo(stream: &mut UnixStream, message: &[u8]) -> Vec<u8> {
     back
 }
 
-/// Accepts one connection on `listener` within the timeout.
-fn accept(listener: &UnixListener) -> UnixStream {
+/// A child process killed and reaped when the test ends, passed or not.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Accepts one connection on `listener` within `timeout`.
+fn accept(listener: &UnixListener, timeout: Duration) -> UnixStream {
     listener.set_nonblocking(true).unwrap();
     let start = Instant::now();
     loop {
         match listener.accept() {
             Ok((stream, _)) => {
                 stream.set_nonblocking(false).unwrap();
-                stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+                stream.set_read_timeout(Some(timeout)).unwrap();
                 return stream;
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                assert!(start.elapsed() < IO_TIMEOUT, "nobody connected");
+                assert!(start.elapsed() < timeout, "nobody connected");
                 std::thread::sleep(Duration::from_millis(5));
             }
             Err(e) => panic!("accept: {e}"),
@@ -259,7 +269,7 @@ fn guest_connects_to_the_host_listener_at_uds_path_and_port() {
     config["vsock"] = serde_json::json!({"guest_cid": CID, "uds_path": uds});
     let guest = std::thread::spawn(move || run_config(&config, &[], b""));
 
-    let mut stream = accept(&listener);
+    let mut stream = accept(&listener, IO_TIMEOUT);
     assert_eq!(read_line(&mut stream), "hello from guest\n");
     stream.write_all(b"hi guest\n").unwrap();
     let mut rest = Vec::new();
@@ -518,43 +528,43 @@ fn linux_user_space_connects_to_the_host_and_accepts_from_it() {
     });
     let path = dir.write("vm.json", config.to_string().as_bytes());
     let console = dir.path("console");
-    let mut child = Command::new(flick_bin())
-        .args(["--no-api", "--config-file"])
-        .arg(&path)
-        .stdin(Stdio::piped())
-        .stdout(std::fs::File::create(&console).unwrap())
-        .stderr(std::fs::File::create(dir.path("log")).unwrap())
-        .spawn()
-        .unwrap();
+    let mut child = KillOnDrop(
+        Command::new(flick_bin())
+            .args(["--no-api", "--config-file"])
+            .arg(&path)
+            .stdin(Stdio::piped())
+            .stdout(std::fs::File::create(&console).unwrap())
+            .stderr(std::fs::File::create(dir.path("log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
     let started = Instant::now();
     // A hang guard, not a performance bound: on a loaded PVM host init alone has been seen to
     // take over 6 minutes to reach its prompt.
     let linux_timeout = Duration::from_secs(1800);
     let log = dir.path("log");
-    let wait = |child: &mut Child, needle: &str| loop {
+    let wait = |child: &mut KillOnDrop, needle: &str| loop {
         let text = std::fs::read_to_string(&console).unwrap_or_default();
         if text.contains(needle) {
             return text;
         }
         let log = std::fs::read_to_string(&log).unwrap_or_default();
-        if let Some(status) = child.try_wait().unwrap() {
+        if let Some(status) = child.0.try_wait().unwrap() {
             panic!("flick ended ({status}) before {needle:?}: {text}\n{log}");
         }
         if started.elapsed() > linux_timeout {
-            let _ = child.kill();
             panic!("{needle:?} never appeared: {text}\n{log}");
         }
         std::thread::sleep(Duration::from_millis(50));
     };
     wait(&mut child, "WAITING");
     eprintln!("Linux reached WAITING after {:?}", started.elapsed());
-    let mut stdin = child.stdin.take().unwrap();
+    let mut stdin = child.0.stdin.take().unwrap();
     stdin
         .write_all(b"flick-vsock connect 2 6000 hello-from-linux; flick-vsock listen 52 1\n")
         .unwrap();
 
-    let mut from_guest = accept(&listener);
-    from_guest.set_read_timeout(Some(linux_timeout)).unwrap();
+    let mut from_guest = accept(&listener, linux_timeout);
     assert_eq!(read_line(&mut from_guest), "hello-from-linux\n");
     from_guest.write_all(b"bye linux\n").unwrap();
     drop(from_guest);
@@ -581,7 +591,7 @@ fn linux_user_space_connects_to_the_host_and_accepts_from_it() {
     drop(reader);
     drop(to_guest);
 
-    let code = wait_with_timeout(&mut child, linux_timeout);
+    let code = wait_with_timeout(&mut child.0, linux_timeout);
     let text = std::fs::read_to_string(&console).unwrap_or_default();
     let log = std::fs::read_to_string(dir.path("log")).unwrap_or_default();
     assert!(text.contains("bye linux"), "{text}\n{log}");
