@@ -45,6 +45,10 @@ pub enum ConfigError {
     TapName(String),
     #[error("{0} is not supported by flick yet")]
     NotSupported(&'static str),
+    #[error("invalid guest_cid {0}: must be at least 3 and below 4294967295")]
+    GuestCid(u32),
+    #[error("invalid uds_path \"{0}\": must be 1 to {MAX_UDS_PATH} bytes")]
+    UdsPath(String),
     #[error("mem_backend Uffd is not supported by flick yet")]
     UffdBackend,
     #[error("give either mem_backend or mem_file_path, not both")]
@@ -387,13 +391,46 @@ pub struct MetricsConfig {
     pub properties: Option<std::collections::BTreeMap<String, String>>,
 }
 
-/// `vsock`: accepted in the file shape, not supported yet.
+/// Longest `uds_path`: a unix socket address holds 107 bytes, and guest-initiated connections
+/// append `_<port>` (up to 11 bytes).
+pub const MAX_UDS_PATH: usize = 96;
+
+/// `vsock`: a virtio-vsock device whose host side is the unix socket `uds_path`.
+/// `vsock_id` is Firecracker's deprecated device id, kept only to be shown back.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VsockConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock_id: Option<String>,
     pub guest_cid: u32,
+    pub uds_path: String,
+}
+
+impl VsockConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(id) = &self.vsock_id {
+            validate_id(id)?;
+        }
+        // 0-2 are reserved (hypervisor, local, host); u32::MAX means "any".
+        if self.guest_cid < 3 || self.guest_cid == u32::MAX {
+            return Err(ConfigError::GuestCid(self.guest_cid));
+        }
+        validate_uds_path(&self.uds_path)
+    }
+}
+
+/// Checks a vsock `uds_path` fits a unix socket address with its port suffix.
+pub fn validate_uds_path(path: &str) -> Result<(), ConfigError> {
+    if path.is_empty() || path.len() > MAX_UDS_PATH || path.contains('\0') {
+        return Err(ConfigError::UdsPath(path.to_string()));
+    }
+    Ok(())
+}
+
+/// `vsock_override` of `PUT /snapshot/load`: the restored vsock device listens on another path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockOverride {
     pub uds_path: String,
 }
 
@@ -459,6 +496,8 @@ pub struct SnapshotLoadConfig {
     /// restores the clock where it stopped).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub clock_realtime: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock_override: Option<VsockOverride>,
 }
 
 impl SnapshotLoadConfig {
@@ -676,6 +715,33 @@ mod tests {
         };
         let merged = patch.apply(&base);
         assert_eq!((merged.vcpu_count, merged.mem_size_mib), (2, 64));
+    }
+
+    #[test]
+    fn vsock_needs_a_guest_cid_of_3_or_more_and_a_short_uds_path() {
+        let vsock = |guest_cid, uds_path: &str| VsockConfig {
+            vsock_id: None,
+            guest_cid,
+            uds_path: uds_path.into(),
+        };
+        assert_eq!(vsock(3, "/tmp/v.sock").validate(), Ok(()));
+        for cid in [0, 1, 2, u32::MAX] {
+            assert_eq!(vsock(cid, "/v").validate(), Err(ConfigError::GuestCid(cid)));
+        }
+        assert!(matches!(
+            vsock(3, "").validate(),
+            Err(ConfigError::UdsPath(_))
+        ));
+        let long = "a".repeat(MAX_UDS_PATH + 1);
+        assert!(matches!(
+            vsock(3, &long).validate(),
+            Err(ConfigError::UdsPath(_))
+        ));
+        let bad_id = VsockConfig {
+            vsock_id: Some("a-b".into()),
+            ..vsock(3, "/v")
+        };
+        assert!(matches!(bad_id.validate(), Err(ConfigError::Id(_))));
     }
 
     #[test]

@@ -248,6 +248,7 @@ fn main() -> ExitCode {
             resume_vm: cli.resume,
             network_overrides: Vec::new(),
             clock_realtime: false,
+            vsock_override: None,
         };
         if let Reply::Error(error) = vmm.handle(Action::LoadSnapshot(load)) {
             return fail(&error.message);

@@ -148,9 +148,6 @@ pub fn kernel_cmdline(config: &VmConfig, extra: &[String]) -> String {
 }
 
 fn check_supported(config: &VmConfig) -> Result<(), BuildError> {
-    if config.vsock.is_some() {
-        return Err(BuildError::Unsupported("vsock"));
-    }
     if config.balloon.is_some() {
         return Err(BuildError::Unsupported("the balloon device"));
     }

@@ -52,6 +52,8 @@ pub enum VmmError {
     },
     #[error("{0} is not supported by flick yet")]
     NotSupported(&'static str),
+    #[error("invalid uds_path {0}: it already exists")]
+    UdsPathExists(String),
     #[error("cannot encode the reply")]
     Encode(#[source] serde_json::Error),
 }

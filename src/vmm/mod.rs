@@ -266,7 +266,15 @@ impl Vmm {
                 self.config.entropy = Some(entropy);
                 Ok(Reply::Empty)
             }
-            Action::PutVsock(_) => Err(VmmError::NotSupported("vsock")),
+            Action::PutVsock(vsock) => {
+                vsock.validate()?;
+                // The listener is created at boot; a path already taken fails this request.
+                if std::fs::symlink_metadata(&vsock.uds_path).is_ok() {
+                    return Err(VmmError::UdsPathExists(vsock.uds_path));
+                }
+                self.config.vsock = Some(vsock);
+                Ok(Reply::Empty)
+            }
             Action::InstanceStart => {
                 self.start()?;
                 Ok(Reply::Empty)

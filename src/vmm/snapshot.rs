@@ -36,6 +36,8 @@ pub enum SnapshotOpError {
     BadParameters(#[from] crate::config::ConfigError),
     #[error("network_overrides: the snapshot has no interface \"{0}\"")]
     UnknownOverride(String),
+    #[error("vsock_override: the snapshot has no vsock device")]
+    NoVsock,
     #[error("the snapshot was taken on {0}; this flick runs {arch}", arch = Current::NAME)]
     WrongArch(String),
     #[error("cannot capture VM state")]
@@ -235,8 +237,18 @@ pub fn load(
             return Err(SnapshotOpError::UnknownOverride(id.clone()));
         }
     }
-    let opened = Opened::from_saved(&snap.devices, Overrides { taps: &taps })
-        .map_err(SnapshotOpError::Devices)?;
+    let vsock_uds_path = params.vsock_override.as_ref().map(|o| o.uds_path.as_str());
+    if let Some(path) = vsock_uds_path {
+        crate::config::validate_uds_path(path)?;
+        if !snap.devices.iter().any(|d| d.kind == "vsock") {
+            return Err(SnapshotOpError::NoVsock);
+        }
+    }
+    let overrides = Overrides {
+        taps: &taps,
+        vsock_uds_path,
+    };
+    let opened = Opened::from_saved(&snap.devices, overrides).map_err(SnapshotOpError::Devices)?;
 
     let mut phases = Phases::new();
     let mem = map_memory(&mem_file, mem_path, &snap.ram)?;

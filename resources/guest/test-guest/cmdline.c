@@ -175,6 +175,23 @@ static void apply(const char *tok, size_t len, struct tg_opts *o)
 		set_u64(val, vlen, &o->blk_dev);
 	else if (key_is(tok, klen, "tg.rng"))
 		set_u64(val, vlen, &o->rng);
+	else if (key_is(tok, klen, "tg.vsock")) {
+		static const struct {
+			const char *name;
+			enum vsock_mode mode;
+		} modes[] = {
+			{ "off", VSOCK_OFF }, { "listen", VSOCK_LISTEN }, { "connect", VSOCK_CONNECT },
+			{ "hostile", VSOCK_HOSTILE },
+		};
+		for (size_t i = 0; i < ARRAY_SIZE(modes); i++)
+			if (val_is(val, vlen, modes[i].name))
+				o->vsock = modes[i].mode;
+	} else if (key_is(tok, klen, "tg.vsock_port"))
+		set_u64(val, vlen, &o->vsock_port);
+	else if (key_is(tok, klen, "tg.vsock_count"))
+		set_u64(val, vlen, &o->vsock_count);
+	else if (key_is(tok, klen, "tg.vsock_timeout_ms"))
+		set_u64(val, vlen, &o->vsock_timeout_ms);
 	else if (key_is(tok, klen, "tg.kbd"))
 		set_bool(val, vlen, &o->kbd);
 	else if (key_is(tok, klen, "tg.blk_late"))
@@ -258,6 +275,10 @@ void opts_parse(const char *cmdline, u32 len, struct tg_opts *o)
 	o->net_port = 9;
 	o->net_rx_frames = 0;
 	o->rng = 0;
+	o->vsock = VSOCK_OFF;
+	o->vsock_port = 52;
+	o->vsock_count = 1;
+	o->vsock_timeout_ms = 10000;
 	o->nr_virtio = 0; /* virtio_slots[] is written up to nr_virtio */
 
 	u32 i = 0;

@@ -153,7 +153,8 @@ void tg_main(u32 protocol, u64 info)
 	mptable_print(&mp);
 	smp_boot(&bi, &mp, &opts);
 
-	if (opts.virtio || opts.blk != BLK_OFF || opts.net != NET_OFF || opts.rng)
+	if (opts.virtio || opts.blk != BLK_OFF || opts.net != NET_OFF || opts.rng ||
+	    opts.vsock != VSOCK_OFF)
 		virtio_probe_all(&opts);
 	if (opts.blk != BLK_OFF && !opts.blk_late)
 		virtio_blk_run(&opts);
@@ -161,6 +162,8 @@ void tg_main(u32 protocol, u64 info)
 		virtio_net_run(&opts);
 	if (opts.rng)
 		virtio_rng_run(&opts);
+	if (opts.vsock != VSOCK_OFF)
+		virtio_vsock_run(&opts);
 
 	count();
 	if (opts.blk != BLK_OFF && opts.blk_late)

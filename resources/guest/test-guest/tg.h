@@ -145,6 +145,7 @@ void bootinfo_add_reserved(struct bootinfo *bi, u64 start, u64 len);
 enum exit_mode { EXIT_REBOOT, EXIT_HALT, EXIT_FAULT };
 enum blk_mode { BLK_OFF, BLK_CHECK, BLK_READ, BLK_WRITE, BLK_BENCH, BLK_HOSTILE };
 enum net_mode { NET_OFF, NET_INFO, NET_PING, NET_SERVE, NET_BENCH };
+enum vsock_mode { VSOCK_OFF, VSOCK_LISTEN, VSOCK_CONNECT, VSOCK_HOSTILE };
 
 /* Most virtio_mmio.device= entries kept from the command line. */
 #define MAX_VIRTIO_SLOTS 16
@@ -190,6 +191,10 @@ struct tg_opts {
 	u64 net_port;       /* tg.net_port: the peer's UDP port for the benchmark (default 9) */
 	u64 net_rx_frames;  /* tg.net_rx_frames: datagrams of the receive benchmark (default 0) */
 	u64 rng;            /* tg.rng: bytes to ask the entropy device for, twice (0 = off) */
+	enum vsock_mode vsock; /* tg.vsock */
+	u64 vsock_port;     /* tg.vsock_port: port to listen on or connect to (default 52) */
+	u64 vsock_count;    /* tg.vsock_count: connections to serve, 0 = until idle (default 1) */
+	u64 vsock_timeout_ms; /* tg.vsock_timeout_ms: longest wait for a packet (default 10000) */
 	u32 nr_virtio;      /* virtio_mmio.device= entries, in command-line order */
 	struct virtio_slot virtio_slots[MAX_VIRTIO_SLOTS];
 };
@@ -227,6 +232,7 @@ void virtio_probe_all(const struct tg_opts *o);
 void virtio_blk_run(const struct tg_opts *o);
 void virtio_net_run(const struct tg_opts *o);
 void virtio_rng_run(const struct tg_opts *o);
+void virtio_vsock_run(const struct tg_opts *o);
 
 /* ---- main.c ---- */
 void tg_main(u32 protocol, u64 info);

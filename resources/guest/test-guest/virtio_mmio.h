@@ -58,8 +58,8 @@
 #define VIRTIO_ID_BLOCK 2
 #define VIRTIO_ID_RNG 4
 
-/* Queues per device the transport keeps (virtio-net needs receive and transmit). */
-#define VIRTIO_MAX_QUEUES 2
+/* Queues per device the transport keeps (virtio-vsock needs receive, transmit, event). */
+#define VIRTIO_MAX_QUEUES 3
 
 struct virtio_dev {
 	u32 slot; /* position among the virtio_mmio.device= entries */

@@ -9,6 +9,7 @@ pub mod block;
 pub mod mmio;
 pub mod net;
 pub mod rng;
+pub mod vsock;
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -80,6 +81,10 @@ pub enum DeviceError {
     Tap(#[from] crate::devices::tap::TapError),
     #[error("cannot create a rate-limiter timer")]
     Timer(#[source] std::io::Error),
+    #[error("cannot listen on uds_path {0}")]
+    VsockListen(String, #[source] std::io::Error),
+    #[error("cannot create an epoll instance")]
+    Epoll(#[source] std::io::Error),
     #[error("this update does not apply to a {0} device")]
     WrongUpdate(&'static str),
     #[error("invalid saved {0} state: {1}")]
@@ -97,7 +102,7 @@ impl DeviceError {
     /// Whether the host rather than the request is at fault.
     pub fn is_internal(&self) -> bool {
         match self {
-            DeviceError::Timer(_) => true,
+            DeviceError::Timer(_) | DeviceError::Epoll(_) => true,
             DeviceError::Of { source, .. } => source.is_internal(),
             _ => false,
         }
@@ -219,6 +224,8 @@ impl std::fmt::Debug for NewDevice {
 pub struct Overrides<'a> {
     /// `(iface_id, host_dev_name)`: attach the interface to another TAP.
     pub taps: &'a [(String, String)],
+    /// `vsock_override.uds_path`: the vsock device listens there instead.
+    pub vsock_uds_path: Option<&'a str>,
 }
 
 /// What a kind of virtio device provides to the VMM's device registry. Each kind describes
@@ -240,7 +247,7 @@ pub struct DeviceKind {
 }
 
 /// Every kind of virtio device, in the order their devices take slots.
-pub const KINDS: &[&DeviceKind] = &[&block::KIND, &net::KIND, &rng::KIND];
+pub const KINDS: &[&DeviceKind] = &[&block::KIND, &net::KIND, &rng::KIND, &vsock::KIND];
 
 /// Decodes a device's saved form, naming the kind on failure.
 pub fn from_saved<T: serde::de::DeserializeOwned>(
@@ -322,6 +329,10 @@ impl MutEventSubscriber for VirtioSlot {
                 device.process_queue(index);
             }
             return;
+        }
+        // Host-side events too: a device the driver already started must see itself active.
+        if self.sync_requested.load(Ordering::Acquire) {
+            self.sync();
         }
         lock(&self.device).process_fd(fd);
     }
