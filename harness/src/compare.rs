@@ -151,8 +151,10 @@ fn write_vm_config(
     if let Some(i) = initrd {
         boot["initrd_path"] = json!(i);
     }
+    // `drives` (empty) because Firecracker's config-file parser requires the key.
     let cfg = json!({
         "boot-source": boot,
+        "drives": [],
         "machine-config": {"vcpu_count": 1, "mem_size_mib": mem_mib},
     });
     std::fs::write(path, serde_json::to_string_pretty(&cfg).unwrap()).expect("write vm config");
