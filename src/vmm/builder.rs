@@ -151,9 +151,6 @@ fn check_supported(config: &VmConfig) -> Result<(), BuildError> {
     if config.vsock.is_some() {
         return Err(BuildError::Unsupported("vsock"));
     }
-    if config.balloon.is_some() {
-        return Err(BuildError::Unsupported("the balloon device"));
-    }
     Ok(())
 }
 

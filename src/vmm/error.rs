@@ -48,6 +48,8 @@ pub enum VmmError {
     },
     #[error("{0} is not supported by flick yet")]
     NotSupported(&'static str),
+    #[error("no balloon device is configured (PUT /balloon before boot)")]
+    NoBalloon,
     #[error("cannot encode the reply")]
     Encode(#[source] serde_json::Error),
 }
