@@ -175,6 +175,12 @@ static void apply(const char *tok, size_t len, struct tg_opts *o)
 		set_u64(val, vlen, &o->blk_dev);
 	else if (key_is(tok, klen, "tg.rng"))
 		set_u64(val, vlen, &o->rng);
+	else if (key_is(tok, klen, "tg.balloon"))
+		set_u64(val, vlen, &o->balloon);
+	else if (key_is(tok, klen, "tg.balloon_hostile"))
+		set_bool(val, vlen, &o->balloon_hostile);
+	else if (key_is(tok, klen, "tg.balloon_timeout_ms"))
+		set_u64(val, vlen, &o->balloon_timeout_ms);
 	else if (key_is(tok, klen, "tg.kbd"))
 		set_bool(val, vlen, &o->kbd);
 	else if (key_is(tok, klen, "tg.blk_late"))
@@ -258,6 +264,9 @@ void opts_parse(const char *cmdline, u32 len, struct tg_opts *o)
 	o->net_port = 9;
 	o->net_rx_frames = 0;
 	o->rng = 0;
+	o->balloon = 0;
+	o->balloon_hostile = 0;
+	o->balloon_timeout_ms = 60000;
 	o->nr_virtio = 0; /* virtio_slots[] is written up to nr_virtio */
 
 	u32 i = 0;

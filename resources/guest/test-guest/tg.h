@@ -190,6 +190,9 @@ struct tg_opts {
 	u64 net_port;       /* tg.net_port: the peer's UDP port for the benchmark (default 9) */
 	u64 net_rx_frames;  /* tg.net_rx_frames: datagrams of the receive benchmark (default 0) */
 	u64 rng;            /* tg.rng: bytes to ask the entropy device for, twice (0 = off) */
+	u64 balloon;        /* tg.balloon: MiB to touch and balloon (0 = off) */
+	int balloon_hostile; /* tg.balloon_hostile=1: malformed balloon requests first */
+	u64 balloon_timeout_ms; /* tg.balloon_timeout_ms: longest wait for a target (default 60000) */
 	u32 nr_virtio;      /* virtio_mmio.device= entries, in command-line order */
 	struct virtio_slot virtio_slots[MAX_VIRTIO_SLOTS];
 };
@@ -227,6 +230,8 @@ void virtio_probe_all(const struct tg_opts *o);
 void virtio_blk_run(const struct tg_opts *o);
 void virtio_net_run(const struct tg_opts *o);
 void virtio_rng_run(const struct tg_opts *o);
+/* usable: bytes of usable RAM in the memory map. */
+void virtio_balloon_run(const struct tg_opts *o, u64 usable);
 
 /* ---- main.c ---- */
 void tg_main(u32 protocol, u64 info);

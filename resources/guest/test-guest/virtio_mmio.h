@@ -57,9 +57,10 @@
 #define VIRTIO_ID_NET 1
 #define VIRTIO_ID_BLOCK 2
 #define VIRTIO_ID_RNG 4
+#define VIRTIO_ID_BALLOON 5
 
-/* Queues per device the transport keeps (virtio-net needs receive and transmit). */
-#define VIRTIO_MAX_QUEUES 2
+/* Queues per device the transport keeps (virtio-balloon: inflate, deflate, stats). */
+#define VIRTIO_MAX_QUEUES 3
 
 struct virtio_dev {
 	u32 slot; /* position among the virtio_mmio.device= entries */
