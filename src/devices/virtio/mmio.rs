@@ -525,9 +525,13 @@ mod tests {
     }
 
     fn setup() -> (MmioTransport, Arc<Mutex<Dummy>>, EventFd) {
+        setup_with(ConfigSpace::new(b"abcdefgh".to_vec()))
+    }
+
+    fn setup_with(config: Arc<ConfigSpace>) -> (MmioTransport, Arc<Mutex<Dummy>>, EventFd) {
         let dev = Arc::new(Mutex::new(Dummy {
             active: false,
-            config: ConfigSpace::new(b"abcdefgh".to_vec()),
+            config,
             resets: 0,
         }));
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
@@ -570,6 +574,17 @@ mod tests {
         wr(t, 0x90, 0x2000);
         wr(t, 0xa0, 0x3000);
         wr(t, 0x44, 1);
+    }
+
+    #[test]
+    fn config_writes_reach_only_the_writable_bytes() {
+        let (mut t, dev, _) = setup_with(ConfigSpace::with_writable(b"abcdefgh".to_vec(), 4..8));
+        wr(&mut t, CONFIG_SPACE, u32::from_le_bytes(*b"WXYZ"));
+        wr(&mut t, CONFIG_SPACE + 4, u32::from_le_bytes(*b"wxyz"));
+        wr(&mut t, CONFIG_SPACE + 6, u32::from_le_bytes(*b"1234"));
+        let mut bytes = [0u8; 8];
+        dev.lock().unwrap().config.read(0, &mut bytes);
+        assert_eq!(&bytes, b"abcdwxyz");
     }
 
     #[test]
