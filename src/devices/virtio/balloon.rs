@@ -387,7 +387,7 @@ impl Balloon {
             saved,
             queue_sizes: vec![QUEUE_SIZE; queues],
             config_space: ConfigSpace::with_writable(
-                config_bytes(saved.amount_mib * PAGES_PER_MIB, 0),
+                config_bytes(saved.amount_mib.saturating_mul(PAGES_PER_MIB), 0),
                 4..CONFIG_BYTES,
             ),
             timer,
@@ -852,6 +852,38 @@ mod tests {
             "a released page reads as zero"
         );
         assert_eq!(dev.stats.inflated_pages.load(Ordering::Relaxed), 3);
+    }
+
+    #[test]
+    fn released_pages_of_a_private_file_mapping_read_as_zero_not_as_the_file() {
+        use std::io::Write as _;
+        use vm_memory::mmap::MmapRegionBuilder;
+        use vm_memory::{FileOffset, GuestRegionMmap};
+        let path = std::env::temp_dir().join(format!("flick-balloon-{}", std::process::id()));
+        let mut file = std::fs::File::create(&path).unwrap();
+        file.write_all(&[0x5a; 4 * 4096]).unwrap();
+        let file = std::fs::OpenOptions::new().read(true).open(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let region = MmapRegionBuilder::new(4 * 4096)
+            .with_file_offset(FileOffset::new(file, 0))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .build()
+            .unwrap();
+        let region = GuestRegionMmap::new(region, GuestAddress(0)).unwrap();
+        let mem = GuestMemoryMmap::from_regions(vec![region]).unwrap();
+        mem.write_slice(&[0xaa; 4096], GuestAddress(PAGE_SIZE))
+            .unwrap();
+
+        release(&mem, GuestAddress(PAGE_SIZE), 2).unwrap();
+
+        let mut page = [0xffu8; 4096];
+        for (index, expected) in [(0, 0x5a), (1, 0), (2, 0), (3, 0x5a)] {
+            mem.read_slice(&mut page, GuestAddress(index * PAGE_SIZE))
+                .unwrap();
+            assert!(page.iter().all(|&b| b == expected), "page {index}");
+        }
+        assert!(release(&mem, GuestAddress(3 * PAGE_SIZE), 2).is_err());
     }
 
     #[test]
