@@ -618,11 +618,12 @@ fn linux_balloon_driver_inflates_on_patch_and_reports_statistics() {
     );
     wait_console_for(&vm, "WAITING", LINUX_TIMEOUT);
     eprintln!("Linux reached user space after {:?}", start.elapsed());
-    // Touch most of the guest's free memory (dd's 120 MiB buffer), free it again, and stay.
+    // Touch much of the guest's memory from user space (a string doubled up to 64 MiB: the
+    // copies run natively, only page faults enter the guest kernel), free it, and stay.
     write_console_line(
         &mut vm,
-        "dd if=/dev/zero of=/dev/null bs=120M count=1 2>/dev/null; free -m; echo TOUCHED; \
-         sleep 3600",
+        "awk 'BEGIN { s = \"0123456789abcdef\"; while (length(s) < 64 * 1048576) s = s s; \
+         print length(s) }'; free -m; echo TOUCHED; sleep 3600",
     );
     let console = wait_console_for(&vm, "TOUCHED", LINUX_TIMEOUT);
     let pid = vm.child.id();
