@@ -616,6 +616,11 @@ impl VirtioDevice for Balloon {
             interrupt: activation.interrupt,
         });
         self.arm_timer();
+        // Linux posts its first statistics buffer and notifies before it sets DRIVER_OK; that
+        // notification found the device inactive. Look at every queue now.
+        for index in 0..expected {
+            self.process_queue(index);
+        }
         Ok(())
     }
 
@@ -965,6 +970,33 @@ mod tests {
         assert!(report.get("swap_in").is_none(), "{report}");
         dev.request_stats();
         assert_eq!(used_idx(&mem, &qs[STATS]), 1, "the poll returns it");
+    }
+
+    #[test]
+    fn a_stats_buffer_posted_before_activation_is_taken_at_activation() {
+        let mem = mem();
+        let mut dev = balloon(1);
+        let stats = MockSplitQueue::create(&mem, GuestAddress(0x2_0000), 16);
+        let mut entry = 5u16.to_le_bytes().to_vec();
+        entry.extend_from_slice(&4096u64.to_le_bytes());
+        mem.write_slice(&entry, GuestAddress(ARRAY)).unwrap();
+        stats.add_desc_chains(&[desc(ARRAY, 10, 0, 0)], 0).unwrap();
+
+        let others: Vec<_> = (0..2u64)
+            .map(|i| MockSplitQueue::create(&mem, GuestAddress(i * 0x1_0000), 16))
+            .collect();
+        let mut queues: Vec<Queue> = others.iter().map(|m| m.create_queue().unwrap()).collect();
+        queues.push(stats.create_queue().unwrap());
+        dev.activate(Activation {
+            mem: mem.clone(),
+            queues,
+            acked_features: VIRTIO_F_VERSION_1 | F_STATS_VQ,
+            interrupt: Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap())),
+        })
+        .unwrap();
+
+        assert_eq!(dev.report().unwrap()["total_memory"], 4096);
+        assert_eq!(dev.state.stats_head, Some(0));
     }
 
     #[test]
