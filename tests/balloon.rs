@@ -591,7 +591,7 @@ fn linux_balloon_driver_inflates_on_patch_and_reports_statistics() {
         return;
     };
     const MEM_MIB: u64 = 256;
-    const TARGET_MIB: u64 = 96;
+    const TARGET_MIB: u64 = 64;
     let mut vm = Vm::start("linux");
     let start = Instant::now();
     let image = copy_rootfs(&vm.dir.path(""), &rootfs);
@@ -625,11 +625,11 @@ fn linux_balloon_driver_inflates_on_patch_and_reports_statistics() {
     );
     wait_console_for(&vm, "WAITING", LINUX_TIMEOUT);
     eprintln!("Linux reached user space after {:?}", start.elapsed());
-    // Touch much of the guest's memory from user space (a string doubled up to 64 MiB: the
-    // copies run natively, only page faults enter the guest kernel), free it, and stay.
+    // Touch guest memory from user space (a string doubled up to 32 MiB: the copies run
+    // natively, only page faults enter the guest kernel), free it, and stay.
     write_console_line(
         &mut vm,
-        "awk 'BEGIN { s = \"0123456789abcdef\"; while (length(s) < 64 * 1048576) s = s s; \
+        "awk 'BEGIN { s = \"0123456789abcdef\"; while (length(s) < 32 * 1048576) s = s s; \
          print length(s) }'; free -m; echo TOUCHED; sleep 3600",
     );
     let console = wait_console_for(&vm, "TOUCHED", LINUX_TIMEOUT);
@@ -660,7 +660,7 @@ fn linux_balloon_driver_inflates_on_patch_and_reports_statistics() {
     );
     assert_eq!(stats["target_mib"], TARGET_MIB, "{stats}");
     assert!(
-        before > after && before - after >= TARGET_MIB * MIB / 4,
+        before > after && before - after >= 8 * MIB,
         "inflating {TARGET_MIB} MiB freed only {:.1} MiB ({:.1} -> {:.1} MiB)",
         mib(before.saturating_sub(after)),
         mib(before),
