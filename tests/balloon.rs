@@ -677,12 +677,9 @@ fn linux_balloon_driver_inflates_on_patch_and_reports_statistics() {
         total <= MEM_MIB * MIB && total > MEM_MIB * MIB / 2,
         "{stats}"
     );
-    for field in [
-        "free_memory",
-        "available_memory",
-        "major_faults",
-        "minor_faults",
-    ] {
+    // The memory counters; this guest kernel has no VM event counters (CONFIG_VM_EVENT_COUNTERS),
+    // so its driver sends no swap or fault numbers.
+    for field in ["free_memory", "available_memory", "disk_caches"] {
         assert!(stats[field].is_u64(), "{field}: {stats}");
     }
 }
