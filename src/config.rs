@@ -57,6 +57,11 @@ pub enum ConfigError {
     NoMemBackend,
     #[error("invalid cpu_template \"{0}\": only \"None\" is supported (see cpu_profile)")]
     CpuTemplate(String),
+    #[error("invalid amount_mib {amount_mib}: the balloon cannot be larger than guest memory ({mem_size_mib} MiB)")]
+    BalloonTooLarge {
+        amount_mib: u32,
+        mem_size_mib: usize,
+    },
 }
 
 /// Checks a Firecracker-style resource id: non-empty, alphanumerics and `_` only.
@@ -555,7 +560,7 @@ pub struct VmConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<SerialConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub balloon: Option<serde_json::Value>,
+    pub balloon: Option<BalloonConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entropy: Option<EntropyConfig>,
 }
@@ -566,6 +571,42 @@ pub struct VmConfig {
 pub struct EntropyConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limiter: Option<RateLimiterConfig>,
+}
+
+/// `balloon`: a virtio-balloon device. `amount_mib` is the target the guest's driver inflates
+/// to; statistics are polled every `stats_polling_interval_s` seconds (0: off).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonConfig {
+    pub amount_mib: u32,
+    pub deflate_on_oom: bool,
+    #[serde(default)]
+    pub stats_polling_interval_s: u16,
+}
+
+/// Checks a balloon target against guest memory.
+pub fn validate_balloon_amount(amount_mib: u32, mem_size_mib: usize) -> Result<(), ConfigError> {
+    if usize::try_from(amount_mib).map_or(true, |a| a > mem_size_mib) {
+        return Err(ConfigError::BalloonTooLarge {
+            amount_mib,
+            mem_size_mib,
+        });
+    }
+    Ok(())
+}
+
+/// `PATCH /balloon` body: a new target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonUpdate {
+    pub amount_mib: u32,
+}
+
+/// `PATCH /balloon/statistics` body: a new polling interval.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonStatsUpdate {
+    pub stats_polling_interval_s: u16,
 }
 
 /// A config file that cannot be parsed.
@@ -604,6 +645,19 @@ mod tests {
         let refused = with(r#", "huge_pages": "2M""#).unwrap_err().to_string();
         assert!(refused.contains("not supported"), "{refused}");
         assert!(with(r#", "track_dirty_pages": true"#).is_err());
+    }
+
+    #[test]
+    fn balloon_takes_firecracker_fields_and_checks_its_amount() {
+        let cfg = VmConfig::from_json(r#"{"balloon": {"amount_mib": 16, "deflate_on_oom": true}}"#)
+            .unwrap();
+        let balloon = cfg.balloon.unwrap();
+        assert_eq!(balloon.stats_polling_interval_s, 0);
+        assert!(validate_balloon_amount(128, 128).is_ok());
+        let refused = validate_balloon_amount(129, 128).unwrap_err().to_string();
+        assert!(refused.contains("larger than guest memory"), "{refused}");
+        let missing = VmConfig::from_json(r#"{"balloon": {"amount_mib": 1}}"#).unwrap_err();
+        assert!(missing.to_string().contains("deflate_on_oom"), "{missing}");
     }
 
     #[test]

@@ -10,9 +10,9 @@ use std::sync::mpsc;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::config::{
-    BootSourceConfig, DriveConfig, EntropyConfig, LoggerConfig, MachineConfig, MachineConfigUpdate,
-    MetricsConfig, NetConfig, RateLimiterConfig, SerialConfig, SnapshotCreateConfig,
-    SnapshotLoadConfig, VmConfig, VsockConfig,
+    BalloonConfig, BalloonStatsUpdate, BalloonUpdate, BootSourceConfig, DriveConfig, EntropyConfig,
+    LoggerConfig, MachineConfig, MachineConfigUpdate, MetricsConfig, NetConfig, RateLimiterConfig,
+    SerialConfig, SnapshotCreateConfig, SnapshotLoadConfig, VmConfig, VsockConfig,
 };
 
 /// `PATCH /drives/{id}` body.
@@ -57,6 +57,11 @@ pub enum Action {
     PutVsock(VsockConfig),
     PutSerial(SerialConfig),
     PutEntropy(EntropyConfig),
+    PutBalloon(BalloonConfig),
+    PatchBalloon(BalloonUpdate),
+    PatchBalloonStats(BalloonStatsUpdate),
+    GetBalloon,
+    GetBalloonStats,
     InstanceStart,
     SendCtrlAltDel,
     FlushMetrics,
@@ -96,6 +101,9 @@ impl Action {
         }
         if let Some(entropy) = &config.entropy {
             actions.push(Action::PutEntropy(*entropy));
+        }
+        if let Some(balloon) = &config.balloon {
+            actions.push(Action::PutBalloon(*balloon));
         }
         actions
     }

@@ -8,9 +8,9 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use crate::config::{
-    describe_json_error, validate_id, BootSourceConfig, DriveConfig, EntropyConfig, LoggerConfig,
-    MachineConfig, MachineConfigUpdate, MetricsConfig, NetConfig, SerialConfig,
-    SnapshotCreateConfig, SnapshotLoadConfig, VsockConfig,
+    describe_json_error, validate_id, BalloonConfig, BalloonStatsUpdate, BalloonUpdate,
+    BootSourceConfig, DriveConfig, EntropyConfig, LoggerConfig, MachineConfig, MachineConfigUpdate,
+    MetricsConfig, NetConfig, SerialConfig, SnapshotCreateConfig, SnapshotLoadConfig, VsockConfig,
 };
 use crate::control::{Action, DriveUpdate, NetUpdate};
 
@@ -34,12 +34,13 @@ pub enum Endpoint {
     Logger,
     Metrics,
     Vsock,
+    Balloon,
     /// Anything else, including paths flick does not serve.
     Other,
 }
 
 impl Endpoint {
-    pub const ALL: [Endpoint; 13] = [
+    pub const ALL: [Endpoint; 14] = [
         Endpoint::Root,
         Endpoint::Version,
         Endpoint::VmConfig,
@@ -52,6 +53,7 @@ impl Endpoint {
         Endpoint::Logger,
         Endpoint::Metrics,
         Endpoint::Vsock,
+        Endpoint::Balloon,
         Endpoint::Other,
     ];
 
@@ -73,6 +75,7 @@ impl Endpoint {
             ["logger"] => Endpoint::Logger,
             ["metrics"] => Endpoint::Metrics,
             ["vsock"] => Endpoint::Vsock,
+            ["balloon"] | ["balloon", "statistics"] => Endpoint::Balloon,
             _ => Endpoint::Other,
         }
     }
@@ -91,6 +94,7 @@ impl Endpoint {
             Endpoint::Logger => "/logger",
             Endpoint::Metrics => "/metrics",
             Endpoint::Vsock => "/vsock",
+            Endpoint::Balloon => "/balloon",
             Endpoint::Other => "other",
         }
     }
@@ -181,6 +185,8 @@ fn get(segments: &[&str]) -> Option<Action> {
         ["vm", "config"] => Action::GetVmConfig,
         ["machine-config"] => Action::GetMachineConfig,
         ["metrics"] => Action::GetMetrics,
+        ["balloon"] => Action::GetBalloon,
+        ["balloon", "statistics"] => Action::GetBalloonStats,
         _ => return None,
     };
     Some(action)
@@ -206,6 +212,7 @@ fn put(segments: &[&str], body: &[u8]) -> Option<Result<Action, RouteError>> {
         ["vsock"] => parse::<VsockConfig>(body).map(Action::PutVsock),
         ["serial"] => parse::<SerialConfig>(body).map(Action::PutSerial),
         ["entropy"] => parse::<EntropyConfig>(body).map(Action::PutEntropy),
+        ["balloon"] => parse::<BalloonConfig>(body).map(Action::PutBalloon),
         ["snapshot", "create"] => parse::<SnapshotCreateConfig>(body).map(Action::CreateSnapshot),
         ["snapshot", "load"] => parse::<SnapshotLoadConfig>(body).map(Action::LoadSnapshot),
         _ => return None,
@@ -225,6 +232,10 @@ fn patch(segments: &[&str], body: &[u8]) -> Option<Result<Action, RouteError>> {
             VmStateRequest::Paused => Action::Pause,
             VmStateRequest::Resumed => Action::Resume,
         }),
+        ["balloon"] => parse::<BalloonUpdate>(body).map(Action::PatchBalloon),
+        ["balloon", "statistics"] => {
+            parse::<BalloonStatsUpdate>(body).map(Action::PatchBalloonStats)
+        }
         _ => return None,
     };
     Some(result)
@@ -234,7 +245,7 @@ fn patch(segments: &[&str], body: &[u8]) -> Option<Result<Action, RouteError>> {
 fn firecracker_only(segments: &[&str]) -> bool {
     matches!(
         segments,
-        ["balloon", ..] | ["mmds", ..] | ["cpu-config"] | ["pmem", ..] | ["hotplug", ..]
+        ["mmds", ..] | ["cpu-config"] | ["pmem", ..] | ["hotplug", ..]
     )
 }
 
@@ -530,8 +541,37 @@ mod tests {
 
     #[test]
     fn firecracker_endpoints_flick_lacks_say_so() {
-        let err = route("PUT", "/balloon", b"{}").unwrap_err().to_string();
-        assert_eq!(err, "PUT /balloon is not supported by flick yet.");
+        let err = route("PUT", "/cpu-config", b"{}").unwrap_err().to_string();
+        assert_eq!(err, "PUT /cpu-config is not supported by flick yet.");
+    }
+
+    #[test]
+    fn balloon_routes_parse_their_bodies() {
+        let put = route(
+            "PUT",
+            "/balloon",
+            br#"{"amount_mib": 8, "deflate_on_oom": false, "stats_polling_interval_s": 1}"#,
+        );
+        assert!(matches!(put, Ok(Action::PutBalloon(b)) if b.stats_polling_interval_s == 1));
+        let patch = route("PATCH", "/balloon", br#"{"amount_mib": 4}"#);
+        assert!(matches!(patch, Ok(Action::PatchBalloon(b)) if b.amount_mib == 4));
+        let stats = route(
+            "PATCH",
+            "/balloon/statistics",
+            br#"{"stats_polling_interval_s": 2}"#,
+        );
+        assert!(
+            matches!(stats, Ok(Action::PatchBalloonStats(s)) if s.stats_polling_interval_s == 2)
+        );
+        assert_eq!(route("GET", "/balloon", b""), Ok(Action::GetBalloon));
+        assert_eq!(
+            route("GET", "/balloon/statistics", b""),
+            Ok(Action::GetBalloonStats)
+        );
+        let negative = route("PATCH", "/balloon", br#"{"amount_mib": -1}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(negative.contains("invalid value"), "{negative}");
     }
 
     #[test]

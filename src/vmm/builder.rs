@@ -23,8 +23,6 @@ use crate::kvm::vm::{Vm, VmError};
 pub enum BuildError {
     #[error("no boot source: configure boot-source (kernel_image_path) before InstanceStart")]
     NoBootSource,
-    #[error("{0} is not supported by this build of flick yet")]
-    Unsupported(&'static str),
     #[error("mem_size_mib {requested} exceeds the host's memory ({host} MiB)")]
     MemoryTooLarge { requested: usize, host: u64 },
     #[error("cannot allocate {0} MiB of guest memory")]
@@ -145,13 +143,6 @@ pub fn kernel_cmdline(config: &VmConfig, extra: &[String]) -> String {
         cmdline.push_str(entry);
     }
     cmdline
-}
-
-fn check_supported(config: &VmConfig) -> Result<(), BuildError> {
-    if config.balloon.is_some() {
-        return Err(BuildError::Unsupported("the balloon device"));
-    }
-    Ok(())
 }
 
 /// Creates the KVM VM around `mem` and its `vcpus` vCPUs (not yet configured): memory slots
@@ -281,7 +272,6 @@ pub fn build(config: &VmConfig, ctx: BuildContext) -> Result<RunningVm, BuildErr
         .boot_source
         .as_ref()
         .ok_or(BuildError::NoBootSource)?;
-    check_supported(config)?;
     let machine = &config.machine_config;
     check_memory(machine.mem_size_mib)?;
     let opened = Opened::from_config(config, Overrides::default())?;

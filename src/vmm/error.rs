@@ -54,6 +54,8 @@ pub enum VmmError {
     NotSupported(&'static str),
     #[error("invalid uds_path {0}: it already exists")]
     UdsPathExists(String),
+    #[error("no balloon device is configured (PUT /balloon before boot)")]
+    NoBalloon,
     #[error("cannot encode the reply")]
     Encode(#[source] serde_json::Error),
 }

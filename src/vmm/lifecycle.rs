@@ -72,6 +72,11 @@ pub fn action_name(action: &Action) -> &'static str {
         Action::PutVsock(_) => "PUT /vsock",
         Action::PutSerial(_) => "PUT /serial",
         Action::PutEntropy(_) => "PUT /entropy",
+        Action::PutBalloon(_) => "PUT /balloon",
+        Action::PatchBalloon(_) => "PATCH /balloon",
+        Action::PatchBalloonStats(_) => "PATCH /balloon/statistics",
+        Action::GetBalloon => "GET /balloon",
+        Action::GetBalloonStats => "GET /balloon/statistics",
         Action::InstanceStart => "InstanceStart",
         Action::SendCtrlAltDel => "SendCtrlAltDel",
         Action::FlushMetrics => "FlushMetrics",
@@ -88,7 +93,8 @@ fn phase(action: &Action) -> Phase {
         | Action::GetVersion
         | Action::GetVmConfig
         | Action::GetMachineConfig
-        | Action::GetMetrics => Phase::Any,
+        | Action::GetMetrics
+        | Action::GetBalloon => Phase::Any,
         Action::PutMachineConfig(_)
         | Action::PatchMachineConfig(_)
         | Action::PutBootSource(_)
@@ -99,10 +105,14 @@ fn phase(action: &Action) -> Phase {
         | Action::PutVsock(_)
         | Action::PutSerial(_)
         | Action::PutEntropy(_)
+        | Action::PutBalloon(_)
         | Action::InstanceStart
         | Action::LoadSnapshot(_) => Phase::BeforeStart,
         Action::PatchDrive(_)
         | Action::PatchNetworkInterface(_)
+        | Action::PatchBalloon(_)
+        | Action::PatchBalloonStats(_)
+        | Action::GetBalloonStats
         | Action::SendCtrlAltDel
         | Action::FlushMetrics
         | Action::Pause

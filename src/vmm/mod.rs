@@ -23,6 +23,7 @@ use crate::control::{Action, ControlReceiver, Reply};
 use crate::devices::boot_timer::{process_cpu_us, BootTimes};
 use crate::devices::bus::lock;
 use crate::devices::legacy::SerialOut;
+use crate::devices::virtio::balloon::{self, BalloonChange};
 use crate::devices::virtio::{block, net, DeviceError, DeviceUpdate};
 use crate::kvm::vcpu::VcpuCommand;
 use builder::{BuildContext, RunningVm};
@@ -274,6 +275,32 @@ impl Vmm {
                 }
                 self.config.vsock = Some(vsock);
                 Ok(Reply::Empty)
+            }
+            Action::PutBalloon(balloon) => {
+                let mem_size_mib = self.config.machine_config.mem_size_mib;
+                config::validate_balloon_amount(balloon.amount_mib, mem_size_mib)?;
+                self.config.balloon = Some(balloon);
+                Ok(Reply::Empty)
+            }
+            Action::GetBalloon => json(self.config.balloon.as_ref().ok_or(VmmError::NoBalloon)?),
+            Action::PatchBalloon(update) => {
+                self.config.balloon.ok_or(VmmError::NoBalloon)?;
+                let mem_size_mib = self.config.machine_config.mem_size_mib;
+                config::validate_balloon_amount(update.amount_mib, mem_size_mib)?;
+                let change = BalloonChange::TargetMib(update.amount_mib);
+                self.update_device(&balloon::KIND, balloon::ID, DeviceUpdate::Balloon(change))?;
+                Ok(Reply::Empty)
+            }
+            Action::PatchBalloonStats(update) => {
+                self.config.balloon.ok_or(VmmError::NoBalloon)?;
+                let change = BalloonChange::StatsIntervalS(update.stats_polling_interval_s);
+                self.update_device(&balloon::KIND, balloon::ID, DeviceUpdate::Balloon(change))?;
+                Ok(Reply::Empty)
+            }
+            Action::GetBalloonStats => {
+                self.config.balloon.ok_or(VmmError::NoBalloon)?;
+                let vm = self.running()?;
+                json(&vm.devices.report(&balloon::KIND, balloon::ID)?)
             }
             Action::InstanceStart => {
                 self.start()?;

@@ -231,6 +231,13 @@ impl Registry {
         Ok(())
     }
 
+    /// What device `id` of `kind` reports about itself (the balloon's statistics).
+    pub fn report(&self, kind: &DeviceKind, id: &str) -> Result<serde_json::Value, RegistryError> {
+        let entry = self.find(kind, id)?;
+        let report = lock(&entry.device).report()?;
+        Ok(report)
+    }
+
     /// Every device's metric samples, labelled with its id.
     pub fn samples(&self, out: &mut Vec<Sample>) {
         for entry in &self.entries {

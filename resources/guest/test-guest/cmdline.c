@@ -192,6 +192,12 @@ static void apply(const char *tok, size_t len, struct tg_opts *o)
 		set_u64(val, vlen, &o->vsock_count);
 	else if (key_is(tok, klen, "tg.vsock_timeout_ms"))
 		set_u64(val, vlen, &o->vsock_timeout_ms);
+	else if (key_is(tok, klen, "tg.balloon"))
+		set_u64(val, vlen, &o->balloon);
+	else if (key_is(tok, klen, "tg.balloon_hostile"))
+		set_bool(val, vlen, &o->balloon_hostile);
+	else if (key_is(tok, klen, "tg.balloon_timeout_ms"))
+		set_u64(val, vlen, &o->balloon_timeout_ms);
 	else if (key_is(tok, klen, "tg.kbd"))
 		set_bool(val, vlen, &o->kbd);
 	else if (key_is(tok, klen, "tg.blk_late"))
@@ -279,6 +285,9 @@ void opts_parse(const char *cmdline, u32 len, struct tg_opts *o)
 	o->vsock_port = 52;
 	o->vsock_count = 1;
 	o->vsock_timeout_ms = 10000;
+	o->balloon = 0;
+	o->balloon_hostile = 0;
+	o->balloon_timeout_ms = 60000;
 	o->nr_virtio = 0; /* virtio_slots[] is written up to nr_virtio */
 
 	u32 i = 0;

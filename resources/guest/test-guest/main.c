@@ -41,6 +41,15 @@ static void print_cmdline(void)
 	tg_printf("\n");
 }
 
+static u64 usable_bytes(void)
+{
+	u64 usable = 0;
+	for (u32 i = 0; i < bi.nr_mem; i++)
+		if (bi.mem[i].type == 1)
+			usable += bi.mem[i].size;
+	return usable;
+}
+
 static void print_memmap(void)
 {
 	u64 usable = 0;
@@ -154,7 +163,7 @@ void tg_main(u32 protocol, u64 info)
 	smp_boot(&bi, &mp, &opts);
 
 	if (opts.virtio || opts.blk != BLK_OFF || opts.net != NET_OFF || opts.rng ||
-	    opts.vsock != VSOCK_OFF)
+	    opts.vsock != VSOCK_OFF || opts.balloon)
 		virtio_probe_all(&opts);
 	if (opts.blk != BLK_OFF && !opts.blk_late)
 		virtio_blk_run(&opts);
@@ -164,6 +173,8 @@ void tg_main(u32 protocol, u64 info)
 		virtio_rng_run(&opts);
 	if (opts.vsock != VSOCK_OFF)
 		virtio_vsock_run(&opts);
+	if (opts.balloon)
+		virtio_balloon_run(&opts, usable_bytes());
 
 	count();
 	if (opts.blk != BLK_OFF && opts.blk_late)

@@ -195,6 +195,9 @@ struct tg_opts {
 	u64 vsock_port;     /* tg.vsock_port: port to listen on or connect to (default 52) */
 	u64 vsock_count;    /* tg.vsock_count: connections to serve, 0 = until idle (default 1) */
 	u64 vsock_timeout_ms; /* tg.vsock_timeout_ms: longest wait for a packet (default 10000) */
+	u64 balloon;        /* tg.balloon: MiB to touch and balloon (0 = off) */
+	int balloon_hostile; /* tg.balloon_hostile=1: malformed balloon requests first */
+	u64 balloon_timeout_ms; /* tg.balloon_timeout_ms: longest wait for a target (default 60000) */
 	u32 nr_virtio;      /* virtio_mmio.device= entries, in command-line order */
 	struct virtio_slot virtio_slots[MAX_VIRTIO_SLOTS];
 };
@@ -233,6 +236,8 @@ void virtio_blk_run(const struct tg_opts *o);
 void virtio_net_run(const struct tg_opts *o);
 void virtio_rng_run(const struct tg_opts *o);
 void virtio_vsock_run(const struct tg_opts *o);
+/* usable: bytes of usable RAM in the memory map. */
+void virtio_balloon_run(const struct tg_opts *o, u64 usable);
 
 /* ---- main.c ---- */
 void tg_main(u32 protocol, u64 info);

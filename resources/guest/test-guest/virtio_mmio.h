@@ -57,8 +57,10 @@
 #define VIRTIO_ID_NET 1
 #define VIRTIO_ID_BLOCK 2
 #define VIRTIO_ID_RNG 4
+#define VIRTIO_ID_BALLOON 5
 
-/* Queues per device the transport keeps (virtio-vsock needs receive, transmit, event). */
+/* Queues per device the transport keeps (virtio-vsock: receive, transmit, event; virtio-balloon:
+ * inflate, deflate, stats). */
 #define VIRTIO_MAX_QUEUES 3
 
 struct virtio_dev {

@@ -164,15 +164,14 @@ impl MmioTransport {
 
     /// Captures the registers and, for an active device, its live queue progress.
     pub fn snapshot(&self) -> TransportSnapshot {
-        let live = lock(&self.device).queue_states();
-        let queues = if live.len() == self.queues.len() {
-            live.into_iter().map(QueueSnapshot::from).collect()
-        } else {
-            self.queues
-                .iter()
-                .map(|q| QueueSnapshot::from(q.state()))
-                .collect()
-        };
+        // An active device's queues (the first ones, when it uses fewer than it has) hold the
+        // live progress; the transport's copies hold the rest.
+        let mut live = lock(&self.device).queue_states().into_iter();
+        let queues = self
+            .queues
+            .iter()
+            .map(|q| QueueSnapshot::from(live.next().unwrap_or_else(|| q.state())))
+            .collect();
         TransportSnapshot {
             features_select: self.features_select,
             acked_features_select: self.acked_features_select,
@@ -307,12 +306,17 @@ impl MmioTransport {
 
     /// Called on the VMM thread after DRIVER_OK: hands the queues to the device.
     pub fn activate_device(&mut self) -> Result<(), ActivateError> {
-        if self.status & STATUS_DRIVER_OK == 0 || lock(&self.device).is_active() {
-            return Ok(());
-        }
-        let result = self.check_queues().and_then(|()| {
-            let queues = self
-                .queues
+        let in_use = {
+            let device = lock(&self.device);
+            if self.status & STATUS_DRIVER_OK == 0 || device.is_active() {
+                return Ok(());
+            }
+            device
+                .queues_in_use(self.acked_features)
+                .min(self.queues.len())
+        };
+        let result = self.check_queues(in_use).and_then(|()| {
+            let queues = self.queues[..in_use]
                 .iter()
                 .map(|q| Queue::try_from(q.state()))
                 .collect::<Result<Vec<_>, _>>()
@@ -331,15 +335,17 @@ impl MmioTransport {
         result
     }
 
-    fn check_queues(&self) -> Result<(), ActivateError> {
-        let ready = self.queues.iter().filter(|q| q.ready()).count();
-        if ready != self.queues.len() {
+    /// Checks that the first `in_use` queues are ready and valid in guest memory.
+    fn check_queues(&self, in_use: usize) -> Result<(), ActivateError> {
+        let queues = &self.queues[..in_use];
+        let ready = queues.iter().filter(|q| q.ready()).count();
+        if ready != in_use {
             return Err(ActivateError::QueueCount {
-                expected: self.queues.len(),
+                expected: in_use,
                 found: ready,
             });
         }
-        match self.queues.iter().position(|q| !q.is_valid(&self.mem)) {
+        match queues.iter().position(|q| !q.is_valid(&self.mem)) {
             Some(index) => Err(ActivateError::BadQueue(index)),
             None => Ok(()),
         }
@@ -445,7 +451,8 @@ impl BusDevice for MmioTransport {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         if offset >= CONFIG_SPACE {
-            // No device has writable configuration fields: the write is ignored.
+            // Only a device's writable fields take the write; anything else is ignored.
+            self.config.write(offset - CONFIG_SPACE, data);
             return;
         }
         if let Ok(bytes) = <[u8; 4]>::try_from(data) {
@@ -518,9 +525,13 @@ mod tests {
     }
 
     fn setup() -> (MmioTransport, Arc<Mutex<Dummy>>, EventFd) {
+        setup_with(ConfigSpace::new(b"abcdefgh".to_vec()))
+    }
+
+    fn setup_with(config: Arc<ConfigSpace>) -> (MmioTransport, Arc<Mutex<Dummy>>, EventFd) {
         let dev = Arc::new(Mutex::new(Dummy {
             active: false,
-            config: ConfigSpace::new(b"abcdefgh".to_vec()),
+            config,
             resets: 0,
         }));
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
@@ -563,6 +574,17 @@ mod tests {
         wr(t, 0x90, 0x2000);
         wr(t, 0xa0, 0x3000);
         wr(t, 0x44, 1);
+    }
+
+    #[test]
+    fn config_writes_reach_only_the_writable_bytes() {
+        let (mut t, dev, _) = setup_with(ConfigSpace::with_writable(b"abcdefgh".to_vec(), 4..8));
+        wr(&mut t, CONFIG_SPACE, u32::from_le_bytes(*b"WXYZ"));
+        wr(&mut t, CONFIG_SPACE + 4, u32::from_le_bytes(*b"wxyz"));
+        wr(&mut t, CONFIG_SPACE + 6, u32::from_le_bytes(*b"1234"));
+        let mut bytes = [0u8; 8];
+        dev.lock().unwrap().config.read(0, &mut bytes);
+        assert_eq!(&bytes, b"abcdwxyz");
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! event-loop subscriber of one device. When the guest sets DRIVER_OK the transport only signals
 //! an eventfd; the VMM thread then activates the device, so no device work runs on a vCPU thread.
 
+pub mod balloon;
 pub mod block;
 pub mod mmio;
 pub mod net;
@@ -79,6 +80,8 @@ pub enum DeviceError {
     Block(#[from] block::BlockError),
     #[error(transparent)]
     Tap(#[from] crate::devices::tap::TapError),
+    #[error(transparent)]
+    Balloon(#[from] balloon::BalloonError),
     #[error("cannot create a rate-limiter timer")]
     Timer(#[source] std::io::Error),
     #[error("cannot listen on uds_path {0}")]
@@ -87,6 +90,8 @@ pub enum DeviceError {
     Epoll(#[source] std::io::Error),
     #[error("this update does not apply to a {0} device")]
     WrongUpdate(&'static str),
+    #[error("a {0} device has no report")]
+    NoReport(&'static str),
     #[error("invalid saved {0} state: {1}")]
     SavedState(&'static str, String),
     #[error("{noun} {id}")]
@@ -103,6 +108,7 @@ impl DeviceError {
     pub fn is_internal(&self) -> bool {
         match self {
             DeviceError::Timer(_) | DeviceError::Epoll(_) => true,
+            DeviceError::Balloon(e) => e.is_internal(),
             DeviceError::Of { source, .. } => source.is_internal(),
             _ => false,
         }
@@ -128,20 +134,31 @@ pub struct Activation {
 }
 
 /// A device's configuration space, shared with its transport: vCPU threads read it without
-/// taking the device's lock (which the VMM thread holds across host I/O). Guest writes are
-/// ignored: no device here has writable configuration fields.
+/// taking the device's lock (which the VMM thread holds across host I/O). Guest writes land only
+/// in the device's writable byte range (the balloon's `actual`); elsewhere they are ignored.
 #[derive(Debug, Default)]
-pub struct ConfigSpace(Mutex<Vec<u8>>);
+pub struct ConfigSpace {
+    bytes: Mutex<Vec<u8>>,
+    writable: std::ops::Range<usize>,
+}
 
 impl ConfigSpace {
     pub fn new(bytes: Vec<u8>) -> Arc<Self> {
-        Arc::new(ConfigSpace(Mutex::new(bytes)))
+        Self::with_writable(bytes, 0..0)
+    }
+
+    /// A configuration space whose bytes in `writable` the driver may write.
+    pub fn with_writable(bytes: Vec<u8>, writable: std::ops::Range<usize>) -> Arc<Self> {
+        Arc::new(ConfigSpace {
+            bytes: Mutex::new(bytes),
+            writable,
+        })
     }
 
     /// Copies the bytes at `offset` into `data`; bytes past the end read as zero.
     pub fn read(&self, offset: u64, data: &mut [u8]) {
         data.fill(0);
-        let config = lock(&self.0);
+        let config = lock(&self.bytes);
         let start = usize::try_from(offset).unwrap_or(usize::MAX);
         if start < config.len() {
             let n = data.len().min(config.len() - start);
@@ -149,9 +166,33 @@ impl ConfigSpace {
         }
     }
 
+    /// A driver's write at `offset`: applied only if it lies within the writable range.
+    pub fn write(&self, offset: u64, data: &[u8]) -> bool {
+        let Ok(start) = usize::try_from(offset) else {
+            return false;
+        };
+        let Some(end) = start.checked_add(data.len()) else {
+            return false;
+        };
+        if start < self.writable.start || end > self.writable.end {
+            return false;
+        }
+        let mut config = lock(&self.bytes);
+        if end > config.len() {
+            return false;
+        }
+        config[start..end].copy_from_slice(data);
+        true
+    }
+
     /// Replaces the contents (the device's configuration changed).
     pub fn replace(&self, bytes: Vec<u8>) {
-        *lock(&self.0) = bytes;
+        *lock(&self.bytes) = bytes;
+    }
+
+    /// A copy of the contents.
+    pub fn bytes(&self) -> Vec<u8> {
+        lock(&self.bytes).clone()
     }
 }
 
@@ -160,6 +201,7 @@ impl ConfigSpace {
 pub enum DeviceUpdate {
     Drive(crate::control::DriveUpdate),
     Net(crate::control::NetUpdate),
+    Balloon(balloon::BalloonChange),
 }
 
 /// A virtio device's own behaviour; the transport does the rest.
@@ -168,6 +210,11 @@ pub trait VirtioDevice: Send {
     fn device_type(&self) -> u32;
     /// Maximum size of each queue; the length is the number of queues.
     fn queue_max_sizes(&self) -> &[u16];
+    /// How many of the queues (the first ones) a driver that acknowledged `acked_features`
+    /// sets up; the transport activates the device with those.
+    fn queues_in_use(&self, _acked_features: u64) -> usize {
+        self.queue_max_sizes().len()
+    }
     /// Features offered to the driver.
     fn features(&self) -> u64;
     /// The device configuration space, shared with the transport.
@@ -200,6 +247,10 @@ pub trait VirtioDevice: Send {
     fn metrics(&self, out: &mut Vec<Sample>);
     /// Applies a runtime update; `Ok(true)` when the guest must be told its configuration changed.
     fn update(&mut self, update: &DeviceUpdate) -> Result<bool, DeviceError>;
+    /// What the device reports about itself at run time (the balloon's statistics).
+    fn report(&self) -> Result<serde_json::Value, DeviceError> {
+        Err(DeviceError::NoReport("virtio"))
+    }
 }
 
 /// A device opened from its configuration, ready to be attached to a VM.
@@ -247,7 +298,13 @@ pub struct DeviceKind {
 }
 
 /// Every kind of virtio device, in the order their devices take slots.
-pub const KINDS: &[&DeviceKind] = &[&block::KIND, &net::KIND, &rng::KIND, &vsock::KIND];
+pub const KINDS: &[&DeviceKind] = &[
+    &block::KIND,
+    &net::KIND,
+    &rng::KIND,
+    &vsock::KIND,
+    &balloon::KIND,
+];
 
 /// Decodes a device's saved form, naming the kind on failure.
 pub fn from_saved<T: serde::de::DeserializeOwned>(
