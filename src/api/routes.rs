@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 use crate::config::{
     describe_json_error, validate_id, BootSourceConfig, DriveConfig, EntropyConfig, LoggerConfig,
-    MachineConfig, MachineConfigUpdate, MetricsConfig, NetConfig, SerialConfig,
+    MachineConfig, MachineConfigUpdate, MetricsConfig, MmdsConfig, NetConfig, SerialConfig,
     SnapshotCreateConfig, SnapshotLoadConfig, VsockConfig,
 };
 use crate::control::{Action, DriveUpdate, NetUpdate};
@@ -34,12 +34,13 @@ pub enum Endpoint {
     Logger,
     Metrics,
     Vsock,
+    Mmds,
     /// Anything else, including paths flick does not serve.
     Other,
 }
 
 impl Endpoint {
-    pub const ALL: [Endpoint; 13] = [
+    pub const ALL: [Endpoint; 14] = [
         Endpoint::Root,
         Endpoint::Version,
         Endpoint::VmConfig,
@@ -52,6 +53,7 @@ impl Endpoint {
         Endpoint::Logger,
         Endpoint::Metrics,
         Endpoint::Vsock,
+        Endpoint::Mmds,
         Endpoint::Other,
     ];
 
@@ -73,6 +75,7 @@ impl Endpoint {
             ["logger"] => Endpoint::Logger,
             ["metrics"] => Endpoint::Metrics,
             ["vsock"] => Endpoint::Vsock,
+            ["mmds"] | ["mmds", "config"] => Endpoint::Mmds,
             _ => Endpoint::Other,
         }
     }
@@ -91,6 +94,7 @@ impl Endpoint {
             Endpoint::Logger => "/logger",
             Endpoint::Metrics => "/metrics",
             Endpoint::Vsock => "/vsock",
+            Endpoint::Mmds => "/mmds",
             Endpoint::Other => "other",
         }
     }
@@ -142,6 +146,8 @@ pub enum RouteError {
     IdMismatch,
     #[error("An error occurred when deserializing the json body of a request: {0}.")]
     Json(String),
+    #[error("Unrecognized PUT request path `{0}`.")]
+    UnrecognizedPut(String),
 }
 
 /// The action a request asks for, or why it cannot be served.
@@ -181,6 +187,7 @@ fn get(segments: &[&str]) -> Option<Action> {
         ["vm", "config"] => Action::GetVmConfig,
         ["machine-config"] => Action::GetMachineConfig,
         ["metrics"] => Action::GetMetrics,
+        ["mmds"] => Action::GetMmds,
         _ => return None,
     };
     Some(action)
@@ -208,6 +215,9 @@ fn put(segments: &[&str], body: &[u8]) -> Option<Result<Action, RouteError>> {
         ["entropy"] => parse::<EntropyConfig>(body).map(Action::PutEntropy),
         ["snapshot", "create"] => parse::<SnapshotCreateConfig>(body).map(Action::CreateSnapshot),
         ["snapshot", "load"] => parse::<SnapshotLoadConfig>(body).map(Action::LoadSnapshot),
+        ["mmds"] => parse::<serde_json::Value>(body).map(Action::PutMmds),
+        ["mmds", "config"] => parse::<MmdsConfig>(body).map(Action::PutMmdsConfig),
+        ["mmds", other] => Err(RouteError::UnrecognizedPut(other.to_string())),
         _ => return None,
     };
     Some(result)
@@ -225,6 +235,7 @@ fn patch(segments: &[&str], body: &[u8]) -> Option<Result<Action, RouteError>> {
             VmStateRequest::Paused => Action::Pause,
             VmStateRequest::Resumed => Action::Resume,
         }),
+        ["mmds"] => parse::<serde_json::Value>(body).map(Action::PatchMmds),
         _ => return None,
     };
     Some(result)
@@ -234,7 +245,7 @@ fn patch(segments: &[&str], body: &[u8]) -> Option<Result<Action, RouteError>> {
 fn firecracker_only(segments: &[&str]) -> bool {
     matches!(
         segments,
-        ["balloon", ..] | ["mmds", ..] | ["cpu-config"] | ["pmem", ..] | ["hotplug", ..]
+        ["balloon", ..] | ["cpu-config"] | ["pmem", ..] | ["hotplug", ..]
     )
 }
 
@@ -532,6 +543,29 @@ mod tests {
     fn firecracker_endpoints_flick_lacks_say_so() {
         let err = route("PUT", "/balloon", b"{}").unwrap_err().to_string();
         assert_eq!(err, "PUT /balloon is not supported by flick yet.");
+    }
+
+    #[test]
+    fn mmds_routes_carry_the_document_and_the_config() {
+        let put = route("PUT", "/mmds", br#"{"latest": {"a": "b"}}"#);
+        assert!(matches!(put, Ok(Action::PutMmds(v)) if v["latest"]["a"] == "b"));
+        let patch = route("PATCH", "/mmds", br#"{"x": null}"#);
+        assert!(matches!(patch, Ok(Action::PatchMmds(_))));
+        assert_eq!(route("GET", "/mmds", b""), Ok(Action::GetMmds));
+        let config = route(
+            "PUT",
+            "/mmds/config",
+            br#"{"network_interfaces": ["eth0"], "version": "V2", "ipv4_address": "169.254.170.2"}"#,
+        );
+        assert!(matches!(config, Ok(Action::PutMmdsConfig(c)) if c.ipv4_address.is_some()));
+        let bad_ip = route(
+            "PUT",
+            "/mmds/config",
+            br#"{"network_interfaces": [], "ipv4_address": "1.2.3"}"#,
+        );
+        assert!(matches!(bad_ip, Err(RouteError::Json(_))));
+        let other = route("PUT", "/mmds/other", b"{}").unwrap_err().to_string();
+        assert_eq!(other, "Unrecognized PUT request path `other`.");
     }
 
     #[test]

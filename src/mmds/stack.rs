@@ -91,7 +91,7 @@ impl phy::Device for Packets {
     }
 
     fn transmit(&mut self, _: smoltcp::time::Instant) -> Option<TxToken<'_>> {
-        (self.tx.len() < MAX_QUEUED_FRAMES).then(|| TxToken(&mut self.tx))
+        (self.tx.len() < MAX_QUEUED_FRAMES).then_some(TxToken(&mut self.tx))
     }
 
     fn capabilities(&self) -> DeviceCapabilities {

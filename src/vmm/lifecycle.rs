@@ -79,6 +79,10 @@ pub fn action_name(action: &Action) -> &'static str {
         Action::Resume => "Resuming",
         Action::CreateSnapshot(_) => "Creating a snapshot",
         Action::LoadSnapshot(_) => "Loading a snapshot",
+        Action::GetMmds => "GET /mmds",
+        Action::PutMmds(_) => "PUT /mmds",
+        Action::PatchMmds(_) => "PATCH /mmds",
+        Action::PutMmdsConfig(_) => "PUT /mmds/config",
     }
 }
 
@@ -88,7 +92,10 @@ fn phase(action: &Action) -> Phase {
         | Action::GetVersion
         | Action::GetVmConfig
         | Action::GetMachineConfig
-        | Action::GetMetrics => Phase::Any,
+        | Action::GetMetrics
+        | Action::GetMmds
+        | Action::PutMmds(_)
+        | Action::PatchMmds(_) => Phase::Any,
         Action::PutMachineConfig(_)
         | Action::PatchMachineConfig(_)
         | Action::PutBootSource(_)
@@ -99,6 +106,7 @@ fn phase(action: &Action) -> Phase {
         | Action::PutVsock(_)
         | Action::PutSerial(_)
         | Action::PutEntropy(_)
+        | Action::PutMmdsConfig(_)
         | Action::InstanceStart
         | Action::LoadSnapshot(_) => Phase::BeforeStart,
         Action::PatchDrive(_)

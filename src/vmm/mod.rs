@@ -80,6 +80,8 @@ pub struct Vmm {
     pending_input: Vec<u8>,
     /// Metrics lines a slow or absent metrics reader did not take.
     metrics_lines_lost: u64,
+    /// The MMDS data store, shared with the interfaces that answer for it.
+    mmds: crate::mmds::SharedMmds,
 }
 
 impl std::fmt::Debug for Vmm {
@@ -119,7 +121,13 @@ impl Vmm {
             metrics_timer: None,
             pending_input: Vec::new(),
             metrics_lines_lost: 0,
+            mmds: crate::mmds::shared(crate::mmds::Mmds::default()),
         }
+    }
+
+    /// Sets the largest MMDS document accepted, in bytes (`--mmds-size-limit`).
+    pub fn set_mmds_size_limit(&mut self, bytes: usize) {
+        crate::mmds::lock(&self.mmds).set_size_limit(bytes);
     }
 
     pub fn state(&self) -> VmState {
@@ -230,6 +238,21 @@ impl Vmm {
                 Ok(Reply::Empty)
             }
             Action::PutVsock(_) => Err(VmmError::NotSupported("vsock")),
+            Action::GetMmds => Ok(Reply::Json(crate::mmds::lock(&self.mmds).document())),
+            Action::PutMmds(data) => {
+                crate::mmds::lock(&self.mmds).put(data)?;
+                Ok(Reply::Empty)
+            }
+            Action::PatchMmds(patch) => {
+                crate::mmds::lock(&self.mmds).patch(&patch)?;
+                Ok(Reply::Empty)
+            }
+            Action::PutMmdsConfig(mmds) => {
+                mmds.validate(&self.config.network_interfaces)?;
+                crate::mmds::lock(&self.mmds).configure(mmds.version, mmds.imds_compat);
+                self.config.mmds_config = Some(mmds);
+                Ok(Reply::Empty)
+            }
             Action::InstanceStart => {
                 self.start()?;
                 Ok(Reply::Empty)
@@ -356,6 +379,7 @@ impl Vmm {
             started_cpu_us,
             boot_times: self.boot_times.clone(),
             vcpu_seccomp: self.options.vcpu_seccomp.clone(),
+            mmds: self.mmds.clone(),
         })
     }
 

@@ -235,8 +235,11 @@ pub fn load(
             return Err(SnapshotOpError::UnknownOverride(id.clone()));
         }
     }
-    let opened = Opened::from_saved(&snap.devices, Overrides { taps: &taps })
-        .map_err(SnapshotOpError::Devices)?;
+    let overrides = Overrides {
+        taps: &taps,
+        mmds: Some(&ctx.mmds),
+    };
+    let opened = Opened::from_saved(&snap.devices, overrides).map_err(SnapshotOpError::Devices)?;
 
     let mut phases = Phases::new();
     let mem = map_memory(&mem_file, mem_path, &snap.ram)?;
