@@ -364,69 +364,103 @@ fn artifact(var: &str) -> Option<PathBuf> {
     }
 }
 
-/// Boots Linux (`flick.init=serve`) in `ns` with MMDS `version` on eth0 and `--metadata`, types
-/// `command` once init waits for it, and returns the console once flick has exited (code 0).
-fn linux_serve(ns: &NetNs, tag: &str, version: &str, command: &str) -> Option<String> {
+const METADATA: &str =
+    r#"{"latest": {"meta-data": {"ami-id": "ami-flick", "local-ipv4": "169.254.0.2"}}}"#;
+
+/// A config that boots Linux with `flick.init=serve` and MMDS `version` on eth0 in `ns`.
+fn linux_config(ns: &NetNs, version: &str) -> Option<serde_json::Value> {
     let kernel = artifact("FLICK_KERNEL_BZIMAGE")?;
     let initrd = artifact("FLICK_INITRAMFS")?;
-    let dir = TempDir::new(tag);
-    let meta = dir.write(
-        "meta.json",
-        br#"{"latest": {"meta-data": {"ami-id": "ami-flick", "local-ipv4": "169.254.0.2"}}}"#,
-    );
-    let config = serde_json::json!({
+    Some(serde_json::json!({
         "boot-source": {"kernel_image_path": kernel, "initrd_path": initrd,
                         "boot_args": "console=ttyS0 reboot=k panic=1 flick.init=serve"},
         "machine-config": {"vcpu_count": 1, "mem_size_mib": 256},
         "network-interfaces": [{"iface_id": "eth0", "host_dev_name": ns.tap,
                                 "guest_mac": "06:00:0a:00:2b:02"}],
         "mmds-config": {"network_interfaces": ["eth0"], "version": version}
-    });
-    let path = dir.write("vm.json", config.to_string().as_bytes());
-    let console = dir.path("console");
-    let _one = ONE_LINUX_VM.lock().unwrap_or_else(|p| p.into_inner());
-    let mut child = ns
-        .command(&[
-            flick_bin(),
-            "--no-api",
-            "--level",
-            "Info",
-            "--metadata",
-            meta.to_str().unwrap(),
-            "--config-file",
-            path.to_str().unwrap(),
-        ])
+    }))
+}
+
+/// Starts flick in `ns` with `args`, console in `dir/<tag>.console`, stdin piped.
+fn spawn_flick(ns: &NetNs, dir: &TempDir, tag: &str, args: &[&str]) -> (Child, PathBuf) {
+    let console = dir.path(&format!("{tag}.console"));
+    let mut argv = vec![flick_bin(), "--level", "Info"];
+    argv.extend_from_slice(args);
+    let child = ns
+        .command(&argv)
         .stdin(Stdio::piped())
         .stdout(std::fs::File::create(&console).unwrap())
-        .stderr(std::fs::File::create(dir.path("log")).unwrap())
+        .stderr(std::fs::File::create(dir.path(&format!("{tag}.log"))).unwrap())
         .spawn()
         .unwrap();
-    let start = Instant::now();
-    let mut typed = false;
-    let code = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status.code();
+    (child, console)
+}
+
+/// Waits until the console shows `WAITING`; fails the test if flick ends or time runs out.
+fn wait_for_waiting(child: &mut Child, console: &Path, start: Instant) {
+    loop {
+        let text = std::fs::read_to_string(console).unwrap_or_default();
+        if text.contains("WAITING") {
+            return;
         }
-        let text = std::fs::read_to_string(&console).unwrap_or_default();
-        if !typed && text.contains("WAITING") {
-            let stdin = child.stdin.as_mut().unwrap();
-            stdin.write_all(format!("{command}\n").as_bytes()).unwrap();
-            stdin.flush().unwrap();
-            typed = true;
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("flick ended ({status}) before init waited: {text}");
         }
         if start.elapsed() > LINUX_TIMEOUT {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("Linux did not finish in time: {text}");
+            panic!("Linux did not reach WAITING in time: {text}");
         }
         std::thread::sleep(Duration::from_millis(50));
-    };
-    let text = std::fs::read_to_string(&console).unwrap_or_default();
-    let log = std::fs::read_to_string(dir.path("log")).unwrap_or_default();
-    eprintln!("Linux MMDS run took {:?}", start.elapsed());
-    assert!(typed, "init never waited for a command: {text}\n{log}");
+    }
+}
+
+/// Types `command` on the console, waits for flick to end, requires exit code 0; the console.
+fn type_and_finish(mut child: Child, console: &Path, command: &str) -> String {
+    let stdin = child.stdin.as_mut().unwrap();
+    stdin.write_all(format!("{command}\n").as_bytes()).unwrap();
+    stdin.flush().unwrap();
+    let code = wait_with_timeout(&mut child, LINUX_TIMEOUT);
+    let text = std::fs::read_to_string(console).unwrap_or_default();
+    let log = std::fs::read_to_string(console.with_extension("log")).unwrap_or_default();
     assert_eq!(code, Some(0), "{text}\n{log}");
+    text
+}
+
+/// Boots Linux (`flick.init=serve`) in `ns` with MMDS `version` on eth0 and `--metadata`, types
+/// `command` once init waits for it, and returns the console once flick has exited (code 0).
+fn linux_serve(ns: &NetNs, tag: &str, version: &str, command: &str) -> Option<String> {
+    let config = linux_config(ns, version)?;
+    let dir = TempDir::new(tag);
+    let meta = dir.write("meta.json", METADATA.as_bytes());
+    let path = dir.write("vm.json", config.to_string().as_bytes());
+    let _one = ONE_LINUX_VM.lock().unwrap_or_else(|p| p.into_inner());
+    let start = Instant::now();
+    let args = [
+        "--no-api",
+        "--metadata",
+        meta.to_str().unwrap(),
+        "--config-file",
+        path.to_str().unwrap(),
+    ];
+    let (mut child, console) = spawn_flick(ns, &dir, "vm", &args);
+    wait_for_waiting(&mut child, &console, start);
+    let text = type_and_finish(child, &console, command);
+    eprintln!("Linux MMDS run took {:?}", start.elapsed());
     Some(text)
+}
+
+/// Gets a V2 token with `nc` (busybox `wget` cannot `PUT`), tries a `GET` without it, then with.
+fn v2_command(ns: &NetNs) -> String {
+    let put = "printf 'PUT /latest/api/token HTTP/1.0\\r\\nX-metadata-token-ttl-seconds: 60\\r\\n\
+               \\r\\n' | nc 169.254.169.254 80 | tail -n 1";
+    let url = "http://169.254.169.254/latest/meta-data/ami-id";
+    format!(
+        "{}; T=$({put}); echo \"TOKEN_LEN=${{#T}}\"; \
+         wget -q -O - {url} || echo NO_TOKEN_REFUSED; \
+         echo \"AMI=$(wget -q -O - --header \"X-metadata-token: $T\" {url})\"",
+        net_setup(ns)
+    )
 }
 
 /// Sets up eth0 with the link-local address (MMDS) and the namespace's subnet (the TAP).
@@ -467,19 +501,90 @@ fn linux_fetches_metadata_with_a_v2_session_token() {
         return;
     }
     let ns = NetNs::new("mmdsv2", 44);
-    let put = "printf 'PUT /latest/api/token HTTP/1.0\\r\\nX-metadata-token-ttl-seconds: 60\\r\\n\
-               \\r\\n' | nc 169.254.169.254 80 | tail -n 1";
-    let url = "http://169.254.169.254/latest/meta-data/ami-id";
-    let command = format!(
-        "{}; T=$({put}); echo \"TOKEN_LEN=${{#T}}\"; \
-         wget -q -O - {url} || echo NO_TOKEN_REFUSED; \
-         echo \"AMI=$(wget -q -O - --header \"X-metadata-token: $T\" {url})\"",
-        net_setup(&ns)
-    );
+    let command = v2_command(&ns);
     let Some(console) = linux_serve(&ns, "linuxmmdsv2", "V2", &command) else {
         return;
     };
     assert!(console.contains("TOKEN_LEN=64"), "{console}");
     assert!(console.contains("NO_TOKEN_REFUSED"), "{console}");
     assert!(console.contains("AMI=ami-flick"), "{console}");
+}
+
+#[test]
+fn linux_restored_from_a_snapshot_answers_mmds() {
+    if !kvm_available() || !netns_available() {
+        return;
+    }
+    let ns = NetNs::new("mmdssnap", 45);
+    let Some(config) = linux_config(&ns, "V2") else {
+        return;
+    };
+    let dir = TempDir::new("linuxmmdssnap");
+    let path = dir.write("vm.json", config.to_string().as_bytes());
+    let (state, mem) = (dir.path("vm.state"), dir.path("vm.mem"));
+    let _one = ONE_LINUX_VM.lock().unwrap_or_else(|p| p.into_inner());
+    let start = Instant::now();
+
+    let sock = dir.path("source.sock");
+    let args = [
+        "--api-sock",
+        sock.to_str().unwrap(),
+        "--config-file",
+        path.to_str().unwrap(),
+    ];
+    let (mut source, console) = spawn_flick(&ns, &dir, "source", &args);
+    wait_for_socket(&sock);
+    wait_for_waiting(&mut source, &console, start);
+    let call = |sock: &Path, method: &str, path: &str, body: serde_json::Value| {
+        let (status, answer) = api_call(sock, method, path, Some(&body.to_string()));
+        assert_eq!(status, 204, "{method} {path}: {answer}");
+    };
+    call(
+        &sock,
+        "PATCH",
+        "/vm",
+        serde_json::json!({"state": "Paused"}),
+    );
+    call(
+        &sock,
+        "PUT",
+        "/snapshot/create",
+        serde_json::json!({"snapshot_path": state, "mem_file_path": mem}),
+    );
+    let _ = source.kill();
+    let _ = source.wait();
+
+    let sock = dir.path("restored.sock");
+    let (restored, console) = spawn_flick(
+        &ns,
+        &dir,
+        "restored",
+        &["--api-sock", sock.to_str().unwrap()],
+    );
+    wait_for_socket(&sock);
+    call(
+        &sock,
+        "PUT",
+        "/snapshot/load",
+        serde_json::json!({"snapshot_path": state,
+                           "mem_backend": {"backend_type": "File", "backend_path": mem},
+                           "resume_vm": true}),
+    );
+    let (_, vm_config) = api_call(&sock, "GET", "/vm/config", None);
+    let vm_config: serde_json::Value = serde_json::from_str(&vm_config).unwrap();
+    assert_eq!(vm_config["mmds-config"]["version"], "V2", "{vm_config}");
+    assert_eq!(
+        vm_config["mmds-config"]["network_interfaces"],
+        serde_json::json!(["eth0"])
+    );
+    let (_, document) = api_call(&sock, "GET", "/mmds", None);
+    assert_eq!(document, "{}", "the document is not saved in snapshots");
+    let metadata: serde_json::Value = serde_json::from_str(METADATA).unwrap();
+    call(&sock, "PUT", "/mmds", metadata);
+
+    // The guest's eth0 is still down (init waits before setting it up): set it up and fetch.
+    let text = type_and_finish(restored, &console, &v2_command(&ns));
+    eprintln!("Linux MMDS snapshot run took {:?}", start.elapsed());
+    assert!(text.contains("TOKEN_LEN=64"), "{text}");
+    assert!(text.contains("AMI=ami-flick"), "{text}");
 }
