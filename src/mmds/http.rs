@@ -413,6 +413,24 @@ mod tests {
     }
 
     #[test]
+    fn random_bytes_never_panic() {
+        let mut mmds = store(MmdsVersion::V2);
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..2000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let len = usize::try_from(seed % 300).unwrap();
+            let mut bytes = b"GET /latest HTTP/1.1\r\n".to_vec();
+            bytes.extend((0..len).map(|i| {
+                seed.rotate_left(u32::try_from(i % 64).unwrap())
+                    .to_le_bytes()[0]
+            }));
+            let _ = serve(&mut mmds, &bytes);
+        }
+    }
+
+    #[test]
     fn pipelined_requests_are_consumed_one_at_a_time() {
         let mut mmds = store(MmdsVersion::V1);
         let one = "GET /latest HTTP/1.1\r\n\r\n";

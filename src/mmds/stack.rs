@@ -680,6 +680,41 @@ pub mod tests {
     }
 
     #[test]
+    fn random_frames_for_mmds_never_panic_and_stay_bounded() {
+        let mut stack = MmdsStack::new(MMDS_IP, store(MmdsVersion::V2));
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for round in 0..5000u32 {
+            let len = usize::try_from(next() % 200).unwrap();
+            let mut payload: Vec<u8> = (0..len).map(|_| next().to_le_bytes()[0]).collect();
+            // Most rounds: an IPv4 header to MMDS (TCP) with random fields after it.
+            if round % 4 != 0 && payload.len() >= 40 {
+                payload[0] = 0x45;
+                payload[9] = IP_PROTO_TCP;
+                payload[16..20].copy_from_slice(&MMDS_IP.octets());
+                let total = u16::try_from(payload.len()).unwrap();
+                payload[2..4].copy_from_slice(&total.to_be_bytes());
+            }
+            let ethertype = if round % 7 == 0 {
+                ETHERTYPE_ARP
+            } else {
+                ETHERTYPE_IPV4
+            };
+            stack.detour(&eth(MMDS_MAC, ethertype, &payload));
+            if round % 3 == 0 {
+                while stack.pop_frame().is_some() {}
+            }
+        }
+        assert!(stack.connections.len() <= MAX_CONNECTIONS);
+        assert!(stack.out.len() <= MAX_QUEUED_FRAMES);
+    }
+
+    #[test]
     fn a_syn_flood_is_bounded() {
         let mut stack = MmdsStack::new(MMDS_IP, store(MmdsVersion::V1));
         let mut clients: Vec<Client> = (0..MAX_CONNECTIONS + 8)
