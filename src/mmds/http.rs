@@ -92,6 +92,11 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
+/// The answer when a response would be larger than a connection may hold.
+pub fn too_large() -> Vec<u8> {
+    Response::text(413, "The MMDS response is too large.").encode(1, true)
+}
+
 fn bad_request(body: &str, buf: &[u8]) -> Parsed {
     Parsed::Answered {
         consumed: buf.len(),

@@ -32,7 +32,8 @@ const SOCKET_RX_BYTES: usize = http::MAX_REQUEST_BYTES;
 const SOCKET_TX_BYTES: usize = 16 * 1024;
 /// A connection that hears nothing from the guest for this long is reset.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Largest answer kept for one connection (the document limit bounds it in practice).
+/// Largest answer kept for one connection (the document limit bounds it unless set higher);
+/// a larger one is answered with 413.
 const MAX_RESPONSE_BYTES: usize = 4 << 20;
 
 const ETH_HEADER: usize = 14;
@@ -411,9 +412,13 @@ fn answer(store: &SharedMmds, conn: &mut Connection) -> bool {
             close,
         } => {
             conn.request.drain(..consumed.min(conn.request.len()));
-            conn.response = response;
-            conn.response.truncate(MAX_RESPONSE_BYTES);
-            conn.closing = close;
+            if response.len() > MAX_RESPONSE_BYTES {
+                conn.response = http::too_large();
+                conn.closing = true;
+            } else {
+                conn.response = response;
+                conn.closing = close;
+            }
             true
         }
     }
@@ -647,6 +652,20 @@ pub mod tests {
         let one = "GET /latest HTTP/1.1\r\n\r\n";
         let text = fetch(&mut stack, &format!("{one}{one}"));
         assert_eq!(text.matches("HTTP/1.1 200 OK").count(), 2, "{text}");
+    }
+
+    #[test]
+    fn an_answer_larger_than_a_connection_may_hold_gets_413() {
+        let mut mmds = Mmds::new(8 << 20);
+        mmds.put(serde_json::json!({"big": "x".repeat(MAX_RESPONSE_BYTES)}))
+            .unwrap();
+        let mut stack = MmdsStack::new(MMDS_IP, mmds::shared(mmds));
+        let text = fetch(&mut stack, "GET /big HTTP/1.1\r\n\r\n");
+        assert!(
+            text.starts_with("HTTP/1.1 413 "),
+            "{}",
+            &text[..text.len().min(100)]
+        );
     }
 
     #[test]
