@@ -348,8 +348,8 @@ fn the_test_guest_resolves_mmds_and_still_reaches_the_tap() {
 
 /// One Linux VM at a time (see tests/linux.rs).
 static ONE_LINUX_VM: Mutex<()> = Mutex::new(());
-/// A hang guard: Linux boots take minutes on a PVM host.
-const LINUX_TIMEOUT: Duration = Duration::from_secs(900);
+/// A hang guard: Linux boots take minutes on a PVM host, over ten on a loaded one.
+const LINUX_TIMEOUT: Duration = Duration::from_secs(1800);
 
 fn artifact(var: &str) -> Option<PathBuf> {
     match std::env::var_os(var) {

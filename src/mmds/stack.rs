@@ -534,10 +534,20 @@ pub mod tests {
                 .collect()
         }
 
-        /// Takes an Ethernet frame from MMDS.
+        /// Takes an Ethernet frame from MMDS, checking its IPv4 and TCP checksums (the guest
+        /// relies on them: no checksum offload is claimed on the way in).
         pub fn deliver(&mut self, frame: &[u8]) {
+            use smoltcp::wire::{Ipv4Packet, TcpPacket};
             assert_eq!(&frame[..6], &GUEST_MAC, "frames go to the guest's MAC");
             assert_eq!(&frame[6..12], &MMDS_MAC);
+            let ip = Ipv4Packet::new_checked(&frame[ETH_HEADER..]).unwrap();
+            assert!(ip.verify_checksum(), "IPv4 checksum");
+            let tcp = TcpPacket::new_checked(ip.payload()).unwrap();
+            let (src, dst) = (
+                IpAddress::Ipv4(ip.src_addr()),
+                IpAddress::Ipv4(ip.dst_addr()),
+            );
+            assert!(tcp.verify_checksum(&src, &dst), "TCP checksum");
             self.packets.rx.push_back(frame[ETH_HEADER..].to_vec());
         }
 
