@@ -21,6 +21,7 @@ forbid src/arch 'crate::(api|vmm|kvm|snapshot)\b' "arch never imports api, vmm, 
 forbid src/kvm 'crate::(api|vmm|snapshot)\b|arch::x86_64' "kvm never imports api, vmm, snapshot or a concrete architecture"
 forbid src/vmm 'crate::api\b|arch::x86_64' "vmm never imports api or a concrete architecture"
 forbid src/snapshot 'crate::(api|vmm)\b|arch::x86_64' "snapshot never imports api, vmm or a concrete architecture"
+forbid src/mmds 'crate::(api|vmm|kvm|arch|snapshot|devices|control)\b' "mmds imports only config and logger"
 forbid src/config.rs 'crate::' "config imports nothing of the crate"
 forbid src/metrics.rs 'crate::' "metrics imports nothing of the crate"
 forbid src/seccomp.rs 'crate::' "seccomp imports nothing of the crate"

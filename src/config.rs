@@ -62,6 +62,12 @@ pub enum ConfigError {
         amount_mib: u32,
         mem_size_mib: usize,
     },
+    #[error("MMDS config error: The list of network interface IDs that allow forwarding MMDS requests is empty.")]
+    MmdsNoInterfaces,
+    #[error("MMDS config error: The MMDS IPv4 address is not link local.")]
+    MmdsAddress,
+    #[error("MMDS config error: The list of network interface IDs provided contains at least one ID that does not correspond to any existing network interface.")]
+    MmdsUnknownInterface,
 }
 
 /// Checks a Firecracker-style resource id: non-empty, alphanumerics and `_` only.
@@ -539,6 +545,58 @@ pub struct SerialConfig {
     pub rate_limiter: Option<TokenBucketConfig>,
 }
 
+/// How the guest talks to MMDS: V1 (plain requests, tokens optional) or V2 (session tokens).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MmdsVersion {
+    #[default]
+    V1,
+    V2,
+}
+
+/// The guest's MMDS address when `ipv4_address` is absent.
+pub const DEFAULT_MMDS_IPV4: std::net::Ipv4Addr = std::net::Ipv4Addr::new(169, 254, 169, 254);
+
+/// `mmds-config` (`PUT /mmds/config`): which interfaces answer MMDS requests, at which address,
+/// in which version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MmdsConfig {
+    #[serde(default)]
+    pub version: MmdsVersion,
+    pub network_interfaces: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv4_address: Option<std::net::Ipv4Addr>,
+    #[serde(default)]
+    pub imds_compat: bool,
+}
+
+impl MmdsConfig {
+    /// The address the guest reaches MMDS at.
+    pub fn ipv4(&self) -> std::net::Ipv4Addr {
+        self.ipv4_address.unwrap_or(DEFAULT_MMDS_IPV4)
+    }
+
+    /// Checks the address and that every interface id is one of `interfaces`.
+    pub fn validate(&self, interfaces: &[NetConfig]) -> Result<(), ConfigError> {
+        if !is_link_local(self.ipv4()) {
+            return Err(ConfigError::MmdsAddress);
+        }
+        if self.network_interfaces.is_empty() {
+            return Err(ConfigError::MmdsNoInterfaces);
+        }
+        let known = |id: &String| interfaces.iter().any(|n| &n.iface_id == id);
+        if !self.network_interfaces.iter().all(known) {
+            return Err(ConfigError::MmdsUnknownInterface);
+        }
+        Ok(())
+    }
+}
+
+/// Whether `ip` is in 169.254.0.0/16 outside its first and last /24 (reserved by RFC 3927).
+pub fn is_link_local(ip: std::net::Ipv4Addr) -> bool {
+    matches!(ip.octets(), [169, 254, third, _] if third != 0 && third != 255)
+}
+
 /// The whole VM configuration: the config file's shape and `GET /vm/config`'s answer.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -563,6 +621,8 @@ pub struct VmConfig {
     pub balloon: Option<BalloonConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entropy: Option<EntropyConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mmds_config: Option<MmdsConfig>,
 }
 
 /// `entropy`: a virtio-rng device fed from the host's `getrandom`.
@@ -769,6 +829,46 @@ mod tests {
         };
         let merged = patch.apply(&base);
         assert_eq!((merged.vcpu_count, merged.mem_size_mib), (2, 64));
+    }
+
+    fn nic(id: &str) -> NetConfig {
+        NetConfig {
+            iface_id: id.into(),
+            host_dev_name: "tap0".into(),
+            guest_mac: None,
+            mtu: None,
+            rx_rate_limiter: None,
+            tx_rate_limiter: None,
+        }
+    }
+
+    #[test]
+    fn mmds_config_defaults_to_v1_at_169_254_169_254() {
+        let cfg: MmdsConfig = serde_json::from_str(r#"{"network_interfaces": ["eth0"]}"#).unwrap();
+        assert_eq!(cfg.version, MmdsVersion::V1);
+        assert_eq!(cfg.ipv4(), DEFAULT_MMDS_IPV4);
+        assert!(!cfg.imds_compat);
+        assert_eq!(cfg.validate(&[nic("eth0")]), Ok(()));
+    }
+
+    #[test]
+    fn mmds_config_refuses_unknown_interfaces_and_non_link_local_addresses() {
+        let with = |ifaces: &[&str], ip: &str| MmdsConfig {
+            version: MmdsVersion::V2,
+            network_interfaces: ifaces.iter().map(|s| s.to_string()).collect(),
+            ipv4_address: Some(ip.parse().unwrap()),
+            imds_compat: false,
+        };
+        let nics = [nic("eth0")];
+        assert_eq!(with(&["eth0"], "169.254.170.2").validate(&nics), Ok(()));
+        let unknown = with(&["eth1"], "169.254.170.2").validate(&nics);
+        assert_eq!(unknown, Err(ConfigError::MmdsUnknownInterface));
+        let empty = with(&[], "169.254.170.2").validate(&nics);
+        assert_eq!(empty, Err(ConfigError::MmdsNoInterfaces));
+        for ip in ["10.0.0.1", "169.254.0.3", "169.254.255.1"] {
+            let bad = with(&["eth0"], ip).validate(&nics);
+            assert_eq!(bad, Err(ConfigError::MmdsAddress), "{ip}");
+        }
     }
 
     #[test]

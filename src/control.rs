@@ -11,8 +11,9 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::config::{
     BalloonConfig, BalloonStatsUpdate, BalloonUpdate, BootSourceConfig, DriveConfig, EntropyConfig,
-    LoggerConfig, MachineConfig, MachineConfigUpdate, MetricsConfig, NetConfig, RateLimiterConfig,
-    SerialConfig, SnapshotCreateConfig, SnapshotLoadConfig, VmConfig, VsockConfig,
+    LoggerConfig, MachineConfig, MachineConfigUpdate, MetricsConfig, MmdsConfig, NetConfig,
+    RateLimiterConfig, SerialConfig, SnapshotCreateConfig, SnapshotLoadConfig, VmConfig,
+    VsockConfig,
 };
 
 /// `PATCH /drives/{id}` body.
@@ -69,6 +70,12 @@ pub enum Action {
     Resume,
     CreateSnapshot(SnapshotCreateConfig),
     LoadSnapshot(SnapshotLoadConfig),
+    GetMmds,
+    /// Replaces the MMDS document.
+    PutMmds(serde_json::Value),
+    /// Applies a JSON merge patch to the MMDS document.
+    PatchMmds(serde_json::Value),
+    PutMmdsConfig(MmdsConfig),
 }
 
 impl Action {
@@ -93,6 +100,9 @@ impl Action {
                 .cloned()
                 .map(Action::PutNetworkInterface),
         );
+        if let Some(mmds) = &config.mmds_config {
+            actions.push(Action::PutMmdsConfig(mmds.clone()));
+        }
         if let Some(serial) = &config.serial {
             actions.push(Action::PutSerial(serial.clone()));
         }
@@ -118,6 +128,8 @@ pub enum ErrorClass {
     NotAllowed,
     /// The VMM or the host failed while carrying it out (HTTP 500; also logged).
     Internal,
+    /// The request would make something exceed its size limit (HTTP 413).
+    TooLarge,
 }
 
 impl ErrorClass {
@@ -126,6 +138,7 @@ impl ErrorClass {
         match self {
             ErrorClass::BadRequest | ErrorClass::NotAllowed => 400,
             ErrorClass::Internal => 500,
+            ErrorClass::TooLarge => 413,
         }
     }
 }

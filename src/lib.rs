@@ -1,7 +1,7 @@
 //! flick: a lightweight KVM virtual machine monitor with a Firecracker-compatible API.
 //!
 //! Layering (each module may import only those listed before it):
-//! `config` → `control` → `logger` → `metrics`, `hex` → `devices` → `arch` → `kvm` → `snapshot`
+//! `config` → `control` → `logger` → `metrics`, `hex`, `mmds` → `devices` → `arch` → `kvm` → `snapshot`
 //! → `vmm`. `api` stands beside them and imports only `config`, `control` and `metrics`; only
 //! `main` uses it. `scripts/check-layering.sh` enforces the rules the test suite relies on.
 //! Threads: the VMM thread (event loop in `vmm`), one thread per vCPU (`kvm::vcpu`), and the API
@@ -16,6 +16,7 @@ pub mod hex;
 pub mod kvm;
 pub mod logger;
 pub mod metrics;
+pub mod mmds;
 pub mod seccomp;
 pub mod snapshot;
 pub mod vmm;

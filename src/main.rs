@@ -103,6 +103,12 @@ struct Cli {
     /// thread role as Firecracker's seccompiler-bin writes them (see docs/security.md).
     #[arg(long, value_name = "FILE")]
     seccomp_filter: Option<String>,
+    /// Load this JSON file into MMDS at start (as `PUT /mmds` does).
+    #[arg(long, value_name = "FILE")]
+    metadata: Option<String>,
+    /// Largest MMDS document, in bytes [default: the --http-api-max-payload-size value].
+    #[arg(long, value_name = "BYTES")]
+    mmds_size_limit: Option<usize>,
     /// Print the version and exit.
     #[arg(long)]
     version: bool,
@@ -224,6 +230,9 @@ fn main() -> ExitCode {
             return fail(&error.message);
         }
     }
+    if let Err(message) = init_mmds(&mut vmm, &cli) {
+        return fail(&message);
+    }
     tracing::info!("flick v{VERSION} on {}", vmm.host().describe());
     if let Some(config) = &config {
         for action in Action::from_config(config)
@@ -275,6 +284,24 @@ fn report_startup_time(cli: &Cli) -> Option<(u64, Option<u64>)> {
         None => tracing::info!("process startup time: {wall_us} us"),
     }
     Some((wall_us, cpu_us))
+}
+
+/// Applies `--mmds-size-limit` and loads `--metadata`.
+fn init_mmds(vmm: &mut Vmm, cli: &Cli) -> Result<(), String> {
+    vmm.set_mmds_size_limit(cli.mmds_size_limit.unwrap_or(cli.http_api_max_payload_size));
+    let Some(path) = &cli.metadata else {
+        return Ok(());
+    };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read metadata file {path}: {e}"))?;
+    let data: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+        let e = flick::config::describe_json_error(&e);
+        format!("invalid metadata file {path}: {e}")
+    })?;
+    match vmm.handle(Action::PutMmds(data)) {
+        Reply::Error(e) => Err(format!("cannot load metadata file {path}: {}", e.message)),
+        _ => Ok(()),
+    }
 }
 
 /// The seccomp filters asked for on the command line: none, a file's, or the built-in ones.

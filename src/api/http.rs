@@ -270,6 +270,7 @@ pub enum Status {
     NoContent,
     BadRequest,
     LengthRequired,
+    PayloadTooLarge,
     InternalServerError,
     ServiceUnavailable,
 }
@@ -281,6 +282,7 @@ impl Status {
             Status::NoContent => 204,
             Status::BadRequest => 400,
             Status::LengthRequired => 411,
+            Status::PayloadTooLarge => 413,
             Status::InternalServerError => 500,
             Status::ServiceUnavailable => 503,
         }
@@ -292,6 +294,7 @@ impl Status {
             Status::NoContent => "No Content",
             Status::BadRequest => "Bad Request",
             Status::LengthRequired => "Length Required",
+            Status::PayloadTooLarge => "Payload Too Large",
             Status::InternalServerError => "Internal Server Error",
             Status::ServiceUnavailable => "Service Unavailable",
         }

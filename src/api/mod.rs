@@ -13,7 +13,7 @@
 //! - status lines carry reason phrases, and `Connection: close` is honoured;
 //! - paths with extra segments (`/drives/a/b`) are refused instead of ignoring the rest;
 //! - `GET /metrics` answers Prometheus text (a flick extension), and Firecracker endpoints flick
-//!   lacks (balloon, MMDS, CPU templates, hotplug) answer 400 saying so;
+//!   lacks (balloon, CPU templates, hotplug) answer 400 saying so;
 //! - a connection idle for 30 s, or a request still incomplete 5 s after its first byte, is
 //!   closed, so silent clients cannot pile up.
 

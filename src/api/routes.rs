@@ -10,7 +10,8 @@ use serde::Deserialize;
 use crate::config::{
     describe_json_error, validate_id, BalloonConfig, BalloonStatsUpdate, BalloonUpdate,
     BootSourceConfig, DriveConfig, EntropyConfig, LoggerConfig, MachineConfig, MachineConfigUpdate,
-    MetricsConfig, NetConfig, SerialConfig, SnapshotCreateConfig, SnapshotLoadConfig, VsockConfig,
+    MetricsConfig, MmdsConfig, NetConfig, SerialConfig, SnapshotCreateConfig, SnapshotLoadConfig,
+    VsockConfig,
 };
 use crate::control::{Action, DriveUpdate, NetUpdate};
 
@@ -35,12 +36,13 @@ pub enum Endpoint {
     Metrics,
     Vsock,
     Balloon,
+    Mmds,
     /// Anything else, including paths flick does not serve.
     Other,
 }
 
 impl Endpoint {
-    pub const ALL: [Endpoint; 14] = [
+    pub const ALL: [Endpoint; 15] = [
         Endpoint::Root,
         Endpoint::Version,
         Endpoint::VmConfig,
@@ -54,6 +56,7 @@ impl Endpoint {
         Endpoint::Metrics,
         Endpoint::Vsock,
         Endpoint::Balloon,
+        Endpoint::Mmds,
         Endpoint::Other,
     ];
 
@@ -76,6 +79,7 @@ impl Endpoint {
             ["metrics"] => Endpoint::Metrics,
             ["vsock"] => Endpoint::Vsock,
             ["balloon"] | ["balloon", "statistics"] => Endpoint::Balloon,
+            ["mmds"] | ["mmds", "config"] => Endpoint::Mmds,
             _ => Endpoint::Other,
         }
     }
@@ -95,6 +99,7 @@ impl Endpoint {
             Endpoint::Metrics => "/metrics",
             Endpoint::Vsock => "/vsock",
             Endpoint::Balloon => "/balloon",
+            Endpoint::Mmds => "/mmds",
             Endpoint::Other => "other",
         }
     }
@@ -146,6 +151,8 @@ pub enum RouteError {
     IdMismatch,
     #[error("An error occurred when deserializing the json body of a request: {0}.")]
     Json(String),
+    #[error("Unrecognized PUT request path `{0}`.")]
+    UnrecognizedPut(String),
 }
 
 /// The action a request asks for, or why it cannot be served.
@@ -187,6 +194,7 @@ fn get(segments: &[&str]) -> Option<Action> {
         ["metrics"] => Action::GetMetrics,
         ["balloon"] => Action::GetBalloon,
         ["balloon", "statistics"] => Action::GetBalloonStats,
+        ["mmds"] => Action::GetMmds,
         _ => return None,
     };
     Some(action)
@@ -215,6 +223,9 @@ fn put(segments: &[&str], body: &[u8]) -> Option<Result<Action, RouteError>> {
         ["balloon"] => parse::<BalloonConfig>(body).map(Action::PutBalloon),
         ["snapshot", "create"] => parse::<SnapshotCreateConfig>(body).map(Action::CreateSnapshot),
         ["snapshot", "load"] => parse::<SnapshotLoadConfig>(body).map(Action::LoadSnapshot),
+        ["mmds"] => parse::<serde_json::Value>(body).map(Action::PutMmds),
+        ["mmds", "config"] => parse::<MmdsConfig>(body).map(Action::PutMmdsConfig),
+        ["mmds", other] => Err(RouteError::UnrecognizedPut(other.to_string())),
         _ => return None,
     };
     Some(result)
@@ -236,6 +247,7 @@ fn patch(segments: &[&str], body: &[u8]) -> Option<Result<Action, RouteError>> {
         ["balloon", "statistics"] => {
             parse::<BalloonStatsUpdate>(body).map(Action::PatchBalloonStats)
         }
+        ["mmds"] => parse::<serde_json::Value>(body).map(Action::PatchMmds),
         _ => return None,
     };
     Some(result)
@@ -243,10 +255,7 @@ fn patch(segments: &[&str], body: &[u8]) -> Option<Result<Action, RouteError>> {
 
 /// Endpoints of Firecracker's API that flick does not serve yet.
 fn firecracker_only(segments: &[&str]) -> bool {
-    matches!(
-        segments,
-        ["mmds", ..] | ["cpu-config"] | ["pmem", ..] | ["hotplug", ..]
-    )
+    matches!(segments, ["cpu-config"] | ["pmem", ..] | ["hotplug", ..])
 }
 
 /// Checks the path id, parses the body and checks that the body names the same resource.
@@ -572,6 +581,29 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(negative.contains("invalid value"), "{negative}");
+    }
+
+    #[test]
+    fn mmds_routes_carry_the_document_and_the_config() {
+        let put = route("PUT", "/mmds", br#"{"latest": {"a": "b"}}"#);
+        assert!(matches!(put, Ok(Action::PutMmds(v)) if v["latest"]["a"] == "b"));
+        let patch = route("PATCH", "/mmds", br#"{"x": null}"#);
+        assert!(matches!(patch, Ok(Action::PatchMmds(_))));
+        assert_eq!(route("GET", "/mmds", b""), Ok(Action::GetMmds));
+        let config = route(
+            "PUT",
+            "/mmds/config",
+            br#"{"network_interfaces": ["eth0"], "version": "V2", "ipv4_address": "169.254.170.2"}"#,
+        );
+        assert!(matches!(config, Ok(Action::PutMmdsConfig(c)) if c.ipv4_address.is_some()));
+        let bad_ip = route(
+            "PUT",
+            "/mmds/config",
+            br#"{"network_interfaces": [], "ipv4_address": "1.2.3"}"#,
+        );
+        assert!(matches!(bad_ip, Err(RouteError::Json(_))));
+        let other = route("PUT", "/mmds/other", b"{}").unwrap_err().to_string();
+        assert_eq!(other, "Unrecognized PUT request path `other`.");
     }
 
     #[test]

@@ -214,6 +214,7 @@ pub fn answer(request: &http::Request, shared: &Shared) -> Response {
             let status = match error.class {
                 ErrorClass::BadRequest | ErrorClass::NotAllowed => Status::BadRequest,
                 ErrorClass::Internal => Status::InternalServerError,
+                ErrorClass::TooLarge => Status::PayloadTooLarge,
             };
             Response::fault(status, &error.message)
         }

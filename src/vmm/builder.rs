@@ -68,6 +68,8 @@ pub struct BuildContext {
     pub boot_times: Arc<BootTimes>,
     /// The seccomp filter each vCPU thread installs as it starts.
     pub vcpu_seccomp: Option<crate::seccomp::Filter>,
+    /// The MMDS store the interfaces with MMDS answer from.
+    pub mmds: crate::mmds::SharedMmds,
 }
 
 impl std::fmt::Debug for BuildContext {
@@ -274,7 +276,11 @@ pub fn build(config: &VmConfig, ctx: BuildContext) -> Result<RunningVm, BuildErr
         .ok_or(BuildError::NoBootSource)?;
     let machine = &config.machine_config;
     check_memory(machine.mem_size_mib)?;
-    let opened = Opened::from_config(config, Overrides::default())?;
+    let overrides = Overrides {
+        mmds: Some(&ctx.mmds),
+        ..Overrides::default()
+    };
+    let opened = Opened::from_config(config, overrides)?;
     let mem_bytes = u64::try_from(machine.mem_size_mib).unwrap_or(u64::MAX) << 20;
     let ram = Current::ram_ranges(mem_bytes);
     let mem = guest_memory(&ram, machine.mem_size_mib)?;

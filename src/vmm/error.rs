@@ -58,6 +58,19 @@ pub enum VmmError {
     NoBalloon,
     #[error("cannot encode the reply")]
     Encode(#[source] serde_json::Error),
+    #[error("MMDS error")]
+    Mmds(#[source] crate::mmds::MmdsError),
+    #[error("MMDS limit exceeded error")]
+    MmdsLimit(#[source] crate::mmds::MmdsError),
+}
+
+impl From<crate::mmds::MmdsError> for VmmError {
+    fn from(e: crate::mmds::MmdsError) -> Self {
+        match e {
+            crate::mmds::MmdsError::TooLarge => VmmError::MmdsLimit(e),
+            e => VmmError::Mmds(e),
+        }
+    }
 }
 
 impl VmmError {
@@ -65,6 +78,7 @@ impl VmmError {
     pub fn class(&self) -> ErrorClass {
         let internal = match self {
             VmmError::State(_) => return ErrorClass::NotAllowed,
+            VmmError::MmdsLimit(_) => return ErrorClass::TooLarge,
             VmmError::Device(e) => e.is_internal(),
             VmmError::Devices(e) => e.is_internal(),
             VmmError::Build(e) => e.is_internal(),

@@ -84,6 +84,10 @@ pub fn action_name(action: &Action) -> &'static str {
         Action::Resume => "Resuming",
         Action::CreateSnapshot(_) => "Creating a snapshot",
         Action::LoadSnapshot(_) => "Loading a snapshot",
+        Action::GetMmds => "GET /mmds",
+        Action::PutMmds(_) => "PUT /mmds",
+        Action::PatchMmds(_) => "PATCH /mmds",
+        Action::PutMmdsConfig(_) => "PUT /mmds/config",
     }
 }
 
@@ -94,7 +98,10 @@ fn phase(action: &Action) -> Phase {
         | Action::GetVmConfig
         | Action::GetMachineConfig
         | Action::GetMetrics
-        | Action::GetBalloon => Phase::Any,
+        | Action::GetBalloon
+        | Action::GetMmds
+        | Action::PutMmds(_)
+        | Action::PatchMmds(_) => Phase::Any,
         Action::PutMachineConfig(_)
         | Action::PatchMachineConfig(_)
         | Action::PutBootSource(_)
@@ -106,6 +113,7 @@ fn phase(action: &Action) -> Phase {
         | Action::PutSerial(_)
         | Action::PutEntropy(_)
         | Action::PutBalloon(_)
+        | Action::PutMmdsConfig(_)
         | Action::InstanceStart
         | Action::LoadSnapshot(_) => Phase::BeforeStart,
         Action::PatchDrive(_)

@@ -244,6 +244,9 @@ fn api_field(method: &str, path: &str) -> Option<FcField> {
         ("GET", "/") => ("get_api_requests", "instance_info_count"),
         ("GET", "/machine-config") => ("get_api_requests", "machine_cfg_count"),
         ("GET", "/version") => ("get_api_requests", "vmm_version_count"),
+        ("GET", "/mmds") => ("get_api_requests", "mmds_count"),
+        ("PUT", "/mmds") => ("put_api_requests", "mmds_count"),
+        ("PATCH", "/mmds") => ("patch_api_requests", "mmds_count"),
         ("PUT", "/actions") => ("put_api_requests", "actions_count"),
         ("PUT", "/boot-source") => ("put_api_requests", "boot_source_count"),
         ("PUT", "/drives/{id}") => ("put_api_requests", "drive_count"),
@@ -396,6 +399,7 @@ fn fails_field(section: &str, field: &'static str) -> Option<&'static str> {
         "metrics_count" => "metrics_fails",
         "network_count" => "network_fails",
         "vsock_count" => "vsock_fails",
+        "mmds_count" => "mmds_fails",
         _ => return None,
     })
 }

@@ -97,6 +97,8 @@ pub struct Vmm {
     serial_dropped: Arc<std::sync::atomic::AtomicU64>,
     /// How long the last pause, resume, snapshot creation and load took.
     latencies: metrics::Latencies,
+    /// The MMDS data store, shared with the interfaces that answer for it.
+    mmds: crate::mmds::SharedMmds,
 }
 
 impl std::fmt::Debug for Vmm {
@@ -139,7 +141,13 @@ impl Vmm {
             metrics_previous: metrics::FcPrevious::new(),
             serial_dropped: Arc::default(),
             latencies: metrics::Latencies::default(),
+            mmds: crate::mmds::shared(crate::mmds::Mmds::default()),
         }
+    }
+
+    /// Sets the largest MMDS document accepted, in bytes (`--mmds-size-limit`).
+    pub fn set_mmds_size_limit(&mut self, bytes: usize) {
+        crate::mmds::lock(&self.mmds).set_size_limit(bytes);
     }
 
     pub fn state(&self) -> VmState {
@@ -302,6 +310,21 @@ impl Vmm {
                 let vm = self.running()?;
                 json(&vm.devices.report(&balloon::KIND, balloon::ID)?)
             }
+            Action::GetMmds => Ok(Reply::Json(crate::mmds::lock(&self.mmds).document())),
+            Action::PutMmds(data) => {
+                crate::mmds::lock(&self.mmds).put(data)?;
+                Ok(Reply::Empty)
+            }
+            Action::PatchMmds(patch) => {
+                crate::mmds::lock(&self.mmds).patch(&patch)?;
+                Ok(Reply::Empty)
+            }
+            Action::PutMmdsConfig(mmds) => {
+                mmds.validate(&self.config.network_interfaces)?;
+                crate::mmds::lock(&self.mmds).configure(mmds.version, mmds.imds_compat);
+                self.config.mmds_config = Some(mmds);
+                Ok(Reply::Empty)
+            }
             Action::InstanceStart => {
                 self.start()?;
                 Ok(Reply::Empty)
@@ -447,6 +470,7 @@ impl Vmm {
             started_cpu_us,
             boot_times: self.boot_times.clone(),
             vcpu_seccomp: self.options.vcpu_seccomp.clone(),
+            mmds: self.mmds.clone(),
         })
     }
 

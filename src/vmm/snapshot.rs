@@ -247,6 +247,7 @@ pub fn load(
     let overrides = Overrides {
         taps: &taps,
         vsock_uds_path,
+        mmds: Some(&ctx.mmds),
     };
     let opened = Opened::from_saved(&snap.devices, overrides).map_err(SnapshotOpError::Devices)?;
 

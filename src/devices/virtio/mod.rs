@@ -270,13 +270,16 @@ impl std::fmt::Debug for NewDevice {
     }
 }
 
-/// Snapshot-load retargeting of devices to other host resources.
+/// Host resources given to devices as they open: snapshot-load retargeting to other host
+/// resources, and the shared MMDS store.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Overrides<'a> {
     /// `(iface_id, host_dev_name)`: attach the interface to another TAP.
     pub taps: &'a [(String, String)],
     /// `vsock_override.uds_path`: the vsock device listens there instead.
     pub vsock_uds_path: Option<&'a str>,
+    /// The MMDS data store, for the interfaces MMDS is enabled on.
+    pub mmds: Option<&'a crate::mmds::SharedMmds>,
 }
 
 /// What a kind of virtio device provides to the VMM's device registry. Each kind describes

@@ -1,10 +1,12 @@
 //! virtio-net on a host backend (a TAP device, or a fake one in tests): receive queue 0,
 //! transmit queue 1, the 12-byte virtio-net header passed through to the backend (which is told
 //! the guest's offloads). Frames the guest has no room for wait in the device (back-pressure)
-//! instead of being dropped; frames that cannot be delivered at all are counted. Runs on the VMM
-//! thread.
+//! instead of being dropped; frames that cannot be delivered at all are counted. On an interface
+//! with MMDS enabled, guest frames for the MMDS address go to its responder
+//! ([`crate::mmds::stack`]) instead of the backend, and its answers reach the guest before
+//! frames from the backend. Runs on the VMM thread.
 
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -14,6 +16,7 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::{
     from_saved, to_saved, ActivateError, Activation, ConfigSpace, DeviceError, DeviceKind,
@@ -24,6 +27,8 @@ use crate::config::{NetConfig, VmConfig};
 use crate::devices::rate_limiter::{LimiterBudget, RateLimiter, SavedLimits};
 use crate::devices::tap::{self, Tap, VNET_HDR_LEN};
 use crate::metrics::{counters, Sample, THROTTLED};
+use crate::mmds::stack::MmdsStack;
+use crate::mmds::SharedMmds;
 
 const RX: usize = 0;
 const TX: usize = 1;
@@ -98,6 +103,17 @@ pub struct SavedNet {
     pub mtu: Option<u16>,
     pub rx_limits: SavedLimits,
     pub tx_limits: SavedLimits,
+    /// MMDS on this interface: its address and the service's version and output option.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mmds: Option<SavedMmds>,
+}
+
+/// What an interface with MMDS keeps of it across a snapshot (the document is not saved).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedMmds {
+    pub ipv4_address: std::net::Ipv4Addr,
+    pub version: crate::config::MmdsVersion,
+    pub imds_compat: bool,
 }
 
 /// What a snapshot keeps of an interface beyond its queues.
@@ -117,14 +133,17 @@ fn retarget(mut saved: SavedNet, overrides: Overrides<'_>) -> SavedNet {
     saved
 }
 
-fn new_device(saved: SavedNet) -> Result<NewDevice, DeviceError> {
+fn new_device(saved: SavedNet, store: Option<&SharedMmds>) -> Result<NewDevice, DeviceError> {
     crate::config::validate_tap_name(&saved.tap)?;
     let tap = Tap::open(&saved.tap)?;
     let limiter = |l: SavedLimits| RateLimiter::new(l.to_config().as_ref());
     let rx = limiter(saved.rx_limits).map_err(DeviceError::Timer)?;
     let tx = limiter(saved.tx_limits).map_err(DeviceError::Timer)?;
     let id = saved.id.clone();
-    let net = Net::new(saved, tap, (rx, tx));
+    let mut net = Net::new(saved, tap, (rx, tx));
+    if let Some(store) = store {
+        net.enable_mmds(store).map_err(DeviceError::Timer)?;
+    }
     Ok(NewDevice {
         id,
         device: Arc::new(Mutex::new(net)),
@@ -132,8 +151,17 @@ fn new_device(saved: SavedNet) -> Result<NewDevice, DeviceError> {
     })
 }
 
-fn saved_from_config(config: &NetConfig) -> Result<SavedNet, DeviceError> {
+fn saved_from_config(config: &NetConfig, vm: &VmConfig) -> Result<SavedNet, DeviceError> {
     config.validate()?;
+    let mmds = vm
+        .mmds_config
+        .as_ref()
+        .filter(|m| m.network_interfaces.contains(&config.iface_id))
+        .map(|m| SavedMmds {
+            ipv4_address: m.ipv4(),
+            version: m.version,
+            imds_compat: m.imds_compat,
+        });
     let mac = match &config.guest_mac {
         Some(mac) => Some(crate::config::parse_mac(mac)?),
         None => None,
@@ -145,6 +173,7 @@ fn saved_from_config(config: &NetConfig) -> Result<SavedNet, DeviceError> {
         mtu: config.mtu,
         rx_limits: SavedLimits::from(config.rx_rate_limiter.as_ref()),
         tx_limits: SavedLimits::from(config.tx_rate_limiter.as_ref()),
+        mmds,
     })
 }
 
@@ -154,8 +183,11 @@ fn open_nets(config: &VmConfig, overrides: Overrides<'_>) -> Result<Vec<NewDevic
         .network_interfaces
         .iter()
         .map(|n| {
-            saved_from_config(n)
-                .and_then(|saved| new_device(retarget(saved, overrides)))
+            saved_from_config(n, config)
+                .and_then(|saved| {
+                    let store = overrides.mmds.filter(|_| saved.mmds.is_some());
+                    new_device(retarget(saved, overrides), store)
+                })
                 .map_err(|e| e.of(KIND.noun, &n.iface_id))
         })
         .collect()
@@ -167,11 +199,31 @@ fn reopen_net(
 ) -> Result<NewDevice, DeviceError> {
     let saved: SavedNet = from_saved(KIND.name, saved)?;
     let id = saved.id.clone();
-    new_device(retarget(saved, overrides)).map_err(|e| e.of(KIND.noun, &id))
+    let store = match (&saved.mmds, overrides.mmds) {
+        (Some(m), Some(store)) => {
+            crate::mmds::lock(store).configure(m.version, m.imds_compat);
+            Some(store)
+        }
+        _ => None,
+    };
+    new_device(retarget(saved, overrides), store).map_err(|e| e.of(KIND.noun, &id))
 }
 
 fn describe_net(saved: &serde_json::Value, config: &mut VmConfig) -> Result<(), DeviceError> {
     let saved: SavedNet = from_saved(KIND.name, saved)?;
+    if let Some(m) = &saved.mmds {
+        let mmds = config
+            .mmds_config
+            .get_or_insert_with(|| crate::config::MmdsConfig {
+                version: m.version,
+                network_interfaces: Vec::new(),
+                ipv4_address: Some(m.ipv4_address),
+                imds_compat: m.imds_compat,
+            });
+        if !mmds.network_interfaces.contains(&saved.id) {
+            mmds.network_interfaces.push(saved.id.clone());
+        }
+    }
     let net = NetConfig {
         iface_id: saved.id,
         host_dev_name: saved.tap,
@@ -206,6 +258,10 @@ pub struct NetStats {
     pub tx_dropped: AtomicU64,
     /// Times the receive path waited for the guest to post buffers.
     pub rx_waits: AtomicU64,
+    /// Guest frames taken by MMDS instead of going to the backend.
+    pub mmds_tx_frames: AtomicU64,
+    /// MMDS frames delivered to the guest.
+    pub mmds_rx_frames: AtomicU64,
 }
 
 struct Active {
@@ -231,6 +287,8 @@ pub struct Net<B: NetBackend = Tap> {
     rx_limiter: RateLimiter,
     tx_limiter: RateLimiter,
     pub stats: Arc<NetStats>,
+    /// The MMDS responder and the timer of its retransmissions and time-outs.
+    mmds: Option<(MmdsStack, TimerFd)>,
 }
 
 impl<B: NetBackend> std::fmt::Debug for Net<B> {
@@ -317,7 +375,49 @@ impl<B: NetBackend> Net<B> {
             rx_limiter: limiters.0,
             tx_limiter: limiters.1,
             stats: Arc::new(NetStats::default()),
+            mmds: None,
         }
+    }
+
+    /// Answers MMDS on this interface from `store`, at the address in its settings.
+    pub fn enable_mmds(&mut self, store: &SharedMmds) -> std::io::Result<()> {
+        let ip = self
+            .saved
+            .mmds
+            .as_ref()
+            .map_or(crate::config::DEFAULT_MMDS_IPV4, |m| m.ipv4_address);
+        let timer = TimerFd::new().map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+        // SAFETY: F_SETFL on an fd we own changes only its status flags.
+        let set = unsafe { libc::fcntl(timer.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+        if set < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        self.mmds = Some((MmdsStack::new(ip, store.clone()), timer));
+        Ok(())
+    }
+
+    /// Arms the MMDS timer for the responder's next deadline.
+    fn arm_mmds_timer(&mut self) {
+        let Some((stack, timer)) = self.mmds.as_mut() else {
+            return;
+        };
+        let result = match stack.poll_delay() {
+            Some(delay) => timer.reset(delay.max(std::time::Duration::from_millis(1)), None),
+            None => timer.clear(),
+        };
+        if let Err(e) = result {
+            crate::warn_limited!("{}: cannot arm the MMDS timer: {e}", self.saved.id);
+        }
+    }
+
+    /// The MMDS timer fired: run the responder, deliver what it has.
+    fn mmds_timer_fired(&mut self) {
+        if let Some((stack, timer)) = self.mmds.as_mut() {
+            let _ = timer.wait();
+            stack.poll();
+        }
+        self.arm_mmds_timer();
+        self.receive();
     }
 
     /// Moves frames from the TAP into the guest until the TAP is empty, the guest has no
@@ -328,6 +428,19 @@ impl<B: NetBackend> Net<B> {
         };
         let mut delivered = false;
         loop {
+            if self.rx_pending == 0 {
+                if let Some(frame) = self.mmds.as_mut().and_then(|(m, _)| m.pop_frame()) {
+                    let n = VNET_HDR_LEN + frame.len();
+                    if n > self.rx_buf.len() {
+                        continue;
+                    }
+                    // No offloads: checksums are complete, no segmentation.
+                    self.rx_buf[..VNET_HDR_LEN].fill(0);
+                    self.rx_buf[VNET_HDR_LEN..n].copy_from_slice(&frame);
+                    self.rx_pending = n;
+                    self.stats.mmds_rx_frames.fetch_add(1, Ordering::Relaxed);
+                }
+            }
             if self.rx_pending == 0 {
                 match self.backend.read_frame(&mut self.rx_buf) {
                     Ok(n) if n > VNET_HDR_LEN => self.rx_pending = n,
@@ -380,6 +493,7 @@ impl<B: NetBackend> Net<B> {
             return;
         };
         let mut completed = false;
+        let mut detoured = false;
         while let Some(chain) = active.tx.pop_descriptor_chain(&active.mem) {
             let head = chain.head_index();
             let descs: Vec<Descriptor> = chain.collect();
@@ -391,7 +505,16 @@ impl<B: NetBackend> Net<B> {
                 active.tx.go_to_previous_position();
                 break;
             }
-            match gather(&active.mem, &descs, &mut self.tx_buf) {
+            let frame = gather(&active.mem, &descs, &mut self.tx_buf);
+            let for_mmds = match (frame, self.mmds.as_mut()) {
+                (Some(len), Some((stack, _))) => stack.detour(&self.tx_buf[VNET_HDR_LEN..len]),
+                _ => false,
+            };
+            match frame {
+                Some(_) if for_mmds => {
+                    self.stats.mmds_tx_frames.fetch_add(1, Ordering::Relaxed);
+                    detoured = true;
+                }
                 Some(len) => match self.backend.write_frame(&self.tx_buf[..len]) {
                     Ok(_) => {
                         self.stats.tx_frames.fetch_add(1, Ordering::Relaxed);
@@ -413,6 +536,11 @@ impl<B: NetBackend> Net<B> {
         }
         if completed && active.tx.needs_notification(&active.mem).unwrap_or(true) {
             active.interrupt.raise(INT_VRING);
+        }
+        if detoured {
+            // Answers (ARP replies, TCP segments) wait in the responder: deliver them now.
+            self.arm_mmds_timer();
+            self.receive();
         }
     }
 }
@@ -491,15 +619,21 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
     }
 
     fn event_fds(&self) -> Vec<(RawFd, EventSet)> {
-        vec![
+        let mut fds = vec![
             (self.backend.fd(), EventSet::IN | EventSet::EDGE_TRIGGERED),
             (self.rx_limiter.timer_fd(), EventSet::IN),
             (self.tx_limiter.timer_fd(), EventSet::IN),
-        ]
+        ];
+        if let Some((_, timer)) = &self.mmds {
+            fds.push((timer.as_raw_fd(), EventSet::IN));
+        }
+        fds
     }
 
     fn process_fd(&mut self, fd: RawFd) {
-        if fd == self.backend.fd() {
+        if self.mmds.as_ref().is_some_and(|(_, t)| t.as_raw_fd() == fd) {
+            self.mmds_timer_fired();
+        } else if fd == self.backend.fd() {
             self.receive();
         } else if fd == self.rx_limiter.timer_fd() {
             self.rx_limiter.timer_fired();
@@ -567,6 +701,16 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
         );
         let dropped_values = [("rx", n(&s.rx_dropped)), ("tx", n(&s.tx_dropped))];
         counters(out, dropped, "direction", &dropped_values);
+        let mmds = (
+            "flick_net_mmds_frames_total",
+            "Frames exchanged with MMDS instead of the backend, by interface and direction.",
+        );
+        counters(
+            out,
+            mmds,
+            "direction",
+            &[("rx", n(&s.mmds_rx_frames)), ("tx", n(&s.mmds_tx_frames))],
+        );
         out.push(Sample::counter(
             "flick_net_rx_waits_total",
             "Times the receive path waited for the guest to post buffers.",
@@ -657,6 +801,7 @@ mod tests {
             mtu: None,
             rx_limits: SavedLimits::default(),
             tx_limits: SavedLimits::default(),
+            mmds: None,
         }
     }
 
@@ -874,5 +1019,180 @@ mod tests {
         assert_eq!(gather(&mem, &writable, &mut buf), None);
         let runt = [Descriptor::new(0x1000, 8, 0, 0)];
         assert_eq!(gather(&mem, &runt, &mut buf), None);
+    }
+    mod mmds {
+        use super::*;
+        use crate::config::MmdsVersion;
+        use crate::mmds::stack::tests::{self as guest, Client, GUEST_MAC};
+
+        const TX_BUFFERS: u64 = BUFFERS + 0x8_0000;
+
+        /// A device with MMDS enabled, 30 receive buffers posted, and what the guest has taken.
+        struct Guest<'m> {
+            mem: &'m GuestMemoryMmap,
+            net: Net<Fake>,
+            rx: MockSplitQueue<'m, GuestMemoryMmap>,
+            tx: MockSplitQueue<'m, GuestMemoryMmap>,
+            sent: u16,
+            taken: u16,
+        }
+
+        impl<'m> Guest<'m> {
+            fn new(mem: &'m GuestMemoryMmap, version: MmdsVersion) -> Self {
+                // The mock's used ring overlaps the end of its available ring: a 64-entry
+                // queue holds 32 chains safely.
+                let rx = MockSplitQueue::create(mem, GuestAddress(RX_RING), 64);
+                let tx = MockSplitQueue::create(mem, GuestAddress(TX_RING), 64);
+                let limiters = (
+                    RateLimiter::new(None).unwrap(),
+                    RateLimiter::new(None).unwrap(),
+                );
+                let mut config = saved();
+                config.mmds = Some(SavedMmds {
+                    ipv4_address: guest::MMDS_IP,
+                    version,
+                    imds_compat: false,
+                });
+                let mut net = Net::new(config, Fake::default(), limiters);
+                net.enable_mmds(&guest::store(version)).unwrap();
+                let activation = Activation {
+                    mem: mem.clone(),
+                    queues: vec![rx.create_queue().unwrap(), tx.create_queue().unwrap()],
+                    acked_features: F_GUEST_CSUM,
+                    interrupt: Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap())),
+                };
+                net.activate(activation).unwrap();
+                post_rx_buffers(&rx, 30, 0);
+                Guest {
+                    mem,
+                    net,
+                    rx,
+                    tx,
+                    sent: 0,
+                    taken: 0,
+                }
+            }
+
+            /// The guest transmits `frame` (an Ethernet frame).
+            fn send(&mut self, frame: &[u8]) {
+                assert!(self.sent < 30, "the mock ring holds 30 chains");
+                let addr = TX_BUFFERS + u64::from(self.sent) * 0x1000;
+                let mut bytes = vec![0u8; VNET_HDR_LEN];
+                bytes.extend_from_slice(frame);
+                self.mem.write_slice(&bytes, GuestAddress(addr)).unwrap();
+                let len = u32::try_from(bytes.len()).unwrap();
+                let desc = RawDescriptor::from(Descriptor::new(addr, len, 0, 0));
+                self.tx.add_desc_chains(&[desc], self.sent).unwrap();
+                self.sent += 1;
+                self.net.process_queue(TX);
+            }
+
+            /// Ethernet frames the device delivered since the last call.
+            fn received(&mut self) -> Vec<Vec<u8>> {
+                let mut frames = Vec::new();
+                while self.taken < used_idx(self.mem, &self.rx) {
+                    let elem = self
+                        .rx
+                        .used_addr()
+                        .unchecked_add(4 + 8 * u64::from(self.taken));
+                    let id: u32 = self.mem.read_obj(elem).unwrap();
+                    let len: u32 = self.mem.read_obj(elem.unchecked_add(4)).unwrap();
+                    let mut frame = vec![0u8; len as usize];
+                    let addr = BUFFERS + u64::from(id) * 0x1000;
+                    self.mem.read_slice(&mut frame, GuestAddress(addr)).unwrap();
+                    frames.push(frame[VNET_HDR_LEN..].to_vec());
+                    self.taken += 1;
+                }
+                frames
+            }
+
+            /// Runs `client` against the device until both are quiet.
+            fn exchange(&mut self, client: &mut Client) {
+                for _ in 0..20 {
+                    let out = client.frames();
+                    let mut moved = !out.is_empty();
+                    for f in out {
+                        self.send(&f);
+                    }
+                    for f in self.received() {
+                        client.deliver(&f);
+                        moved = true;
+                    }
+                    if !moved {
+                        return;
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn arp_for_mmds_is_answered_and_never_reaches_the_backend() {
+            let mem = big_mem();
+            let mut g = Guest::new(&mem, MmdsVersion::V1);
+            g.send(&guest::arp_request(guest::MMDS_IP));
+            let replies = g.received();
+            assert_eq!(replies.len(), 1);
+            assert_eq!(&replies[0][..6], &GUEST_MAC);
+            assert!(g.net.backend.written.is_empty());
+            assert_eq!(g.net.stats.mmds_tx_frames.load(Ordering::Relaxed), 1);
+        }
+
+        #[test]
+        fn frames_for_other_addresses_reach_the_backend_untouched() {
+            let mem = big_mem();
+            let mut g = Guest::new(&mem, MmdsVersion::V1);
+            let arp = guest::arp_request(std::net::Ipv4Addr::new(169, 254, 0, 1));
+            g.send(&arp);
+            let mut expected = vec![0u8; VNET_HDR_LEN];
+            expected.extend_from_slice(&arp);
+            assert_eq!(g.net.backend.written, vec![expected]);
+            assert!(g.received().is_empty());
+        }
+
+        #[test]
+        fn a_guest_fetches_metadata_over_tcp() {
+            let mem = big_mem();
+            let mut g = Guest::new(&mem, MmdsVersion::V1);
+            let mut client = Client::connect(80);
+            g.exchange(&mut client);
+            let request = "GET /latest/meta-data/ami-id HTTP/1.1\r\nConnection: close\r\n\r\n";
+            client.socket().send_slice(request.as_bytes()).unwrap();
+            g.exchange(&mut client);
+            let text = client.received();
+            assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+            assert!(text.ends_with("ami-1"), "{text}");
+            assert!(g.net.backend.written.is_empty(), "nothing went to the TAP");
+        }
+
+        #[test]
+        fn v2_without_a_token_gets_401_over_tcp() {
+            let mem = big_mem();
+            let mut g = Guest::new(&mem, MmdsVersion::V2);
+            let mut client = Client::connect(80);
+            g.exchange(&mut client);
+            client
+                .socket()
+                .send_slice(b"GET /latest HTTP/1.1\r\n\r\n")
+                .unwrap();
+            g.exchange(&mut client);
+            let text = client.received();
+            assert!(text.starts_with("HTTP/1.1 401 Unauthorized\r\n"), "{text}");
+        }
+
+        #[test]
+        fn mmds_settings_survive_save_and_describe() {
+            let mut config = saved();
+            config.mmds = Some(SavedMmds {
+                ipv4_address: guest::MMDS_IP,
+                version: MmdsVersion::V2,
+                imds_compat: true,
+            });
+            let mut vm = VmConfig::default();
+            describe_net(&to_saved(&config), &mut vm).unwrap();
+            let mmds = vm.mmds_config.unwrap();
+            assert_eq!(mmds.network_interfaces, vec!["eth0".to_string()]);
+            assert_eq!((mmds.version, mmds.imds_compat), (MmdsVersion::V2, true));
+            assert_eq!(mmds.ipv4_address, Some(guest::MMDS_IP));
+        }
     }
 }
