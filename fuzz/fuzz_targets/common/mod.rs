@@ -213,6 +213,7 @@ pub fn net(
         mtu: configured.then_some(1500),
         rx_limits: SavedLimits::default(),
         tx_limits: SavedLimits::default(),
+        mmds: None,
     };
     Net::new(saved, backend, limiters)
 }
