@@ -668,6 +668,15 @@ fn pause_of_a_multi_vcpu_guest_stops_every_vcpu() {
     assert_eq!(flick.state(), "Paused");
 }
 
+/// `PUT /actions {"action_type": "FlushMetrics"}`.
+fn flush_metrics(flick: &Flick) -> (u16, String) {
+    flick.curl_call(
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "FlushMetrics"}"#),
+    )
+}
+
 /// The lines of a Firecracker-schema metrics file, parsed.
 fn metrics_lines(path: &Path) -> Vec<serde_json::Value> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
@@ -703,22 +712,14 @@ fn metrics_file_gets_firecracker_schema_lines_at_boot_and_on_flush() {
     assert_eq!(status, 204, "{answer}");
     let (status, answer) = flick.curl_call("PUT", "/metrics", Some(&body));
     assert_eq!(status, 400, "metrics can be configured once: {answer}");
-    let (status, _) = flick.curl_call(
-        "PUT",
-        "/actions",
-        Some(r#"{"action_type": "FlushMetrics"}"#),
-    );
+    let (status, _) = flush_metrics(&flick);
     assert_eq!(status, 400, "FlushMetrics before boot must be refused");
     flick.boot(&guest, "tg.smp=0 tg.exit=halt");
     flick.wait_for_output("testguest: done");
     // The first line is written at boot, without any FlushMetrics.
     wait_for_text(&metrics, "utc_timestamp_ms");
     for _ in 0..2 {
-        let (status, answer) = flick.curl_call(
-            "PUT",
-            "/actions",
-            Some(r#"{"action_type": "FlushMetrics"}"#),
-        );
+        let (status, answer) = flush_metrics(&flick);
         assert_eq!(status, 204, "{answer}");
     }
     let lines = metrics_lines(&metrics);
@@ -761,11 +762,7 @@ fn metrics_file_gets_firecracker_schema_lines_at_boot_and_on_flush() {
     assert!(lines[2]["latencies_us"].get("vmm_pause_vm").is_none());
     let (status, answer) = flick.curl_call("PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
     assert_eq!(status, 204, "{answer}");
-    let (status, answer) = flick.curl_call(
-        "PUT",
-        "/actions",
-        Some(r#"{"action_type": "FlushMetrics"}"#),
-    );
+    let (status, answer) = flush_metrics(&flick);
     assert_eq!(status, 204, "{answer}");
     let lines = metrics_lines(&metrics);
     assert!(

@@ -216,20 +216,17 @@ fn wait_status(child: &mut Child) -> ExitStatus {
     }
 }
 
-#[test]
-fn a_call_the_filter_forbids_kills_flick_with_sigsys() {
-    if !kvm_available() {
-        return;
-    }
-    let dir = TempDir::new("seccomp-kill");
-    // The vCPU thread may not write: the guest's first console byte is the forbidden call.
+/// Boots the test guest (`tg.exit=halt`) from a config file with a filter file whose vCPU
+/// program is `vcpu` (the VMM and API threads unfiltered) and `extra` arguments; waits for flick
+/// to end and returns how, with its stderr.
+fn run_with_vcpu_program(
+    dir: &TempDir,
+    vcpu: Vec<Instruction>,
+    extra: &[&std::ffi::OsStr],
+) -> (ExitStatus, String) {
     let filter = dir.write(
         "filter.bpf",
-        &filter_file(&[
-            ("vmm", allow_all()),
-            ("api", allow_all()),
-            ("vcpu", kill_on_write()),
-        ]),
+        &filter_file(&[("vmm", allow_all()), ("api", allow_all()), ("vcpu", vcpu)]),
     );
     let config = guest_config(&test_guest(), "tg.exit=halt", 1, 64);
     let config = dir.write("vm.json", config.to_string().as_bytes());
@@ -238,12 +235,30 @@ fn a_call_the_filter_forbids_kills_flick_with_sigsys() {
         .arg(&config)
         .arg("--seccomp-filter")
         .arg(&filter)
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let mut stderr_pipe = child.stderr.take().unwrap();
+    let reader = thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr_pipe, &mut text);
+        text
+    });
     let status = wait_status(&mut child);
+    (status, reader.join().unwrap())
+}
+
+#[test]
+fn a_call_the_filter_forbids_kills_flick_with_sigsys() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("seccomp-kill");
+    // The vCPU thread may not write: the guest's first console byte is the forbidden call.
+    let (status, _) = run_with_vcpu_program(&dir, kill_on_write(), &[]);
     assert_eq!(status.signal(), Some(libc::SIGSYS), "{status:?}");
 
     // The same filter file with a vCPU program that allows write boots normally: the kill came
@@ -271,33 +286,13 @@ fn a_trapped_call_is_reported_with_its_number_and_thread_and_exit_code_148() {
         return;
     }
     let dir = TempDir::new("seccomp-trap");
-    // The vCPU thread's first KVM_RUN is the trapped call.
-    let filter = dir.write(
-        "filter.bpf",
-        &filter_file(&[
-            ("vmm", allow_all()),
-            ("api", allow_all()),
-            ("vcpu", trap_on_ioctl()),
-        ]),
-    );
     let log = dir.path("flick.log");
-    let config = guest_config(&test_guest(), "tg.exit=halt", 1, 64);
-    let config = dir.write("vm.json", config.to_string().as_bytes());
-    let mut child = Command::new(flick_bin())
-        .args(["--no-api", "--config-file"])
-        .arg(&config)
-        .arg("--seccomp-filter")
-        .arg(&filter)
-        .arg("--log-path")
-        .arg(&log)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let status = wait_status(&mut child);
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    // The vCPU thread's first KVM_RUN is the trapped call.
+    let (status, stderr) = run_with_vcpu_program(
+        &dir,
+        trap_on_ioctl(),
+        &["--log-path".as_ref(), log.as_os_str()],
+    );
     assert_eq!(status.code(), Some(148), "{status:?} {stderr}");
     let expected =
         format!("flick: error: seccomp: forbidden system call {SYS_IOCTL} (thread flick_vcpu0)");
