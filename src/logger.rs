@@ -21,6 +21,8 @@ static OUTPUT: Mutex<Option<Box<dyn Write + Send>>> = Mutex::new(None);
 static INSTANCE: Mutex<String> = Mutex::new(String::new());
 /// `module`: only lines from module paths starting with this (with or without `flick::`).
 static MODULE: Mutex<Option<String>> = Mutex::new(None);
+/// Whether `MODULE` holds a filter (so that unfiltered logging takes no lock).
+static MODULE_SET: AtomicBool = AtomicBool::new(false);
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoggerError {
@@ -75,6 +77,7 @@ pub fn configure(config: &LoggerConfig) -> Result<(), LoggerError> {
         let module = module.strip_prefix("flick::").unwrap_or(module);
         *MODULE.lock().unwrap_or_else(|p| p.into_inner()) =
             (!module.is_empty()).then(|| module.to_string());
+        MODULE_SET.store(!module.is_empty(), Ordering::Relaxed);
     }
     SHOW_LEVEL.store(config.show_level, Ordering::Relaxed);
     SHOW_ORIGIN.store(config.show_log_origin, Ordering::Relaxed);
@@ -90,6 +93,9 @@ pub fn init(instance: &str, level: LogLevel) {
 
 /// Whether the `module` filter lets a line from `path` through.
 fn module_allowed(path: Option<&str>) -> bool {
+    if !MODULE_SET.load(Ordering::Relaxed) {
+        return true;
+    }
     let filter = MODULE.lock().unwrap_or_else(|p| p.into_inner());
     let Some(filter) = filter.as_deref() else {
         return true;
