@@ -36,6 +36,8 @@ fi
 command -v socat >/dev/null || { apt-get update -qq && apt-get install -y -qq socat >/dev/null; }
 command -v schemathesis >/dev/null || pip install -q schemathesis
 
+spec=$(realpath "$spec")
+flick=$(realpath "$flick")
 work=$(mktemp -d /tmp/flick-api-fuzz.XXXXXX)
 pids=()
 cleanup() {
@@ -45,6 +47,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# Both run inside the scratch directory: fuzzed requests name relative paths (log and metrics
+# files flick creates) and schemathesis keeps a cache in its working directory.
+cd "$work"
 "$flick" --api-sock "$work/api.sock" >"$work/flick.out" 2>"$work/flick.err" </dev/null &
 flick_pid=$!
 pids+=("$flick_pid")

@@ -145,13 +145,17 @@ pub fn wait_for_socket(sock: &Path) {
     http::wait_for_socket(sock, VM_TIMEOUT);
 }
 
-/// Polls `file` until it contains `needle`.
+/// Polls `file` until it contains `needle` and the line holding it is complete.
 pub fn wait_for_text(file: &Path, needle: &str) -> String {
     let start = Instant::now();
     loop {
         let text = std::fs::read_to_string(file).unwrap_or_default();
-        if text.contains(needle) {
-            return text;
+        // Only once the line holding the needle is complete: the writer may be mid-line, and
+        // callers go on to read the rest of that line.
+        if let Some(at) = text.find(needle) {
+            if text[at + needle.len()..].contains('\n') || needle.ends_with('\n') {
+                return text;
+            }
         }
         assert!(
             start.elapsed() < VM_TIMEOUT,
