@@ -195,6 +195,53 @@ fn console_input_reaches_the_guest() {
 }
 
 #[test]
+fn console_input_longer_than_the_uart_fifo_arrives_whole_while_stdin_stays_open() {
+    if !kvm_available() {
+        return;
+    }
+    use std::io::Write as _;
+    // One write far beyond the 64-byte receive FIFO and one read(2), with the writer still
+    // attached (as a person typing or a script pasting): every byte must reach the guest
+    // without waiting for more input or for end of file.
+    let mut input = Vec::new();
+    let mut lines = Vec::new();
+    for i in 0..20 {
+        let line = format!("line{i:02} {}", "abcdefghij".repeat(30));
+        input.extend_from_slice(line.as_bytes());
+        input.push(b'\n');
+        lines.push(line);
+    }
+    let dir = TempDir::new("console-in");
+    let config = guest_config(&test_guest(), "tg.smp=0 tg.echo=1", 1, 64);
+    let path = dir.write("vm.json", config.to_string().as_bytes());
+    let console = dir.path("console");
+    let mut child = std::process::Command::new(flick_bin())
+        .arg("--no-api")
+        .arg("--config-file")
+        .arg(&path)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::fs::File::create(&console).unwrap())
+        .stderr(std::fs::File::create(dir.path("log")).unwrap())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    wait_for_text(&console, "echo: ready");
+    stdin.write_all(&input).unwrap();
+    stdin.flush().unwrap();
+    let text = wait_for_text(&console, lines.last().unwrap());
+    for line in &lines {
+        assert!(text.contains(line.as_str()), "{line:?} missing: {text}");
+    }
+    stdin.write_all(b"quit\n").unwrap();
+    drop(stdin);
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    assert!(std::fs::read_to_string(&console)
+        .unwrap()
+        .contains("echo: done"));
+}
+
+#[test]
 fn triple_fault_is_reported_with_rip_and_nonzero_exit() {
     if !kvm_available() {
         return;

@@ -1,7 +1,7 @@
 //! The VMM thread's event handling: guest reset, vCPU stops, API wake-ups, console input and
 //! periodic metrics, as the event-manager subscriber of [`Vmm`].
 
-use std::io::Read;
+use std::io::ErrorKind;
 use std::os::fd::AsRawFd;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
@@ -68,18 +68,22 @@ impl Vmm {
 
     /// Moves console input into the serial FIFO, as much as fits.
     fn pump_input(&mut self, ops: &mut EventOps, readable: bool) {
-        let Some(vm) = &self.running else { return };
+        if self.running.is_none() {
+            return;
+        }
         if readable && self.pending_input.len() < MAX_PENDING_INPUT {
-            let mut buf = [0u8; 256];
-            match std::io::stdin().lock().read(&mut buf) {
-                Ok(0) | Err(_) => {
-                    let _ = ops.remove(Events::empty_raw(STDIN_FD));
-                    self.stdin_open = false;
-                }
+            let mut buf = [0u8; 1024];
+            match read_stdin(&mut buf) {
+                Ok(0) => self.close_stdin(ops),
                 Ok(n) => self.pending_input.extend_from_slice(&buf[..n]),
+                Err(e) if matches!(e.kind(), ErrorKind::Interrupted | ErrorKind::WouldBlock) => {}
+                Err(e) => {
+                    tracing::warn!("console input: {e}; no more input is read");
+                    self.close_stdin(ops);
+                }
             }
         }
-        if !self.pending_input.is_empty() {
+        if let (false, Some(vm)) = (self.pending_input.is_empty(), &self.running) {
             let taken = lock(&vm.legacy.serial).enqueue_input(&self.pending_input);
             self.pending_input.drain(..taken);
         }
@@ -93,6 +97,11 @@ impl Vmm {
             };
             let _ = ops.modify(Events::with_data_raw(STDIN_FD, 0, set));
         }
+    }
+
+    fn close_stdin(&mut self, ops: &mut EventOps) {
+        let _ = ops.remove(Events::empty_raw(STDIN_FD));
+        self.stdin_open = false;
     }
 
     /// Registers the running VM's fds once it exists.
@@ -174,4 +183,12 @@ impl MutEventSubscriber for Vmm {
         }
         self.watch_vm(ops);
     }
+}
+
+/// One `read(2)` of fd 0. Not through `std::io::stdin()`: that buffers, and bytes kept in its
+/// buffer are invisible to epoll, so input beyond one read would wait for the next keystroke.
+fn read_stdin(buf: &mut [u8]) -> std::io::Result<usize> {
+    // SAFETY: read writes at most `buf.len()` bytes into `buf`, which we own.
+    let n = unsafe { libc::read(STDIN_FD, buf.as_mut_ptr().cast(), buf.len()) };
+    usize::try_from(n).map_err(|_| std::io::Error::last_os_error())
 }
