@@ -253,10 +253,11 @@ WORK=$(mktemp -d /tmp/flick-nested-lane.XXXXXX)
 plan=$WORK/plan
 : >"$plan"
 while IFS=$'\t' read -r target exe; do
-	limit=$TEST_TIMEOUT
-	[[ $target == linux ]] && limit=$LINUX_TEST_TIMEOUT
 	while IFS= read -r t; do
 		[[ $target::$t =~ $tests_re ]] || continue
+		# Tests that boot Linux: the whole `linux` binary, and `linux_*` tests in the others.
+		limit=$TEST_TIMEOUT
+		[[ $target == linux || ${t##*::} == linux_* ]] && limit=$LINUX_TEST_TIMEOUT
 		[[ -n $exclude_re && $target::$t =~ $exclude_re ]] && continue
 		printf '%s\t%s\t%s\n' "$exe" "$t" "$limit" >>"$plan"
 	done < <("$exe" --list --format terse 2>/dev/null | sed -n 's/: test$//p')

@@ -468,20 +468,6 @@ fn v2_command(ns: &NetNs) -> String {
     )
 }
 
-/// MMDS from Linux user space is a known issue: in the nested lane's L1 (hardware
-/// virtualization) these guests' `wget`/`nc` requests to the MMDS address got no answer within
-/// the lane's 120 s per test, while the test guest's ARP and the unit tests' TCP exchanges with
-/// synthetic frames pass. Reported instead of run, unless `FLICK_MMDS_LINUX=1`.
-fn mmds_linux_known_issue() -> bool {
-    if std::env::var_os("FLICK_MMDS_LINUX").is_some() {
-        return false;
-    }
-    known_issue(
-        "a Linux guest's HTTP requests to MMDS get no answer yet (set FLICK_MMDS_LINUX=1 to run)",
-    );
-    true
-}
-
 /// Sets up eth0 with the link-local address (MMDS) and the namespace's subnet (the TAP).
 fn net_setup(ns: &NetNs) -> String {
     format!(
@@ -492,9 +478,6 @@ fn net_setup(ns: &NetNs) -> String {
 
 #[test]
 fn linux_fetches_metadata_with_wget_from_mmds_v1() {
-    if mmds_linux_known_issue() {
-        return;
-    }
     if !kvm_available() || !netns_available() {
         return;
     }
@@ -519,9 +502,6 @@ fn linux_fetches_metadata_with_wget_from_mmds_v1() {
 
 #[test]
 fn linux_fetches_metadata_with_a_v2_session_token() {
-    if mmds_linux_known_issue() {
-        return;
-    }
     if !kvm_available() || !netns_available() {
         return;
     }
@@ -537,9 +517,6 @@ fn linux_fetches_metadata_with_a_v2_session_token() {
 
 #[test]
 fn linux_restored_from_a_snapshot_answers_mmds() {
-    if mmds_linux_known_issue() {
-        return;
-    }
     if !kvm_available() || !netns_available() {
         return;
     }
