@@ -210,6 +210,15 @@ fn fc_field(sample: &Sample) -> Option<FcField> {
                 _ => None,
             }
         }
+        ("flick_vsock_bytes_total", _, Some("to_guest")) => plain("vsock", "rx_bytes_count"),
+        ("flick_vsock_bytes_total", _, Some("to_host")) => plain("vsock", "tx_bytes_count"),
+        ("flick_vsock_packets_total", _, Some("to_guest")) => plain("vsock", "rx_packets_count"),
+        ("flick_vsock_packets_total", _, Some("from_guest")) => plain("vsock", "tx_packets_count"),
+        ("flick_vsock_connections_total", _, _) => match label("event") {
+            Some("host_opened" | "guest_opened") => plain("vsock", "conns_added"),
+            _ => None,
+        },
+        ("flick_balloon_stats_updates_total", _, _) => plain("balloon", "stats_updates_count"),
         ("flick_vcpu_exits_total", _, _) => match label("reason") {
             Some("io_in") => plain("vcpu", "exit_io_in"),
             Some("io_out") => plain("vcpu", "exit_io_out"),
@@ -440,6 +449,31 @@ mod tests {
         assert_eq!(v["block_data"]["read_count"], 4, "{line}");
         assert_eq!(v["block"]["read_count"], 7, "{line}");
         assert!(v.get("flick_block_operations_total").is_none());
+    }
+
+    #[test]
+    fn vsock_and_balloon_counters_fill_firecrackers_fields() {
+        let c = |family, key, value: &str, n| {
+            Sample::counter(family, "", vec![(key, value.to_string())], n)
+        };
+        let samples = [
+            c("flick_vsock_bytes_total", "direction", "to_guest", 10),
+            c("flick_vsock_bytes_total", "direction", "to_host", 20),
+            c("flick_vsock_packets_total", "direction", "to_guest", 3),
+            c("flick_vsock_packets_total", "direction", "from_guest", 4),
+            c("flick_vsock_connections_total", "event", "host_opened", 1),
+            c("flick_vsock_connections_total", "event", "guest_opened", 2),
+            c("flick_vsock_connections_total", "event", "reset", 7),
+            Sample::counter("flick_balloon_stats_updates_total", "", Vec::new(), 5),
+        ];
+        let (line, _) = firecracker_line(&samples, &FcHeader::default(), &FcPrevious::new());
+        let v = parse(&line);
+        assert_eq!(v["vsock"]["rx_bytes_count"], 10, "{line}");
+        assert_eq!(v["vsock"]["tx_bytes_count"], 20, "{line}");
+        assert_eq!(v["vsock"]["rx_packets_count"], 3, "{line}");
+        assert_eq!(v["vsock"]["tx_packets_count"], 4, "{line}");
+        assert_eq!(v["vsock"]["conns_added"], 3, "{line}");
+        assert_eq!(v["balloon"]["stats_updates_count"], 5, "{line}");
     }
 
     #[test]
