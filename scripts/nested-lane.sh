@@ -351,7 +351,7 @@ while :; do
 		-nodefaults -display none -no-reboot -no-user-config \
 		-serial "file:$console" -monitor "unix:$WORK/monitor.sock,server=on,wait=off" \
 		-kernel "$L1_DIR/vmlinux" -initrd "$INITRD" \
-		-append "console=ttyS0 panic=-1 loglevel=4 mitigations=off nokaslr lapic=notscdeadline rdinit=/init" \
+		-append "console=ttyS0 panic=-1 loglevel=4 mitigations=off nokaslr rdinit=/init" \
 		-virtfs "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap" \
 		-virtfs "local,path=$WORK,mount_tag=lane,security_model=none,multidevs=remap" \
 		</dev/null >"$WORK/qemu.$session.log" 2>&1 &
