@@ -283,8 +283,9 @@ install -m 0755 "$LANE_SRC/run-tests" "$WORK/run-tests"
 # QEMU sessions
 # ---------------------------------------------------------------------------
 # L1 writes /lane/heartbeat every 5 s. When the heartbeat stops for FROZEN_AFTER seconds, L1 itself
-# froze (under QEMU TCG, L1's timer seems never to fire: on an Intel host 1-2 freezes a run); the lane then boots a new L1 for the tests not done yet, the interrupted one first, at
-# most MAX_RESTARTS times, and says so. A test that hangs while L1 is alive is a failure.
+# froze (under QEMU TCG, L1's timer seems never to fire: on an Intel host 1-2 freezes a run);
+# the lane then boots a new L1 for the tests not done yet, the interrupted one first, at most
+# MAX_RESTARTS times, and says so. A test that hangs while L1 is alive is a failure.
 MAX_RESTARTS=${FLICK_NESTED_MAX_RESTARTS:-6}
 cp "$plan" "$WORK/plan.all"
 reported=0
