@@ -75,9 +75,9 @@ pub fn configure(config: &LoggerConfig) -> Result<(), LoggerError> {
     }
     if let Some(module) = &config.module {
         let module = module.strip_prefix("flick::").unwrap_or(module);
-        *MODULE.lock().unwrap_or_else(|p| p.into_inner()) =
-            (!module.is_empty()).then(|| module.to_string());
-        MODULE_SET.store(!module.is_empty(), Ordering::Relaxed);
+        let filter = (!module.is_empty()).then(|| module.to_string());
+        MODULE_SET.store(filter.is_some(), Ordering::Relaxed);
+        *MODULE.lock().unwrap_or_else(|p| p.into_inner()) = filter;
     }
     SHOW_LEVEL.store(config.show_level, Ordering::Relaxed);
     SHOW_ORIGIN.store(config.show_log_origin, Ordering::Relaxed);
