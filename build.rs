@@ -1,6 +1,7 @@
 //! Compiles the seccomp policy of the build target (`resources/seccomp/<arch>.json`, in
 //! seccompiler's JSON format) into BPF and writes it to `$OUT_DIR/seccomp_filters.bin` in the
-//! format `src/seccomp.rs` reads, so that the binary embeds ready-to-install programs.
+//! format `src/seccomp.rs` reads, so that the binary embeds ready-to-install programs. The other
+//! architectures' policies are compiled too (and thrown away), so that each build checks them.
 //!
 //! It also checks a rule the policy must keep: threads inherit the filter of the thread that
 //! creates them, and vCPU threads and the teardown child are created by the VMM thread after it
@@ -20,6 +21,15 @@ fn main() {
     println!("cargo::rerun-if-changed=build.rs");
     let out = Path::new(&out_dir).join("seccomp_filters.bin");
 
+    // Every policy in the tree compiles, not only the target's: a mistake in another
+    // architecture's file shows in every build.
+    for other in ["x86_64", "aarch64"] {
+        if other != arch {
+            let path = format!("resources/seccomp/{other}.json");
+            let text = std::fs::read(&path).unwrap_or_else(|e| panic!("cannot read {path}: {e}"));
+            compile(&path, other, &text);
+        }
+    }
     let bytes = match std::fs::read(&policy) {
         // No policy for this target: an empty map; flick then refuses to start with filters
         // and says so (only `--no-seccomp` or `--seccomp-filter` work there).

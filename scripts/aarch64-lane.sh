@@ -109,9 +109,11 @@ download_arm64() {
 	(cd "$dir" && timeout "$SETUP_TIMEOUT" apt-get download -q "$L1_PACKAGE:arm64" busybox-static:arm64 >&2)
 }
 
-# Modules the Linux guest loads from its initramfs (Debian builds them as modules), with their
-# dependencies, read from each .ko's modinfo `depends=`.
-GUEST_MODULES=(virtio_mmio virtio_blk)
+# Modules the Linux guest loads from its initramfs (Debian builds them as modules), and the ones
+# L1 loads (tun, for the guest's TAP), with their dependencies, read from each .ko's modinfo
+# `depends=`.
+GUEST_MODULES=(virtio_mmio virtio_blk virtio_net)
+L1_MODULES=(tun)
 declare -A KO_FILE=() KO_ADDED=()
 KO_ORDER=()
 add_module() {
@@ -125,13 +127,17 @@ add_module() {
 	done
 	KO_ORDER+=("$file")
 }
+# collect_modules TREE OUT MODULE...: copies the modules and their dependencies into OUT, with
+# OUT/order listing them in loading order.
 collect_modules() {
 	local tree=$1 out=$2 f m
+	shift 2
+	KO_FILE=() KO_ADDED=() KO_ORDER=()
 	while IFS= read -r f; do
 		m=$(basename "$f" .ko)
 		KO_FILE[${m//-/_}]=$f
 	done < <(find "$tree" -name '*.ko')
-	for m in "${GUEST_MODULES[@]}"; do add_module "$m" || return 1; done
+	for m in "$@"; do add_module "$m" || return 1; done
 	mkdir -p "$out"
 	: >"$out/order"
 	for f in "${KO_ORDER[@]}"; do
@@ -143,7 +149,8 @@ collect_modules() {
 KERNEL=$CACHE/Image
 BUSYBOX=$CACHE/busybox
 MODULES=$CACHE/modules-$(sha256sum <<<"${GUEST_MODULES[*]}" | cut -c1-8)
-if [[ ! -s $KERNEL || ! -x $BUSYBOX || ! -s $MODULES/order ]]; then
+L1_MODULES_DIR=$CACHE/l1-modules-$(sha256sum <<<"${L1_MODULES[*]}" | cut -c1-8)
+if [[ ! -s $KERNEL || ! -x $BUSYBOX || ! -s $MODULES/order || ! -s $L1_MODULES_DIR/order ]]; then
 	say "downloading the arm64 kernel and busybox packages (apt-get download, arm64 added to dpkg for it)"
 	tmp=$(mktemp -d)
 	chmod 755 "$tmp" # apt-get download fetches as the _apt user
@@ -160,8 +167,11 @@ if [[ ! -s $KERNEL || ! -x $BUSYBOX || ! -s $MODULES/order ]]; then
 	mv "$KERNEL.tmp" "$KERNEL"
 	basename "$vmlinuz" >"$CACHE/kernel-version"
 	cp "$tmp/x/bin/busybox" "$BUSYBOX"
-	rm -rf "$MODULES"
-	collect_modules "$tmp/x/lib/modules" "$MODULES" || { rm -rf "$tmp" "$MODULES"; setup_fail "cannot collect the guest's modules"; }
+	rm -rf "$MODULES" "$L1_MODULES_DIR"
+	collect_modules "$tmp/x/lib/modules" "$MODULES" "${GUEST_MODULES[@]}" ||
+		{ rm -rf "$tmp" "$MODULES"; setup_fail "cannot collect the guest's modules"; }
+	collect_modules "$tmp/x/lib/modules" "$L1_MODULES_DIR" "${L1_MODULES[@]}" ||
+		{ rm -rf "$tmp" "$L1_MODULES_DIR"; setup_fail "cannot collect L1's modules"; }
 	rm -rf "$tmp"
 	# Drop the arm64 package lists again.
 	timeout "$SETUP_TIMEOUT" apt-get update -q -o DPkg::Lock::Timeout=300 >&2 || true
@@ -200,19 +210,42 @@ trap cleanup EXIT
 root=$WORK/root
 mkdir -p "$root"/{bin,proc,sys,dev,tmp}
 cp "$BUSYBOX" "$root/bin/busybox"
-for applet in sh mount cat cut sleep grep sed awk timeout dd poweroff dmesg head tail sync rm kill printf; do
+for applet in sh mount cat cut sleep grep sed awk timeout dd poweroff dmesg head tail sync rm kill printf \
+	ls wc insmod tunctl ip; do
 	ln -s busybox "$root/bin/$applet"
 done
 cp "$LANE_SRC/init" "$root/init"
+cp -r "$L1_MODULES_DIR" "$root/modules"
 aarch64-linux-gnu-strip -o "$root/flick" "$FLICK"
 aarch64-linux-gnu-gcc -static -O2 -Wall -o "$root/api-client" "$LANE_SRC/api-client.c" ||
 	setup_fail "cannot build the API client"
 cp "$GUEST_OUT/testguest-arm64.bin" "$root/testguest-arm64.bin"
+# A seccomp filter file (src/seccomp.rs' format) whose vmm and api programs allow everything and
+# whose vcpu program traps ioctl (29 on arm64), so the vCPU thread's first KVM_RUN is trapped.
+le() { # le BYTES VALUE: VALUE as BYTES little-endian bytes, as printf escapes
+	local i
+	for ((i = 0; i < $1; i++)); do printf '\\x%02x' $((($2 >> (8 * i)) & 255)); done
+}
+insn() { le 2 "$1" && le 1 "$2" && le 1 "$3" && le 4 "$4"; } # code jt jf k
+program() { # program NAME INSTRUCTION...
+	local name=$1
+	shift
+	le 8 ${#name}
+	printf '%s' "$name"
+	le 8 $#
+	printf '%s' "$@"
+}
+ALLOW=0x7fff0000 TRAP=0x00030000
+allow_all=$(insn 6 0 0 $ALLOW)
+# A = syscall number; if A == 29 return TRAP else ALLOW.
+trap_ioctl=("$(insn 0x20 0 0 0)" "$(insn 0x15 0 1 29)" "$(insn 6 0 0 $TRAP)" "$allow_all")
+printf "$(le 8 3)$(program vmm "$allow_all")$(program api "$allow_all")$(program vcpu "${trap_ioctl[@]}")" \
+	>"$root/trap-vcpu.bpf"
 # The Linux guest: the same Debian Image, and a busybox initramfs of its own.
 guest_root=$WORK/linux-guest
 mkdir -p "$guest_root"/{bin,proc,sys,dev} "$root/linux"
 cp "$BUSYBOX" "$guest_root/bin/busybox"
-for applet in sh mount cat grep devmem reboot insmod head dd sync sed sleep; do
+for applet in sh mount cat grep devmem reboot insmod head dd sync sed sleep awk ping tail ip; do
 	ln -s busybox "$guest_root/bin/$applet"
 done
 cp -r "$MODULES" "$guest_root/modules"
@@ -228,9 +261,10 @@ say "initramfs: $(($(stat -c %s "$WORK/initramfs.cpio") / 1024)) KiB"
 LOG=$WORK/console.log
 say "starting qemu-system-aarch64 (TCG, EL2, GICv3)"
 QEMU_START=$SECONDS
+# -nic none: L1 needs no network device (and QEMU then no NIC option ROM, a package of its own).
 timeout "$RUN_TIMEOUT" qemu-system-aarch64 -M virt,virtualization=on,gic-version=3 -cpu max \
-	-accel tcg -smp 2 -m 1024 -nographic -no-reboot -kernel "$KERNEL" -initrd "$WORK/initramfs.cpio" \
-	-append "console=ttyAMA0 rdinit=/init panic=-1 quiet loglevel=4" >"$LOG" 2>&1 </dev/null &
+	-accel tcg -smp 2 -m 1024 -nographic -nic none -no-reboot -kernel "$KERNEL" -initrd "$WORK/initramfs.cpio" \
+	-append "console=ttyAMA0 rdinit=/init panic=-1 quiet loglevel=4 audit=1" >"$LOG" 2>&1 </dev/null &
 QEMU_PID=$!
 last_size=-1
 last_change=$SECONDS

@@ -6,7 +6,8 @@
 //! The default programs are compiled from `resources/seccomp/<arch>.json` by `build.rs` and
 //! embedded in the binary, so installing one is a single `seccomp(2)` call with no parsing or
 //! compiling at start-up. A call outside a thread's policy traps (`SECCOMP_RET_TRAP`): the SIGSYS
-//! handler writes `flick: error: seccomp: forbidden system call N (thread T)` to stderr and the
+//! handler writes `flick: error: seccomp: forbidden system call N (arguments A0, A1, ...; thread T)`
+//! to stderr and the
 //! log file and ends the process with exit code 148, as Firecracker does. (A filter file whose
 //! action is `kill_process` kills the process with SIGSYS instead, reported only by the kernel.)
 //!
@@ -253,7 +254,8 @@ pub fn report_to(fd: std::os::fd::RawFd) {
 
 /// Installs the SIGSYS handler: a filter whose action is `trap` (the built-in ones) stops a
 /// forbidden call with SIGSYS, and the handler reports it on stderr (and the log file) as
-/// `flick: error: seccomp: forbidden system call N (thread T)` and ends the process with
+/// `flick: error: seccomp: forbidden system call N (arguments A0, A1, ...; thread T)` and ends the
+/// process with
 /// [`EXIT_BAD_SYSCALL`]. It uses only `write` and `exit_group`, which every built-in filter
 /// allows.
 pub fn install_sigsys_handler() -> std::io::Result<()> {
@@ -300,8 +302,24 @@ fn push_bytes(buf: &mut [u8], len: &mut usize, bytes: &[u8]) {
     }
 }
 
-/// The report line for a trapped call: number and the thread's name.
-fn bad_syscall_line(buf: &mut [u8], syscall: u64, thread: &[u8]) -> usize {
+/// Appends `n` in hexadecimal (`0x…`) to `buf` at `*len`, without allocating.
+fn push_hex(buf: &mut [u8], len: &mut usize, n: u64) {
+    push_bytes(buf, len, b"0x");
+    let digits = (64 - n.leading_zeros()).div_ceil(4).max(1);
+    for i in (0..digits).rev() {
+        let nibble = ((n >> (i * 4)) & 0xf) as u8;
+        let c = if nibble < 10 {
+            b'0' + nibble
+        } else {
+            b'a' + nibble - 10
+        };
+        push_bytes(buf, len, &[c]);
+    }
+}
+
+/// The report line for a trapped call: number, first two arguments (for `ioctl` the request
+/// number, which is what a policy narrows) and the thread's name.
+fn bad_syscall_line(buf: &mut [u8], syscall: u64, args: [u64; 2], thread: &[u8]) -> usize {
     let mut len = 0;
     push_bytes(
         buf,
@@ -309,7 +327,11 @@ fn bad_syscall_line(buf: &mut [u8], syscall: u64, thread: &[u8]) -> usize {
         b"flick: error: seccomp: forbidden system call ",
     );
     push_decimal(buf, &mut len, syscall);
-    push_bytes(buf, &mut len, b" (thread ");
+    push_bytes(buf, &mut len, b" (arguments ");
+    push_hex(buf, &mut len, args[0]);
+    push_bytes(buf, &mut len, b", ");
+    push_hex(buf, &mut len, args[1]);
+    push_bytes(buf, &mut len, b", ...; thread ");
     push_bytes(buf, &mut len, thread);
     push_bytes(
         buf,
@@ -319,10 +341,40 @@ fn bad_syscall_line(buf: &mut [u8], syscall: u64, thread: &[u8]) -> usize {
     len
 }
 
+/// The first two arguments of the trapped call, from the registers saved in the signal frame.
+///
+/// # Safety
+/// `context` is null or the `ucontext_t` the kernel passed to an `SA_SIGINFO` handler.
+unsafe fn trapped_args(context: *const libc::c_void) -> [u64; 2] {
+    if context.is_null() {
+        return [u64::MAX; 2];
+    }
+    let context = context.cast::<libc::ucontext_t>();
+    // SAFETY: per the contract, `context` points to the kernel's ucontext_t.
+    #[cfg(target_arch = "x86_64")]
+    let args = unsafe {
+        let regs = &(*context).uc_mcontext.gregs;
+        #[allow(clippy::cast_sign_loss)]
+        [
+            regs[libc::REG_RDI as usize] as u64,
+            regs[libc::REG_RSI as usize] as u64,
+        ]
+    };
+    // SAFETY: as above.
+    #[cfg(target_arch = "aarch64")]
+    let args = unsafe {
+        let regs = &(*context).uc_mcontext.regs;
+        [regs[0], regs[1]]
+    };
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    let args = [u64::MAX; 2];
+    args
+}
+
 extern "C" fn report_bad_syscall(
     _signal: libc::c_int,
     info: *mut libc::siginfo_t,
-    _context: *mut libc::c_void,
+    context: *mut libc::c_void,
 ) {
     // siginfo_t for SIGSYS: after si_signo, si_errno, si_code (and padding) come the call's
     // address (a pointer) and then the system call number (an int).
@@ -345,8 +397,10 @@ extern "C" fn report_bad_syscall(
         name = n;
         n.iter().position(|b| *b == 0).unwrap_or(n.len())
     });
-    let mut line = [0u8; 160];
-    let len = bad_syscall_line(&mut line, syscall, &name[..thread]);
+    let mut line = [0u8; 200];
+    // SAFETY: the kernel passes its ucontext_t as the third argument with SA_SIGINFO.
+    let args = unsafe { trapped_args(context) };
+    let len = bad_syscall_line(&mut line, syscall, args, &name[..thread]);
     let report_fd = REPORT_FD.load(std::sync::atomic::Ordering::Relaxed);
     // SAFETY: write(2) and _exit(2) are async-signal-safe; the buffer is on this stack.
     unsafe {
@@ -504,5 +558,20 @@ mod tests {
             assert!(error.contains(expected), "{error:?} lacks {expected:?}");
             assert!(!error.contains('\n'));
         }
+    }
+
+    #[test]
+    fn the_report_line_names_number_arguments_and_thread() {
+        let mut buf = [0u8; 200];
+        let len = bad_syscall_line(&mut buf, 29, [3, 0xc008_aeb0], b"flick_vcpu1");
+        assert_eq!(
+            std::str::from_utf8(&buf[..len]).unwrap(),
+            "flick: error: seccomp: forbidden system call 29 (arguments 0x3, 0xc008aeb0, ...; \
+             thread flick_vcpu1); stopped by the thread's filter, see docs/security.md\n"
+        );
+        let len = bad_syscall_line(&mut buf, 0, [0, u64::MAX], b"");
+        assert!(std::str::from_utf8(&buf[..len])
+            .unwrap()
+            .contains("call 0 (arguments 0x0, 0xffffffffffffffff, ...; thread );"));
     }
 }
