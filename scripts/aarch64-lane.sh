@@ -306,6 +306,14 @@ for r in "${results[@]}"; do
 	[[ $r == *" PASS"* ]] || status=1
 done
 grep -q '^LANE-DONE' "$LOG" || { say "FAIL: L1 did not finish the cases"; status=1; }
+# The test guest's timing runs, for the x86-vs-arm64 table.
+mapfile -t timings < <(tr -d '\r' <"$LOG" | sed -n 's/^LANE-TIMING spawn-to-exit=\([0-9.]*\)s boot-timer=\([0-9]*\)us$/\1 \2/p')
+if ((${#timings[@]})); then
+	median() { sort -n | awk '{ v[NR] = $1 } END { if (NR) printf "%.1f", v[int((NR + 1) / 2)] }'; }
+	say "arm64 test guest (1 vCPU, 128 MiB, tg.count=3), ${#timings[@]} runs: spawn to exit median" \
+		"$(printf '%s\n' "${timings[@]}" | awk '{ print $1 * 1000 }' | median) ms, Guest-boot-time median" \
+		"$(printf '%s\n' "${timings[@]}" | awk '{ print $2 / 1000 }' | median) ms (nearest rank)"
+fi
 kvm_ready=$(tr -d '\r' <"$LOG" | sed -n 's/.*\/dev\/kvm ready after \([0-9.]*\) s.*/\1/p' | head -n1)
 say "QEMU session ${QEMU_SPAN}s (/dev/kvm ready ${kvm_ready:-?}s after L1 kernel start); lane total $((SECONDS - START))s"
 if ((status == 0)); then

@@ -437,6 +437,15 @@ for f in "${froze[@]}"; do
 	echo "nested lane: WARNING: L1 froze or died during $f; a new L1 ran the rest"
 done
 
+# The test guest's timings (scripts/nested-lane/run-tests), for the x86-vs-arm64 table.
+if [[ -s $WORK/timings ]]; then
+	median() { sort -n | awk '{ v[NR] = $1 } END { if (NR) printf "%.1f", v[int((NR + 1) / 2)] / 1000 }'; }
+	echo "nested lane: x86 test guest (1 vCPU, 128 MiB, tg.count=3), $(wc -l <"$WORK/timings") runs:" \
+		"spawn to exit median $(cut -f1 "$WORK/timings" | median) ms," \
+		"Guest-boot-time median $(cut -f2 "$WORK/timings" | median) ms (nearest rank)"
+else
+	echo "nested lane: WARNING: no test-guest timings (L1 did not get to them)"
+fi
 echo "nested lane: $passed passed, $failed failed, $skipped skipped, $notrun not run (of $total);" \
 	"QEMU ${session_total} s in $session session(s) (${kvm_ready:-/dev/kvm never ready}), lane ${SECONDS} s"
 if [[ -n $l1_setup ]]; then
