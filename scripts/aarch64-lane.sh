@@ -25,6 +25,7 @@ LANE_SRC=$REPO/scripts/aarch64-lane
 CACHE=${FLICK_CACHE_DIR:-${HOME:-/root}/.cache/flick}/aarch64
 L1_PACKAGE=${FLICK_AARCH64_L1_PACKAGE:-}
 SETUP_TIMEOUT=900     # each host-side preparation step (packages, downloads, cargo)
+KERNEL_TIMEOUT=1800   # building the project's arm64 guest kernel (cold: several minutes)
 RUN_TIMEOUT=420       # the whole QEMU session
 FROZEN_AFTER=90       # no console output from L1 for this long: L1 froze
 TARGET=aarch64-unknown-linux-gnu
@@ -60,7 +61,7 @@ done
 # ---------------------------------------------------------------------------
 need=()
 for tool in qemu-system-aarch64:qemu-system-arm aarch64-linux-gnu-gcc:gcc-aarch64-linux-gnu \
-	cpio:cpio dpkg-deb:dpkg make:make; do
+	cpio:cpio dpkg-deb:dpkg make:make mkfs.ext4:e2fsprogs; do
 	command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool##*:}")
 done
 [[ -e /usr/aarch64-linux-gnu/lib/libc.a ]] || need+=(libc6-dev-arm64-cross)
@@ -189,6 +190,11 @@ FLICK_TARGET_DIR=${CARGO_TARGET_DIR:-$REPO/target}/aarch64-static
 	timeout "$SETUP_TIMEOUT" cargo build -q --target "$TARGET" --bin flick >&2) ||
 	setup_fail "cannot cross-build flick for $TARGET"
 FLICK=$FLICK_TARGET_DIR/$TARGET/debug/flick
+say "the project's arm64 guest kernel (scripts/guest-artifacts.sh --arm64-kernel; cached)"
+artifacts=$(timeout "$KERNEL_TIMEOUT" "$REPO/scripts/guest-artifacts.sh" --arm64-kernel) ||
+	setup_fail "scripts/guest-artifacts.sh --arm64-kernel failed"
+eval "$artifacts"
+[[ -s ${FLICK_KERNEL_ARM64_IMAGE:-} ]] || setup_fail "guest-artifacts.sh printed no FLICK_KERNEL_ARM64_IMAGE"
 say "building the arm64 test guest"
 GUEST_OUT=$CACHE/test-guest
 timeout "$SETUP_TIMEOUT" make -s -C "$REPO/resources/guest/test-guest-arm64" OUT="$GUEST_OUT" >&2 ||
@@ -252,6 +258,13 @@ cp -r "$MODULES" "$guest_root/modules"
 cp "$LANE_SRC/guest-init" "$guest_root/init"
 (cd "$guest_root" && find . | cpio -o -H newc --quiet) >"$root/linux/initramfs.cpio"
 cp "$KERNEL" "$root/linux/Image"
+# The project's kernel (everything built in) boots from an ext4 root on virtio-blk: the same
+# busybox and init in an ext4 image.
+cp "$FLICK_KERNEL_ARM64_IMAGE" "$root/linux/Image-flick"
+mkdir -p "$guest_root"/{etc,tmp}
+rm -rf "$guest_root/modules"
+mkfs.ext4 -q -F -b 4096 -L flickroot -d "$guest_root" "$root/linux/rootfs.ext4" 8M >/dev/null ||
+	setup_fail "cannot build the guest's ext4 root file system"
 (cd "$root" && find . | cpio -o -H newc --quiet) >"$WORK/initramfs.cpio"
 say "initramfs: $(($(stat -c %s "$WORK/initramfs.cpio") / 1024)) KiB"
 
