@@ -251,7 +251,7 @@ printf "$(le 8 3)$(program vmm "$allow_all")$(program api "$allow_all")$(program
 guest_root=$WORK/linux-guest
 mkdir -p "$guest_root"/{bin,proc,sys,dev} "$root/linux"
 cp "$BUSYBOX" "$guest_root/bin/busybox"
-for applet in sh mount cat grep devmem reboot insmod head dd sync sed sleep awk ping tail ip; do
+for applet in sh mount cat grep devmem reboot insmod head dd sync sed sleep awk ping tail ip dmesg; do
 	ln -s busybox "$guest_root/bin/$applet"
 done
 cp -r "$MODULES" "$guest_root/modules"

@@ -141,6 +141,9 @@ pub fn kvm_error(what: &str) -> impl FnOnce(kvm_ioctls::Error) -> ArchError + '_
 /// What an architecture needs to prepare a guest for booting.
 #[derive(Debug)]
 pub struct GuestSetup<'a> {
+    /// The VM, for what the architecture describes to the guest from KVM's capabilities
+    /// (aarch64: whether vCPUs have a PMU).
+    pub vm: &'a VmFd,
     pub mem: &'a GuestMemoryMmap,
     /// Guest RAM ranges `(start, size)`.
     pub ram: &'a [(u64, u64)],

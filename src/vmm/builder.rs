@@ -303,6 +303,7 @@ pub fn build(config: &VmConfig, ctx: BuildContext) -> Result<RunningVm, BuildErr
     extra.extend(devices.cmdline.iter().cloned());
     let cmdline = kernel_cmdline(config, &extra);
     let entry = Current::load_guest(&GuestSetup {
+        vm: vm.fd(),
         mem: &mem,
         ram: &ram,
         boot: boot_source,

@@ -7,6 +7,7 @@ use super::layout::{
     gic_redist_size, gic_redist_start, mpidr, GIC_DIST_SIZE, GIC_DIST_START, MMIO_SLOT_SIZE,
     RTC_SPI, RTC_START, SERIAL_SPI, SERIAL_START,
 };
+use super::vcpu::PMU_PPI;
 use crate::arch::DeviceSlot;
 
 const GIC_PHANDLE: u32 = 1;
@@ -35,6 +36,8 @@ pub struct FdtConfig<'a> {
     pub devices: &'a [DeviceSlot],
     /// Seeds the guest's random number generator (`/chosen/rng-seed`).
     pub rng_seed: [u8; 32],
+    /// The vCPUs have a PMU (`/pmu`).
+    pub pmu: bool,
 }
 
 /// Builds the device tree blob.
@@ -51,6 +54,9 @@ pub fn build(config: &FdtConfig<'_>) -> Result<Vec<u8>, FdtError> {
     chosen(&mut fdt, config)?;
     gic(&mut fdt, config.vcpus)?;
     timer(&mut fdt)?;
+    if config.pmu {
+        pmu(&mut fdt)?;
+    }
     psci(&mut fdt)?;
     clock(&mut fdt)?;
     serial(&mut fdt)?;
@@ -137,6 +143,13 @@ fn timer(fdt: &mut FdtWriter) -> Result<(), FdtError> {
     fdt.end_node(node)
 }
 
+fn pmu(fdt: &mut FdtWriter) -> Result<(), FdtError> {
+    let node = fdt.begin_node("pmu")?;
+    fdt.property_string("compatible", "arm,armv8-pmuv3")?;
+    fdt.property_array_u32("interrupts", &[GIC_PPI, PMU_PPI, IRQ_LEVEL_HIGH])?;
+    fdt.end_node(node)
+}
+
 fn psci(fdt: &mut FdtWriter) -> Result<(), FdtError> {
     let node = fdt.begin_node("psci")?;
     fdt.property_string_list(
@@ -194,6 +207,10 @@ mod tests {
     use crate::arch::aarch64::layout;
 
     fn sample() -> Vec<u8> {
+        sample_with_pmu(false)
+    }
+
+    fn sample_with_pmu(pmu: bool) -> Vec<u8> {
         let ram = layout::ram_ranges(128 << 20);
         let devices = [layout::device_slot(0).unwrap()];
         build(&FdtConfig {
@@ -203,8 +220,19 @@ mod tests {
             initrd: Some((0x8800_0000, 0x1000)),
             devices: &devices,
             rng_seed: [7; 32],
+            pmu,
         })
         .unwrap()
+    }
+
+    #[test]
+    fn the_pmu_node_is_there_only_with_a_pmu() {
+        assert!(!contains(&sample(), b"arm,armv8-pmuv3\0"));
+        let blob = sample_with_pmu(true);
+        assert!(contains(&blob, b"pmu\0"));
+        assert!(contains(&blob, b"arm,armv8-pmuv3\0"));
+        // interrupts = <GIC_PPI 7 IRQ_TYPE_LEVEL_HIGH>, big-endian cells.
+        assert!(contains(&blob, &[0, 0, 0, 1, 0, 0, 0, 7, 0, 0, 0, 4]));
     }
 
     fn contains(hay: &[u8], needle: &[u8]) -> bool {

@@ -174,6 +174,7 @@ impl Arch for Aarch64 {
             initrd,
             devices: setup.devices,
             rng_seed: rng_seed(),
+            pmu: vcpu::pmu_available(setup.vm),
         })
         .map_err(|e| input(LoadError::Fdt(e)))?;
         if blob.len() as u64 > layout::FDT_MAX_SIZE {

@@ -72,6 +72,7 @@ impl VcpuState {
     pub fn restore(&self, fd: &VcpuFd) -> Result<kvm_vcpu_init, ArchError> {
         fd.vcpu_init(&self.init)
             .map_err(vcpu_fail("initialise (KVM_ARM_VCPU_INIT)"))?;
+        super::vcpu::setup_pmu(fd, &self.init)?;
         for (id, value) in &self.regs {
             if value.len() != reg_size(*id) {
                 return Err(ArchError::SavedState("vCPU register size"));

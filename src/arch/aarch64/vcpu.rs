@@ -1,13 +1,16 @@
-//! vCPU set-up: `KVM_ARM_VCPU_INIT` with the host's preferred target and PSCI 0.2 (secondary
-//! vCPUs start powered off and wait for PSCI CPU_ON), and the boot registers through ONE_REG.
+//! vCPU set-up: `KVM_ARM_VCPU_INIT` with the host's preferred target, PSCI 0.2 and, where KVM
+//! offers one, a PMU (secondary vCPUs start powered off and wait for PSCI CPU_ON), the PMU's
+//! interrupt, and the boot registers through ONE_REG.
 
 use std::mem::offset_of;
 
 use kvm_bindings::{
-    kvm_regs, kvm_vcpu_init, user_pt_regs, KVM_ARM_VCPU_POWER_OFF, KVM_ARM_VCPU_PSCI_0_2,
-    KVM_REG_ARM64, KVM_REG_ARM_CORE, KVM_REG_SIZE_U64,
+    kvm_device_attr, kvm_regs, kvm_vcpu_init, user_pt_regs, KVM_ARM_VCPU_PMU_V3,
+    KVM_ARM_VCPU_PMU_V3_CTRL, KVM_ARM_VCPU_PMU_V3_INIT, KVM_ARM_VCPU_PMU_V3_IRQ,
+    KVM_ARM_VCPU_POWER_OFF, KVM_ARM_VCPU_PSCI_0_2, KVM_REG_ARM64, KVM_REG_ARM_CORE,
+    KVM_REG_SIZE_U64,
 };
-use kvm_ioctls::{VcpuFd, VmFd};
+use kvm_ioctls::{Cap, VcpuFd, VmFd};
 
 use crate::arch::{kvm_error, ArchError};
 
@@ -32,14 +35,50 @@ pub fn pstate_reg() -> u64 {
     core_reg(offset_of!(kvm_regs, regs) + offset_of!(user_pt_regs, pstate))
 }
 
-/// The host's preferred vCPU target with PSCI 0.2.
+/// The PMU's overflow interrupt: PPI 7, interrupt id 23 (the device tree's `pmu` node).
+pub const PMU_PPI: u32 = 7;
+
+/// Whether KVM gives this VM's vCPUs a PMU (`KVM_CAP_ARM_PMU_V3`).
+pub fn pmu_available(vm: &VmFd) -> bool {
+    vm.check_extension(Cap::ArmPmuV3)
+}
+
+/// The host's preferred vCPU target with PSCI 0.2, and a PMU where KVM offers one.
 pub fn preferred_init(vm: &VmFd) -> Result<kvm_vcpu_init, ArchError> {
     let mut init = kvm_vcpu_init::default();
     vm.get_preferred_target(&mut init).map_err(kvm_error(
         "read the preferred vCPU target (KVM_ARM_PREFERRED_TARGET)",
     ))?;
     init.features[0] |= 1 << KVM_ARM_VCPU_PSCI_0_2;
+    if pmu_available(vm) {
+        init.features[0] |= 1 << KVM_ARM_VCPU_PMU_V3;
+    }
     Ok(init)
+}
+
+/// Gives an initialised vCPU whose `init` asked for a PMU its interrupt and initialises the PMU
+/// (KVM wants both after the GIC is initialised and before the vCPU first runs).
+pub fn setup_pmu(fd: &VcpuFd, init: &kvm_vcpu_init) -> Result<(), ArchError> {
+    if init.features[0] & (1 << KVM_ARM_VCPU_PMU_V3) == 0 {
+        return Ok(());
+    }
+    let irq: u32 = PMU_PPI + 16;
+    let set_irq = kvm_device_attr {
+        group: KVM_ARM_VCPU_PMU_V3_CTRL,
+        attr: u64::from(KVM_ARM_VCPU_PMU_V3_IRQ),
+        addr: std::ptr::addr_of!(irq) as u64,
+        flags: 0,
+    };
+    fd.set_device_attr(&set_irq)
+        .map_err(kvm_error("set the vCPU PMU's interrupt"))?;
+    let start = kvm_device_attr {
+        group: KVM_ARM_VCPU_PMU_V3_CTRL,
+        attr: u64::from(KVM_ARM_VCPU_PMU_V3_INIT),
+        addr: 0,
+        flags: 0,
+    };
+    fd.set_device_attr(&start)
+        .map_err(kvm_error("initialise the vCPU's PMU"))
 }
 
 /// Initialises vCPU `index`; every vCPU but the first starts powered off.
@@ -49,7 +88,8 @@ pub fn init(fd: &VcpuFd, index: u8, base: &kvm_vcpu_init) -> Result<(), ArchErro
         init.features[0] |= 1 << KVM_ARM_VCPU_POWER_OFF;
     }
     fd.vcpu_init(&init)
-        .map_err(|e| ArchError::Kvm(format!("initialise vCPU {index} (KVM_ARM_VCPU_INIT)"), e))
+        .map_err(|e| ArchError::Kvm(format!("initialise vCPU {index} (KVM_ARM_VCPU_INIT)"), e))?;
+    setup_pmu(fd, &init)
 }
 
 fn set(fd: &VcpuFd, id: u64, value: u64, what: &str) -> Result<(), ArchError> {
