@@ -275,6 +275,8 @@ LOG=$WORK/console.log
 say "starting qemu-system-aarch64 (TCG, EL2, GICv3)"
 QEMU_START=$SECONDS
 # -nic none: L1 needs no network device (and QEMU then no NIC option ROM, a package of its own).
+# audit=1: the kernel logs seccomp kills (audit type 1326, with the call's number), which the
+# lane prints when a flick ends early.
 timeout "$RUN_TIMEOUT" qemu-system-aarch64 -M virt,virtualization=on,gic-version=3 -cpu max \
 	-accel tcg -smp 2 -m 1024 -nographic -nic none -no-reboot -kernel "$KERNEL" -initrd "$WORK/initramfs.cpio" \
 	-append "console=ttyAMA0 rdinit=/init panic=-1 quiet loglevel=4 audit=1" >"$LOG" 2>&1 </dev/null &

@@ -6,10 +6,10 @@
 //! The default programs are compiled from `resources/seccomp/<arch>.json` by `build.rs` and
 //! embedded in the binary, so installing one is a single `seccomp(2)` call with no parsing or
 //! compiling at start-up. A call outside a thread's policy traps (`SECCOMP_RET_TRAP`): the SIGSYS
-//! handler writes `flick: error: seccomp: forbidden system call N (arguments A0, A1, ...; thread T)`
-//! to stderr and the
-//! log file and ends the process with exit code 148, as Firecracker does. (A filter file whose
-//! action is `kill_process` kills the process with SIGSYS instead, reported only by the kernel.)
+//! handler writes `flick: error: seccomp: forbidden system call N (arguments A0, A1, ...; thread
+//! T)` to stderr and the log file and ends the process with exit code 148, as Firecracker does.
+//! (A filter file whose action is `kill_process` kills the process with SIGSYS instead, reported
+//! only by the kernel.)
 //!
 //! File format (the embedded programs and `--seccomp-filter FILE` alike): the serialization of a
 //! map from thread role to BPF program that Firecracker's `seccompiler-bin` writes (bincode,
@@ -255,9 +255,8 @@ pub fn report_to(fd: std::os::fd::RawFd) {
 /// Installs the SIGSYS handler: a filter whose action is `trap` (the built-in ones) stops a
 /// forbidden call with SIGSYS, and the handler reports it on stderr (and the log file) as
 /// `flick: error: seccomp: forbidden system call N (arguments A0, A1, ...; thread T)` and ends the
-/// process with
-/// [`EXIT_BAD_SYSCALL`]. It uses only `write` and `exit_group`, which every built-in filter
-/// allows.
+/// process with [`EXIT_BAD_SYSCALL`]. It uses only `write` and `exit_group`, which every built-in
+/// filter allows.
 pub fn install_sigsys_handler() -> std::io::Result<()> {
     // SAFETY: `report_bad_syscall` is async-signal-safe (no allocation, no locks; only write(2)
     // and _exit(2)); the sigaction struct is fully initialised before the call.
