@@ -190,11 +190,13 @@ FLICK_TARGET_DIR=${CARGO_TARGET_DIR:-$REPO/target}/aarch64-static
 	timeout "$SETUP_TIMEOUT" cargo build -q --target "$TARGET" --bin flick >&2) ||
 	setup_fail "cannot cross-build flick for $TARGET"
 FLICK=$FLICK_TARGET_DIR/$TARGET/debug/flick
-say "the project's arm64 guest kernel (scripts/guest-artifacts.sh --arm64-kernel; cached)"
-artifacts=$(timeout "$KERNEL_TIMEOUT" "$REPO/scripts/guest-artifacts.sh" --arm64-kernel) ||
-	setup_fail "scripts/guest-artifacts.sh --arm64-kernel failed"
+say "the project's arm64 guest kernel and root file system (scripts/guest-artifacts.sh --arch arm64; cached)"
+artifacts=$(timeout "$KERNEL_TIMEOUT" "$REPO/scripts/guest-artifacts.sh" --arch arm64) ||
+	setup_fail "scripts/guest-artifacts.sh --arch arm64 failed"
 eval "$artifacts"
-[[ -s ${FLICK_KERNEL_ARM64_IMAGE:-} ]] || setup_fail "guest-artifacts.sh printed no FLICK_KERNEL_ARM64_IMAGE"
+for v in FLICK_KERNEL_ARM64_IMAGE FLICK_ROOTFS_ARM64_EXT4 FLICK_INITRAMFS_ARM64; do
+	[[ -s ${!v:-} ]] || setup_fail "guest-artifacts.sh printed no $v"
+done
 say "building the arm64 test guest"
 GUEST_OUT=$CACHE/test-guest
 timeout "$SETUP_TIMEOUT" make -s -C "$REPO/resources/guest/test-guest-arm64" OUT="$GUEST_OUT" >&2 ||
@@ -217,7 +219,7 @@ root=$WORK/root
 mkdir -p "$root"/{bin,proc,sys,dev,tmp}
 cp "$BUSYBOX" "$root/bin/busybox"
 for applet in sh mount cat cut sleep grep sed awk timeout dd poweroff dmesg head tail sync rm kill printf \
-	ls wc insmod tunctl ip; do
+	ls wc insmod tunctl ip md5sum tr; do
 	ln -s busybox "$root/bin/$applet"
 done
 cp "$LANE_SRC/init" "$root/init"
@@ -258,13 +260,11 @@ cp -r "$MODULES" "$guest_root/modules"
 cp "$LANE_SRC/guest-init" "$guest_root/init"
 (cd "$guest_root" && find . | cpio -o -H newc --quiet) >"$root/linux/initramfs.cpio"
 cp "$KERNEL" "$root/linux/Image"
-# The project's kernel (everything built in) boots from an ext4 root on virtio-blk: the same
-# busybox and init in an ext4 image.
+# The project's kernel (everything built in) and root file system (busybox-static:arm64 with
+# resources/guest/rootfs/init), as the ext4 image and as the initramfs.
 cp "$FLICK_KERNEL_ARM64_IMAGE" "$root/linux/Image-flick"
-mkdir -p "$guest_root"/{etc,tmp}
-rm -rf "$guest_root/modules"
-mkfs.ext4 -q -F -b 4096 -L flickroot -d "$guest_root" "$root/linux/rootfs.ext4" 8M >/dev/null ||
-	setup_fail "cannot build the guest's ext4 root file system"
+cp "$FLICK_ROOTFS_ARM64_EXT4" "$root/linux/rootfs.ext4"
+cp "$FLICK_INITRAMFS_ARM64" "$root/linux/initramfs-flick.cpio"
 (cd "$root" && find . | cpio -o -H newc --quiet) >"$WORK/initramfs.cpio"
 say "initramfs: $(($(stat -c %s "$WORK/initramfs.cpio") / 1024)) KiB"
 

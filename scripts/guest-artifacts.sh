@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Builds the guest artifacts for flick's Linux-guest tests, or finds them in
-# the cache:
-#   - a Linux 6.1 kernel (vmlinux ELF with the PVH note, and bzImage) from
-#     Debian's linux-source-6.1, tinyconfig + resources/guest/linux/config.fragment
-#     + resources/guest/linux/patches/*.patch;
+# the cache, for x86_64 (the default) or arm64 (--arch arm64):
+#   - a Linux 6.1 kernel from Debian's linux-source-6.1, tinyconfig + a
+#     fragment in resources/guest/linux/: for x86_64 the vmlinux ELF with the
+#     PVH note and the bzImage (config.fragment + patches/*.patch), for arm64
+#     the uncompressed Image (config-arm64.fragment), cross-compiled with
+#     Debian's gcc-aarch64-linux-gnu;
 #   - a busybox-static root file system whose /init is resources/guest/rootfs/init,
 #     with /bin/flick-vsock (resources/guest/rootfs/flick-vsock.c, built static),
-#     as an ext4 image and as an uncompressed newc cpio initramfs;
-#   - with --arm64-kernel, instead of both: an arm64 Linux 6.1 kernel (the
-#     uncompressed Image) from the same source, cross-compiled with Debian's
-#     gcc-aarch64-linux-gnu, tinyconfig + resources/guest/linux/config-arm64.fragment.
+#     as an ext4 image and as an uncompressed newc cpio initramfs. For arm64 the
+#     busybox binary comes from Debian's busybox-static:arm64, downloaded by
+#     package name and extracted (never installed).
 #
 # Prints shell assignments on stdout, progress on stderr:
 #   eval "$(scripts/guest-artifacts.sh)"
@@ -19,46 +20,60 @@ set -euo pipefail
 
 usage() {
 	cat <<'EOF'
-Usage: scripts/guest-artifacts.sh [--kernel-only | --rootfs-only | --arm64-kernel] [--force]
+Usage: scripts/guest-artifacts.sh [--arch x86_64|arm64] [--kernel-only | --rootfs-only] [--force]
 
 Builds (or finds in the cache) the guest kernel and root file system used by
-flick's Linux-guest tests and prints their paths:
+flick's Linux-guest tests and prints their paths. For x86_64:
 
   FLICK_KERNEL_VMLINUX=...   vmlinux (ELF, PVH entry note)
   FLICK_KERNEL_BZIMAGE=...   bzImage
   FLICK_ROOTFS_EXT4=...      ext4 image (label flickroot)
   FLICK_INITRAMFS=...        uncompressed newc cpio
 
-or, with --arm64-kernel, only
+for arm64:
 
-  FLICK_KERNEL_ARM64_IMAGE=...  arm64 Image (uncompressed)
+  FLICK_KERNEL_ARM64_IMAGE=...   arm64 Image (uncompressed)
+  FLICK_ROOTFS_ARM64_EXT4=...    ext4 image (label flickroot)
+  FLICK_INITRAMFS_ARM64=...      uncompressed newc cpio
 
 Use it as:  eval "$(scripts/guest-artifacts.sh)"
 
 Options:
+  --arch ARCH      x86_64 (default) or arm64 (cross-compiled on this x86_64 host)
   --kernel-only    only the kernel
   --rootfs-only    only the root file system images
-  --arm64-kernel   only the arm64 kernel (cross-compiled), nothing else
+  --arm64-kernel   the same as --arch arm64 --kernel-only
   --force          rebuild even if the cache has the artifacts
   -h, --help       this text
 
 Environment:
   FLICK_CACHE_DIR   cache root (default: $HOME/.cache/flick); artifacts go to
-                    $FLICK_CACHE_DIR/guest/{kernel,rootfs,kernel-arm64}-<hash of inputs>/
+                    $FLICK_CACHE_DIR/guest/{kernel,rootfs,kernel-arm64,rootfs-arm64}-<hash of inputs>/
 
-Missing Debian packages are installed with apt-get (needs root).
+Missing Debian packages are installed with apt-get, and busybox-static:arm64
+is fetched with apt-get download while dpkg has the arm64 architecture added
+for that moment (both need root).
 EOF
 }
 
 want_kernel=1
 want_rootfs=1
-want_arm64=0
+arch=x86_64
 force=0
 while (($#)); do
 	case $1 in
 	--kernel-only) want_rootfs=0 ;;
 	--rootfs-only) want_kernel=0 ;;
-	--arm64-kernel) want_arm64=1 ;;
+	--arch)
+		(($# >= 2)) || { echo "guest-artifacts: --arch needs a value (x86_64 or arm64)" >&2; exit 2; }
+		arch=$2
+		shift
+		;;
+	--arch=*) arch=${1#--arch=} ;;
+	--arm64-kernel)
+		arch=arm64
+		want_rootfs=0
+		;;
 	--force) force=1 ;;
 	-h | --help)
 		usage
@@ -72,14 +87,15 @@ while (($#)); do
 	esac
 	shift
 done
-if ((want_arm64)); then
-	if ((!want_kernel || !want_rootfs)); then
-		echo "guest-artifacts: --arm64-kernel excludes --kernel-only and --rootfs-only" >&2
-		exit 2
-	fi
-	want_kernel=0
-	want_rootfs=0
-elif ((!want_kernel && !want_rootfs)); then
+case $arch in
+x86_64 | amd64 | x86) arch=x86_64 ;;
+arm64 | aarch64) arch=arm64 ;;
+*)
+	echo "guest-artifacts: unknown architecture: $arch (x86_64 or arm64)" >&2
+	exit 2
+	;;
+esac
+if ((!want_kernel && !want_rootfs)); then
 	echo "guest-artifacts: --kernel-only and --rootfs-only exclude each other" >&2
 	exit 2
 fi
@@ -129,13 +145,19 @@ trap 'exit 143' TERM
 # ---------------------------------------------------------------------------
 pkgs=()
 if ((want_kernel)); then
-	pkgs+=(linux-source-6.1 build-essential patch flex bison bc libelf-dev xz-utils lz4)
+	pkgs+=(linux-source-6.1 build-essential flex bison bc xz-utils)
+	case $arch in
+	x86_64) pkgs+=(patch libelf-dev lz4) ;;
+	arm64) pkgs+=(gcc-aarch64-linux-gnu) ;;
+	esac
 fi
 if ((want_rootfs)); then
-	pkgs+=(busybox-static e2fsprogs cpio)
-fi
-if ((want_arm64)); then
-	pkgs+=(linux-source-6.1 build-essential gcc-aarch64-linux-gnu flex bison bc xz-utils)
+	pkgs+=(e2fsprogs cpio)
+	case $arch in
+	x86_64) pkgs+=(busybox-static) ;;
+	# busybox:arm64 lists its applets under qemu-user; flick-vsock is cross-compiled.
+	arm64) pkgs+=(qemu-user-static gcc-aarch64-linux-gnu libc6-dev-arm64-cross binutils-aarch64-linux-gnu) ;;
+	esac
 fi
 
 missing=()
@@ -377,7 +399,10 @@ kernel() {
 	key=$(
 		{
 			echo "$K_NAME"
-			sha256sum "$SCRIPT" "$K_FRAGMENT" | cut -d' ' -f1
+			# The steps that make a kernel, not the whole script: a change to the root file
+			# system's steps does not rebuild the kernels.
+			declare -f kernel_flavour check_fragment build_kernel "$K_COLLECT" | sha256sum | cut -d' ' -f1
+			sha256sum "$K_FRAGMENT" | cut -d' ' -f1
 			for p in "${K_PATCHES[@]}"; do
 				echo "$(basename "$p") $(sha256sum <"$p" | cut -d' ' -f1)"
 			done
@@ -393,11 +418,87 @@ kernel() {
 }
 
 # ---------------------------------------------------------------------------
-# Root file system
+# Root file systems
 # ---------------------------------------------------------------------------
+# rootfs_flavour ARCH sets what differs between the two root file systems:
+#   R_NAME     name of the cache directory and the lock
+#   R_BUSYBOX  the busybox-static binary that goes in
+#   R_RUN      how to run that binary here (empty: directly)
+#   R_CC       C compiler for flick-vsock (static), and R_STRIP
+#   R_BUSYBOX_VERSION  the busybox package version, for the cache key
+rootfs_flavour() {
+	case $1 in
+	x86_64)
+		R_NAME=rootfs
+		R_BUSYBOX=$BUSYBOX
+		R_RUN=()
+		R_CC=gcc
+		R_STRIP=strip
+		R_BUSYBOX_VERSION=$(pkg_version busybox-static)
+		;;
+	arm64)
+		R_NAME=rootfs-arm64
+		busybox_arm64
+		R_BUSYBOX=$BUSYBOX_ARM64
+		R_RUN=(qemu-aarch64-static)
+		R_CC=aarch64-linux-gnu-gcc
+		R_STRIP=aarch64-linux-gnu-strip
+		R_BUSYBOX_VERSION=$(cat "$BUSYBOX_ARM64_DIR/version")
+		;;
+	*) die "unknown root file system flavour: $1" ;;
+	esac
+}
+
+# busybox_arm64: finds Debian's busybox-static:arm64 binary in the cache or
+# downloads the package (apt-get download, with arm64 added to dpkg's
+# architectures only for that command and removed again, along with its
+# package lists) and extracts the binary. Sets BUSYBOX_ARM64.
+BUSYBOX_ARM64_DIR=$CACHE/busybox-arm64
+download_busybox_arm64() {
+	local tmp added=0 rc=0 deb
+	# Under /tmp, which apt-get download's _apt user can enter (the cache may be under /root).
+	tmp=$(mktemp -d /tmp/flick-busybox-arm64.XXXXXX)
+	TMP_DIRS+=("$tmp")
+	mkdir -p "$tmp/x"
+	chmod 755 "$tmp"
+	((EUID == 0)) || die "rootfs-arm64: downloading busybox-static:arm64 needs root (dpkg --add-architecture)"
+	if ! dpkg --print-foreign-architectures | grep -qx arm64; then
+		dpkg --add-architecture arm64 || die "rootfs-arm64: dpkg --add-architecture arm64 failed"
+		added=1
+	fi
+	say "rootfs-arm64: apt-get download busybox-static:arm64 (arm64 added to dpkg for it)"
+	{ apt-get update -q -o DPkg::Lock::Timeout=300 >&2 &&
+		(cd "$tmp" && apt-get download -q busybox-static:arm64 >&2); } || rc=$?
+	if ((added)); then
+		dpkg --remove-architecture arm64 || true
+		apt-get update -q -o DPkg::Lock::Timeout=300 >&2 || true
+	fi
+	((rc == 0)) || die "rootfs-arm64: cannot download busybox-static:arm64"
+	deb=$(ls "$tmp"/busybox-static_*_arm64.deb 2>/dev/null | head -n1)
+	[[ -n $deb ]] || die "rootfs-arm64: apt-get download left no busybox-static_*_arm64.deb"
+	dpkg-deb -x "$deb" "$tmp/x"
+	[[ -s $tmp/x/bin/busybox ]] || die "rootfs-arm64: the package has no /bin/busybox"
+	local out=$CACHE/.tmp-busybox-arm64.$$
+	TMP_DIRS+=("$out")
+	rm -rf -- "$out"
+	mkdir -p "$out"
+	cp "$tmp/x/bin/busybox" "$out/busybox"
+	dpkg-deb -f "$deb" Version >"$out/version"
+	publish "$out" "$BUSYBOX_ARM64_DIR"
+	rm -rf -- "$tmp"
+}
+busybox_arm64() {
+	cached busybox-arm64 "$BUSYBOX_ARM64_DIR" "busybox version" download_busybox_arm64
+	BUSYBOX_ARM64=$BUSYBOX_ARM64_DIR/busybox
+	# The ELF header: 64-bit (byte 4 = 2), machine 183 (AArch64) at offset 18.
+	[[ $(od -An -tx1 -j 4 -N1 "$BUSYBOX_ARM64" | tr -d ' ') == 02 &&
+		$(od -An -tu2 -j 18 -N2 "$BUSYBOX_ARM64" | tr -d ' ') == 183 ]] ||
+		die "rootfs-arm64: $BUSYBOX_ARM64 is not an arm64 ELF binary"
+}
+
 build_rootfs() {
 	local dir=$1 key=$2 tmp root out a applets
-	tmp=$CACHE/.tmp-rootfs-$key.$$
+	tmp=$CACHE/.tmp-$R_NAME-$key.$$
 	TMP_DIRS+=("$tmp")
 	rm -rf -- "$tmp"
 	root=$tmp/root
@@ -406,74 +507,86 @@ build_rootfs() {
 	chmod 1777 "$root/tmp"
 	chmod 700 "$root/root"
 
-	say "rootfs: busybox $(pkg_version busybox-static)"
-	applets=$("$BUSYBOX" --list)
-	for a in sh mount devmem poweroff reboot setsid cttyhack cat echo grep wc sleep rm stty; do
-		grep -qx "$a" <<<"$applets" || die "rootfs: $BUSYBOX has no '$a' applet"
+	say "$R_NAME: busybox $R_BUSYBOX_VERSION"
+	applets=$("${R_RUN[@]}" "$R_BUSYBOX" --list) || die "$R_NAME: cannot list the applets of $R_BUSYBOX"
+	for a in sh mount devmem poweroff reboot setsid cttyhack cat echo grep wc sleep rm stty uname; do
+		grep -qx "$a" <<<"$applets" || die "$R_NAME: $R_BUSYBOX has no '$a' applet"
 	done
-	cp "$BUSYBOX" "$root/bin/busybox"
+	cp "$R_BUSYBOX" "$root/bin/busybox"
 	while IFS= read -r a; do
 		case $a in "" | bin/busybox | sbin/init | linuxrc) continue ;; esac
 		mkdir -p "$root/$(dirname "$a")"
 		[[ -e $root/$a || -L $root/$a ]] || ln -s /bin/busybox "$root/$a"
-	done < <("$BUSYBOX" --list-full)
+	done < <("${R_RUN[@]}" "$R_BUSYBOX" --list-full)
 	install -m 0755 "$INIT_SCRIPT" "$root/init"
-	say "rootfs: /bin/flick-vsock (static, from $(basename "$VSOCK_SRC"))"
-	gcc -static -O2 -Wall -Wextra -Werror -o "$root/bin/flick-vsock" "$VSOCK_SRC" ||
-		die "rootfs: building flick-vsock failed"
-	strip "$root/bin/flick-vsock"
+	say "$R_NAME: /bin/flick-vsock (static, from $(basename "$VSOCK_SRC"), $R_CC)"
+	"$R_CC" -static -O2 -Wall -Wextra -Werror -o "$root/bin/flick-vsock" "$VSOCK_SRC" ||
+		die "$R_NAME: building flick-vsock failed"
+	"$R_STRIP" "$root/bin/flick-vsock"
 	ln -s ../init "$root/sbin/init"
 	# The kernel opens /dev/console for init before anything mounts devtmpfs
 	# when it boots from the initramfs.
 	mknod -m 600 "$root/dev/console" c 5 1 ||
-		say "rootfs: warning: cannot create /dev/console (not root?)"
+		say "$R_NAME: warning: cannot create /dev/console (not root?)"
 	chown -R 0:0 "$root" 2>/dev/null || true
 
-	say "rootfs: ext4 image (${ROOTFS_SIZE_MIB} MiB, label $ROOTFS_LABEL)"
+	say "$R_NAME: ext4 image (${ROOTFS_SIZE_MIB} MiB, label $ROOTFS_LABEL)"
 	mkfs.ext4 -q -F -b 4096 -L "$ROOTFS_LABEL" -d "$root" "$out/rootfs.ext4" "${ROOTFS_SIZE_MIB}M" >/dev/null
-	e2fsck -fn "$out/rootfs.ext4" >/dev/null 2>&1 || die "rootfs: e2fsck found errors in the new ext4 image"
+	e2fsck -fn "$out/rootfs.ext4" >/dev/null 2>&1 || die "$R_NAME: e2fsck found errors in the new ext4 image"
 
-	say "rootfs: uncompressed newc cpio initramfs"
+	say "$R_NAME: uncompressed newc cpio initramfs"
 	(cd "$root" && find . -mindepth 1 | LC_ALL=C sort |
 		cpio --quiet -o -H newc -R 0:0 --reproducible) >"$out/initramfs.cpio"
-	cpio --quiet -it <"$out/initramfs.cpio" | grep -qx init || die "rootfs: the initramfs has no /init"
+	cpio --quiet -it <"$out/initramfs.cpio" | grep -qx init || die "$R_NAME: the initramfs has no /init"
 
 	publish "$out" "$dir"
 	rm -rf -- "$tmp"
 }
 
+# rootfs ARCH: builds or finds that root file system; sets ROOTFS_DIR.
 rootfs() {
 	local key dir
+	rootfs_flavour "$1"
 	key=$(
 		{
-			echo "rootfs"
-			sha256sum "$SCRIPT" "$INIT_SCRIPT" "$VSOCK_SRC" | cut -d' ' -f1
-			gcc -dumpfullversion
-			pkg_version busybox-static
-			echo
+			echo "$R_NAME"
+			declare -f rootfs_flavour build_rootfs | sha256sum | cut -d' ' -f1
+			echo "$ROOTFS_SIZE_MIB $ROOTFS_LABEL"
+			sha256sum "$INIT_SCRIPT" "$VSOCK_SRC" "$R_BUSYBOX" | cut -d' ' -f1
+			"$R_CC" -dumpfullversion
+			echo "$R_BUSYBOX_VERSION"
 			pkg_version e2fsprogs
 			echo
 			pkg_version cpio
 			echo
 		} | hash_inputs
 	)
-	dir=$CACHE/rootfs-$key
-	cached rootfs "$dir" "rootfs.ext4 initramfs.cpio" build_rootfs "$dir" "$key"
+	dir=$CACHE/$R_NAME-$key
+	cached "$R_NAME" "$dir" "rootfs.ext4 initramfs.cpio" build_rootfs "$dir" "$key"
 	ROOTFS_DIR=$dir
 }
 
-if ((want_kernel)); then kernel x86; fi
-if ((want_rootfs)); then rootfs; fi
-if ((want_arm64)); then kernel arm64; fi
+KERNEL_FLAVOUR=$arch
+[[ $arch == x86_64 ]] && KERNEL_FLAVOUR=x86
+if ((want_kernel)); then kernel "$KERNEL_FLAVOUR"; fi
+if ((want_rootfs)); then rootfs "$arch"; fi
 
-if ((want_kernel)); then
-	echo "FLICK_KERNEL_VMLINUX=$KERNEL_DIR/vmlinux"
-	echo "FLICK_KERNEL_BZIMAGE=$KERNEL_DIR/bzImage"
-fi
-if ((want_rootfs)); then
-	echo "FLICK_ROOTFS_EXT4=$ROOTFS_DIR/rootfs.ext4"
-	echo "FLICK_INITRAMFS=$ROOTFS_DIR/initramfs.cpio"
-fi
-if ((want_arm64)); then
-	echo "FLICK_KERNEL_ARM64_IMAGE=$KERNEL_DIR/Image"
-fi
+case $arch in
+x86_64)
+	if ((want_kernel)); then
+		echo "FLICK_KERNEL_VMLINUX=$KERNEL_DIR/vmlinux"
+		echo "FLICK_KERNEL_BZIMAGE=$KERNEL_DIR/bzImage"
+	fi
+	if ((want_rootfs)); then
+		echo "FLICK_ROOTFS_EXT4=$ROOTFS_DIR/rootfs.ext4"
+		echo "FLICK_INITRAMFS=$ROOTFS_DIR/initramfs.cpio"
+	fi
+	;;
+arm64)
+	if ((want_kernel)); then echo "FLICK_KERNEL_ARM64_IMAGE=$KERNEL_DIR/Image"; fi
+	if ((want_rootfs)); then
+		echo "FLICK_ROOTFS_ARM64_EXT4=$ROOTFS_DIR/rootfs.ext4"
+		echo "FLICK_INITRAMFS_ARM64=$ROOTFS_DIR/initramfs.cpio"
+	fi
+	;;
+esac

@@ -148,6 +148,10 @@ static void apply(const char *tok, size_t len, struct tg_opts *o)
 			o->exit_mode = EXIT_HALT;
 		else if (val_is(val, vlen, "fault"))
 			o->exit_mode = EXIT_FAULT;
+#ifdef __aarch64__
+		else if (val_is(val, vlen, "poweroff"))
+			o->exit_mode = EXIT_POWEROFF;
+#endif
 	} else if (key_is(tok, klen, "tg.virtio"))
 		set_bool(val, vlen, &o->virtio);
 	else if (key_is(tok, klen, "tg.blk")) {

@@ -1,6 +1,7 @@
 /* Minimal string and formatting helpers. */
 #include "tg.h"
 
+#ifdef __x86_64__
 /*
  * memset/memcpy use a single rep stosb/movsb: cheap natively, and under KVM's
  * instruction emulator (PVM hosts) far cheaper than a loop of separate instructions.
@@ -18,6 +19,24 @@ void *memcpy(void *dst, const void *src, size_t n)
 	__asm__ volatile("rep movsb" : "+D"(d), "+S"(src), "+c"(n) : : "memory");
 	return dst;
 }
+#else
+void *memset(void *dst, int c, size_t n)
+{
+	u8 *d = dst;
+	while (n--)
+		*d++ = (u8)c;
+	return dst;
+}
+
+void *memcpy(void *dst, const void *src, size_t n)
+{
+	u8 *d = dst;
+	const u8 *s = src;
+	while (n--)
+		*d++ = *s++;
+	return dst;
+}
+#endif
 
 void *memmove(void *dst, const void *src, size_t n)
 {
@@ -41,9 +60,15 @@ int memcmp(const void *a, const void *b, size_t n)
 	return 0;
 }
 
-/* First c in s[0..n), or NULL; one repne scasb. */
+/* First c in s[0..n), or NULL; on x86_64 one repne scasb. */
 void *memchr(const void *s, int c, size_t n)
 {
+#ifndef __x86_64__
+	for (const u8 *p = s; n; n--, p++)
+		if (*p == (u8)c)
+			return (void *)p;
+	return NULL;
+#else
 	const u8 *d = s;
 	u8 found;
 
@@ -54,6 +79,7 @@ void *memchr(const void *s, int c, size_t n)
 			 : "a"((u8)c), "m"(*(const u8(*)[n])s)
 			 : "cc");
 	return found ? (void *)(d - 1) : NULL;
+#endif
 }
 
 size_t strnlen(const char *s, size_t max)

@@ -1,4 +1,7 @@
-/* Polled 16550 UART on COM1 (I/O port 0x3f8), 8N1, no interrupts. */
+/*
+ * Polled 16550 UART, 8N1, no interrupts: COM1 (I/O port 0x3f8) on x86_64, the 8250 on MMIO at
+ * 0x40002000 on arm64 (uart_in/uart_out in the arch header).
+ */
 #include "tg.h"
 
 #define UART_RBR 0 /* receive buffer (read, DLAB=0) */
@@ -33,14 +36,14 @@ static unsigned tx_room;
 
 void serial_init(void)
 {
-	outb(COM1_BASE + UART_IER, 0x00);	/* no interrupts */
-	outb(COM1_BASE + UART_LCR, LCR_DLAB);
-	outb(COM1_BASE + UART_DLL, 0x01);	/* 115200 baud */
-	outb(COM1_BASE + UART_DLM, 0x00);
-	outb(COM1_BASE + UART_LCR, LCR_8N1);
-	outb(COM1_BASE + UART_FCR, 0x07);	/* FIFOs on and cleared */
-	outb(COM1_BASE + UART_MCR, MCR_DTR_RTS);	/* no OUT2 (no IRQ), no loopback */
-	tx_burst = (inb(COM1_BASE + UART_IIR) & IIR_FIFO_ENABLED) == IIR_FIFO_ENABLED ? FIFO_SIZE : 1;
+	uart_out(UART_IER, 0x00);	/* no interrupts */
+	uart_out(UART_LCR, LCR_DLAB);
+	uart_out(UART_DLL, 0x01);	/* 115200 baud */
+	uart_out(UART_DLM, 0x00);
+	uart_out(UART_LCR, LCR_8N1);
+	uart_out(UART_FCR, 0x07);	/* FIFOs on and cleared */
+	uart_out(UART_MCR, MCR_DTR_RTS);	/* no OUT2 (no IRQ), no loopback */
+	tx_burst = (uart_in(UART_IIR) & IIR_FIFO_ENABLED) == IIR_FIFO_ENABLED ? FIFO_SIZE : 1;
 	tx_room = 0;
 }
 
@@ -48,14 +51,14 @@ void serial_putc(char c)
 {
 	if (tx_room == 0) {
 		for (unsigned i = 0; i < TX_POLL_LIMIT; i++) {
-			if (inb(COM1_BASE + UART_LSR) & LSR_THR_EMPTY)
+			if (uart_in(UART_LSR) & LSR_THR_EMPTY)
 				break;
 			cpu_relax();
 		}
 		tx_room = tx_burst;
 	}
 	tx_room--;
-	outb(COM1_BASE + UART_THR, (u8)c);
+	uart_out(UART_THR, (u8)c);
 }
 
 void serial_write(const char *s, size_t n)
@@ -66,8 +69,8 @@ void serial_write(const char *s, size_t n)
 
 int serial_try_getc(void)
 {
-	if (inb(COM1_BASE + UART_LSR) & LSR_DATA_READY)
-		return inb(COM1_BASE + UART_RBR);
+	if (uart_in(UART_LSR) & LSR_DATA_READY)
+		return uart_in(UART_RBR);
 	return -1;
 }
 

@@ -1,9 +1,8 @@
-/* Common definitions for the freestanding x86_64 test guest. */
+/* Common definitions for the freestanding test guests (x86_64, and the virtio drivers on arm64). */
 #ifndef TG_H
 #define TG_H
 
 #include <stdarg.h>
-#include "layout.h"
 
 typedef unsigned char u8;
 typedef unsigned short u16;
@@ -21,69 +20,19 @@ typedef unsigned long size_t;
  */
 #define NOINIT __attribute__((section(".noinit")))
 
-/* ---- port and memory-mapped I/O ---- */
-
-static inline void outb(u16 port, u8 v)
-{
-	__asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port));
-}
-
-static inline u8 inb(u16 port)
-{
-	u8 v;
-	__asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port));
-	return v;
-}
-
-static inline u32 mmio_read32(u64 addr)
-{
-	return *(volatile u32 *)addr;
-}
-
-static inline void mmio_write32(u64 addr, u32 v)
-{
-	*(volatile u32 *)addr = v;
-}
-
-static inline void mmio_write8(u64 addr, u8 v)
-{
-	*(volatile u8 *)addr = v;
-}
-
-static inline u64 rdtsc(void)
-{
-	u32 lo, hi;
-	__asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
-	return ((u64)hi << 32) | lo;
-}
-
-static inline void cpuid(u32 leaf, u32 sub, u32 *a, u32 *b, u32 *c, u32 *d)
-{
-	__asm__ volatile("cpuid" : "=a"(*a), "=b"(*b), "=c"(*c), "=d"(*d) : "a"(leaf), "c"(sub));
-}
-
-static inline void cpu_relax(void)
-{
-	__asm__ volatile("pause" : : : "memory");
-}
-
-static inline void barrier(void)
-{
-	__asm__ volatile("" : : : "memory");
-}
-
-/* Physical memory is identity-mapped for the first 4 GiB (see pagetables.S). */
-static inline int phys_ok(u64 addr, u64 len)
-{
-	return addr != 0 && addr < IDENTITY_MAP_END && len <= IDENTITY_MAP_END - addr;
-}
-
-/* Pointer to physical memory; opaque to the compiler (low addresses are not NULL here). */
-static inline const void *phys(u64 addr)
-{
-	__asm__("" : "+r"(addr));
-	return (const void *)addr;
-}
+/*
+ * What differs between the architectures: MMIO and port accessors, the barriers, the cycle
+ * counter, the UART's registers, which physical addresses are mapped. The arm64 test guest
+ * (resources/guest/test-guest-arm64) builds the virtio drivers and helpers of this directory
+ * with its own arch_arm64.h.
+ */
+#if defined(__aarch64__)
+#include "arch_arm64.h"
+#elif defined(__x86_64__)
+#include "arch_x86.h"
+#else
+#error "the test guest is built for x86_64 or aarch64"
+#endif
 
 /* ---- lib.c ---- */
 void *memset(void *dst, int c, size_t n);
@@ -107,7 +56,8 @@ void serial_write(const char *s, size_t n);
 int serial_try_getc(void);
 u8 serial_getc(void);
 
-/* ---- bootinfo.c ---- */
+#ifdef __x86_64__
+/* ---- bootinfo.c (x86_64) ---- */
 #define MAX_MEMMAP 128
 #define MAX_CMDLINE 4096
 #define MAX_RESERVED 8
@@ -140,9 +90,11 @@ struct bootinfo {
 const char *bootinfo_early_cmdline(u32 protocol, u64 info, u32 *len);
 void bootinfo_parse(u32 protocol, u64 info, struct bootinfo *bi);
 void bootinfo_add_reserved(struct bootinfo *bi, u64 start, u64 len);
+#endif
 
 /* ---- cmdline.c ---- */
-enum exit_mode { EXIT_REBOOT, EXIT_HALT, EXIT_FAULT };
+/* EXIT_POWEROFF (tg.exit=poweroff) only on arm64 (PSCI SYSTEM_OFF). */
+enum exit_mode { EXIT_REBOOT, EXIT_HALT, EXIT_FAULT, EXIT_POWEROFF };
 enum blk_mode { BLK_OFF, BLK_CHECK, BLK_READ, BLK_WRITE, BLK_BENCH, BLK_HOSTILE };
 enum net_mode { NET_OFF, NET_INFO, NET_PING, NET_SERVE, NET_BENCH };
 enum vsock_mode { VSOCK_OFF, VSOCK_LISTEN, VSOCK_CONNECT, VSOCK_HOSTILE };
@@ -205,10 +157,16 @@ struct tg_opts {
 void opts_parse(const char *cmdline, u32 len, struct tg_opts *o);
 int opts_timer_disabled(const char *cmdline, u32 len);
 
-/* ---- delay.c ---- */
+/*
+ * ---- delay.c (x86_64: the TSC), timer.c (arm64: the generic timer's virtual counter, which
+ * rdtsc() reads there) ----
+ */
+#ifdef __x86_64__
 int is_hypervisor(void);
 u64 tsc_khz(void);
 const char *tsc_source(void);
+#endif
+/* One line with the counter's frequency and where it came from, before the first benchmark. */
 void tsc_report(void);
 u64 tsc_deadline_us(u64 us);
 int tsc_passed(u64 deadline);
@@ -216,7 +174,8 @@ u64 tsc_cycles_to_us(u64 cycles);
 void delay_us(u64 us);
 void delay_ms(u64 ms);
 
-/* ---- smp.c ---- */
+#ifdef __x86_64__
+/* ---- smp.c (x86_64) ---- */
 struct mp_info {
 	int found;
 	u64 fp_addr;  /* floating pointer structure */
@@ -229,6 +188,7 @@ struct mp_info {
 void mptable_find(struct mp_info *mp);
 void mptable_print(const struct mp_info *mp);
 void smp_boot(struct bootinfo *bi, const struct mp_info *mp, const struct tg_opts *o);
+#endif
 
 /* ---- virtio_mmio.c, virtio_blk.c, virtio_net.c ---- */
 void virtio_probe_all(const struct tg_opts *o);
@@ -239,8 +199,10 @@ void virtio_vsock_run(const struct tg_opts *o);
 /* usable: bytes of usable RAM in the memory map. */
 void virtio_balloon_run(const struct tg_opts *o, u64 usable);
 
-/* ---- main.c ---- */
+#ifdef __x86_64__
+/* ---- main.c (x86_64) ---- */
 void tg_main(u32 protocol, u64 info);
 void __attribute__((noreturn)) triple_fault(void);
+#endif
 
 #endif

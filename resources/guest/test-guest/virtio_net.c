@@ -128,13 +128,20 @@ static int mac_eq(const u8 *a, const u8 *b)
 	return *(const u32 *)a == *(const u32 *)b && *(const u16 *)(a + 4) == *(const u16 *)(b + 4);
 }
 
-/* Copies whole frames: rep movsq, then the rest bytewise (fewer emulated iterations). */
+/*
+ * Copies whole frames: on x86_64 rep movsq, then the rest bytewise (fewer emulated
+ * iterations); elsewhere memcpy.
+ */
 static void copy_frame(u8 *dst, const u8 *src, size_t n)
 {
+#ifdef __x86_64__
 	size_t q = n / 8;
 	__asm__ volatile("rep movsq" : "+D"(dst), "+S"(src), "+c"(q) : : "memory");
 	for (n %= 8; n; n--)
 		*dst++ = *src++;
+#else
+	memcpy(dst, src, n);
+#endif
 }
 
 /*
@@ -181,12 +188,12 @@ static void print_ip(u32 ip)
 
 /*
  * Notify the device unless it asked not to be (used->flags bit 0, section 2.7.7). The
- * new avail->idx must be visible before the flag is read (a store-load order, which
- * x86 only gives with a locked instruction or a fence).
+ * new avail->idx must be visible before the flag is read (a store-load order: a full
+ * fence).
  */
 static void notify(struct virtq *vq)
 {
-	__asm__ volatile("lock; orl $0, (%%rsp)" : : : "memory", "cc");
+	mb();
 	if (!(vq->used->flags & 1))
 		virtq_kick(vq);
 }

@@ -155,7 +155,7 @@ void virtq_advance_avail_raw(struct virtq *vq, u16 by)
 
 void virtq_kick(struct virtq *vq)
 {
-	barrier();
+	io_wmb();
 	mmio_write32(vq->mmio_base + VIRTIO_MMIO_QUEUE_NOTIFY, vq->index);
 }
 

@@ -4,13 +4,14 @@
 use vm_fdt::{Error as FdtError, FdtWriter};
 
 use super::layout::{
-    gic_redist_size, gic_redist_start, mpidr, GIC_DIST_SIZE, GIC_DIST_START, MMIO_SLOT_SIZE,
-    RTC_SPI, RTC_START, SERIAL_SPI, SERIAL_START,
+    gic_its_start, gic_redist_size, gic_redist_start, mpidr, GIC_DIST_SIZE, GIC_DIST_START,
+    GIC_ITS_SIZE, MMIO_SLOT_SIZE, RTC_SPI, RTC_START, SERIAL_SPI, SERIAL_START,
 };
 use super::vcpu::PMU_PPI;
 use crate::arch::DeviceSlot;
 
 const GIC_PHANDLE: u32 = 1;
+const ITS_PHANDLE: u32 = 3;
 const CLOCK_PHANDLE: u32 = 2;
 /// Interrupt specifier types (first cell).
 const GIC_SPI: u32 = 0;
@@ -38,6 +39,8 @@ pub struct FdtConfig<'a> {
     pub rng_seed: [u8; 32],
     /// The vCPUs have a PMU (`/pmu`).
     pub pmu: bool,
+    /// The GIC has an ITS (an `msi-controller` child of the GIC's node).
+    pub its: bool,
 }
 
 /// Builds the device tree blob.
@@ -52,7 +55,7 @@ pub fn build(config: &FdtConfig<'_>) -> Result<Vec<u8>, FdtError> {
     cpus(&mut fdt, config.vcpus)?;
     memory(&mut fdt, config.ram)?;
     chosen(&mut fdt, config)?;
-    gic(&mut fdt, config.vcpus)?;
+    gic(&mut fdt, config.vcpus, config.its)?;
     timer(&mut fdt)?;
     if config.pmu {
         pmu(&mut fdt)?;
@@ -106,7 +109,7 @@ fn chosen(fdt: &mut FdtWriter, config: &FdtConfig<'_>) -> Result<(), FdtError> {
     fdt.end_node(node)
 }
 
-fn gic(fdt: &mut FdtWriter, vcpus: u8) -> Result<(), FdtError> {
+fn gic(fdt: &mut FdtWriter, vcpus: u8, its: bool) -> Result<(), FdtError> {
     let node = fdt.begin_node(&format!("intc@{GIC_DIST_START:x}"))?;
     fdt.property_string("compatible", "arm,gic-v3")?;
     fdt.property_null("interrupt-controller")?;
@@ -128,6 +131,16 @@ fn gic(fdt: &mut FdtWriter, vcpus: u8) -> Result<(), FdtError> {
         &[GIC_PPI, GIC_MAINTENANCE_PPI, IRQ_LEVEL_HIGH],
     )?;
     fdt.property_phandle(GIC_PHANDLE)?;
+    if its {
+        let start = gic_its_start(vcpus);
+        let its = fdt.begin_node(&format!("msi-controller@{start:x}"))?;
+        fdt.property_string("compatible", "arm,gic-v3-its")?;
+        fdt.property_null("msi-controller")?;
+        fdt.property_u32("#msi-cells", 1)?;
+        fdt.property_array_u64("reg", &[start, GIC_ITS_SIZE])?;
+        fdt.property_phandle(ITS_PHANDLE)?;
+        fdt.end_node(its)?;
+    }
     fdt.end_node(node)
 }
 
@@ -207,10 +220,10 @@ mod tests {
     use crate::arch::aarch64::layout;
 
     fn sample() -> Vec<u8> {
-        sample_with_pmu(false)
+        sample_with(false, false)
     }
 
-    fn sample_with_pmu(pmu: bool) -> Vec<u8> {
+    fn sample_with(pmu: bool, its: bool) -> Vec<u8> {
         let ram = layout::ram_ranges(128 << 20);
         let devices = [layout::device_slot(0).unwrap()];
         build(&FdtConfig {
@@ -221,6 +234,7 @@ mod tests {
             devices: &devices,
             rng_seed: [7; 32],
             pmu,
+            its,
         })
         .unwrap()
     }
@@ -228,11 +242,25 @@ mod tests {
     #[test]
     fn the_pmu_node_is_there_only_with_a_pmu() {
         assert!(!contains(&sample(), b"arm,armv8-pmuv3\0"));
-        let blob = sample_with_pmu(true);
+        let blob = sample_with(true, false);
         assert!(contains(&blob, b"pmu\0"));
         assert!(contains(&blob, b"arm,armv8-pmuv3\0"));
         // interrupts = <GIC_PPI 7 IRQ_TYPE_LEVEL_HIGH>, big-endian cells.
         assert!(contains(&blob, &[0, 0, 0, 1, 0, 0, 0, 7, 0, 0, 0, 4]));
+    }
+
+    #[test]
+    fn the_its_node_is_there_only_with_an_its() {
+        assert!(!contains(&sample(), b"arm,gic-v3-its\0"));
+        let blob = sample_with(false, true);
+        assert!(contains(&blob, b"arm,gic-v3-its\0"));
+        // Two vCPUs: redistributors at 0x3ffb_0000, the ITS's 128 KiB below them.
+        assert!(contains(&blob, b"msi-controller@3ff90000\0"));
+        let reg = [0x3ff9_0000u64, 0x2_0000]
+            .iter()
+            .flat_map(|v| v.to_be_bytes())
+            .collect::<Vec<u8>>();
+        assert!(contains(&blob, &reg));
     }
 
     fn contains(hay: &[u8], needle: &[u8]) -> bool {

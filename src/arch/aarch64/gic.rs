@@ -1,18 +1,21 @@
 //! The in-kernel GICv3 (`KVM_CREATE_DEVICE`): distributor and redistributor addresses, the
 //! number of interrupt IDs, and its initialisation, which KVM accepts only once every vCPU
-//! exists and which irqfds need.
+//! exists and which irqfds need. With it, when KVM offers one, the GICv3 ITS (the translation
+//! service that turns MSIs into LPIs), created before the GIC is initialised so that the
+//! redistributors support LPIs.
 
 use kvm_bindings::{
-    kvm_create_device, kvm_device_attr, kvm_device_type_KVM_DEV_TYPE_ARM_VGIC_V3,
-    KVM_DEV_ARM_VGIC_CTRL_INIT, KVM_DEV_ARM_VGIC_GRP_ADDR, KVM_DEV_ARM_VGIC_GRP_CTRL,
-    KVM_DEV_ARM_VGIC_GRP_NR_IRQS, KVM_VGIC_V3_ADDR_TYPE_DIST, KVM_VGIC_V3_ADDR_TYPE_REDIST,
+    kvm_create_device, kvm_device_attr, kvm_device_type_KVM_DEV_TYPE_ARM_VGIC_ITS,
+    kvm_device_type_KVM_DEV_TYPE_ARM_VGIC_V3, KVM_CREATE_DEVICE_TEST, KVM_DEV_ARM_VGIC_CTRL_INIT,
+    KVM_DEV_ARM_VGIC_GRP_ADDR, KVM_DEV_ARM_VGIC_GRP_CTRL, KVM_DEV_ARM_VGIC_GRP_NR_IRQS,
+    KVM_VGIC_ITS_ADDR_TYPE, KVM_VGIC_V3_ADDR_TYPE_DIST, KVM_VGIC_V3_ADDR_TYPE_REDIST,
 };
 use std::os::fd::AsRawFd;
 use std::sync::Mutex;
 
 use kvm_ioctls::{DeviceFd, VmFd};
 
-use super::layout::{gic_redist_start, GIC_DIST_START, GIC_NR_IRQS};
+use super::layout::{gic_its_start, gic_redist_start, GIC_DIST_START, GIC_NR_IRQS};
 use crate::arch::ArchError;
 
 fn set_attr(gic: &DeviceFd, group: u32, attr: u32, addr: u64, what: &str) -> Result<(), ArchError> {
@@ -26,21 +29,81 @@ fn set_attr(gic: &DeviceFd, group: u32, attr: u32, addr: u64, what: &str) -> Res
         .map_err(|e| ArchError::Kvm(format!("set up the GICv3: {what}"), e))
 }
 
-/// The GIC of this process's VM: the VM fd's number, the GIC's fd and the vCPU count. KVM
-/// offers no way back from a VM fd to a device it holds, and the architecture interface keeps
-/// no state, so snapshots find the GIC here (flick runs one VM per process).
-static GIC: Mutex<Option<(i32, DeviceFd, u8)>> = Mutex::new(None);
+/// The in-kernel interrupt controller of a VM.
+pub struct Gic {
+    pub gic: DeviceFd,
+    /// The ITS, when KVM offers one.
+    pub its: Option<DeviceFd>,
+    pub vcpus: u8,
+}
 
-/// Runs `f` with the GIC of `vm` and its vCPU count.
+impl std::fmt::Debug for Gic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gic")
+            .field("its", &self.its.is_some())
+            .field("vcpus", &self.vcpus)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The GIC of this process's VM, with the VM fd's number. KVM offers no way back from a VM fd
+/// to a device it holds, and the architecture interface keeps no state, so snapshots find the
+/// GIC here (flick runs one VM per process).
+static GIC: Mutex<Option<(i32, Gic)>> = Mutex::new(None);
+
+/// Runs `f` with the GIC of `vm`.
 pub fn with_gic<T>(
     vm: &VmFd,
-    f: impl FnOnce(&DeviceFd, u8) -> Result<T, ArchError>,
+    f: impl FnOnce(&Gic) -> Result<T, ArchError>,
 ) -> Result<T, ArchError> {
     let guard = GIC.lock().unwrap_or_else(|p| p.into_inner());
     match guard.as_ref() {
-        Some((fd, gic, vcpus)) if *fd == vm.as_raw_fd() => f(gic, *vcpus),
+        Some((fd, gic)) if *fd == vm.as_raw_fd() => f(gic),
         _ => Err(ArchError::SavedState("GICv3: this VM has none")),
     }
+}
+
+/// Whether KVM can create an ITS for this VM (a test creation, which makes no device).
+fn its_available(vm: &VmFd) -> bool {
+    let mut test = kvm_create_device {
+        type_: kvm_device_type_KVM_DEV_TYPE_ARM_VGIC_ITS,
+        fd: 0,
+        flags: KVM_CREATE_DEVICE_TEST,
+    };
+    vm.create_device(&mut test).is_ok()
+}
+
+/// Creates the ITS at its place below the redistributors and initialises it.
+fn create_its(vm: &VmFd, vcpus: u8) -> Result<DeviceFd, ArchError> {
+    let mut device = kvm_create_device {
+        type_: kvm_device_type_KVM_DEV_TYPE_ARM_VGIC_ITS,
+        fd: 0,
+        flags: 0,
+    };
+    let its = vm
+        .create_device(&mut device)
+        .map_err(crate::arch::kvm_error("create the in-kernel GICv3 ITS"))?;
+    let base: u64 = gic_its_start(vcpus);
+    set_attr(
+        &its,
+        KVM_DEV_ARM_VGIC_GRP_ADDR,
+        KVM_VGIC_ITS_ADDR_TYPE,
+        std::ptr::addr_of!(base) as u64,
+        "ITS address",
+    )?;
+    set_attr(
+        &its,
+        KVM_DEV_ARM_VGIC_GRP_CTRL,
+        KVM_DEV_ARM_VGIC_CTRL_INIT,
+        0,
+        "ITS initialisation",
+    )?;
+    Ok(its)
+}
+
+/// Whether the VM's GIC has an ITS (for the device tree, built after the GIC).
+pub fn has_its(vm: &VmFd) -> bool {
+    with_gic(vm, |gic| Ok(gic.its.is_some())).unwrap_or(false)
 }
 
 /// Creates and initialises the vGICv3 for `vcpus` vCPUs, all of them already created.
@@ -78,6 +141,11 @@ pub fn create(vm: &VmFd, vcpus: u8) -> Result<(), ArchError> {
         std::ptr::addr_of!(nr_irqs) as u64,
         "number of interrupts",
     )?;
+    let its = if its_available(vm) {
+        Some(create_its(vm, vcpus)?)
+    } else {
+        None
+    };
     set_attr(
         &gic,
         KVM_DEV_ARM_VGIC_GRP_CTRL,
@@ -85,6 +153,7 @@ pub fn create(vm: &VmFd, vcpus: u8) -> Result<(), ArchError> {
         0,
         "initialisation",
     )?;
-    *GIC.lock().unwrap_or_else(|p| p.into_inner()) = Some((vm.as_raw_fd(), gic, vcpus));
+    *GIC.lock().unwrap_or_else(|p| p.into_inner()) =
+        Some((vm.as_raw_fd(), Gic { gic, its, vcpus }));
     Ok(())
 }

@@ -33,6 +33,14 @@ pub const FIRST_VIRTIO_SPI: u32 = 2;
 pub const GIC_NR_IRQS: u32 = 128;
 pub const LAST_SPI: u32 = GIC_NR_IRQS - 32 - 1;
 
+/// The GICv3 ITS's frames (control and translation, 64 KiB each), below the redistributors.
+pub const GIC_ITS_SIZE: u64 = 0x2_0000;
+
+/// Start of the ITS for `vcpus` vCPUs.
+pub fn gic_its_start(vcpus: u8) -> u64 {
+    gic_redist_start(vcpus) - GIC_ITS_SIZE
+}
+
 /// Start of the redistributor region for `vcpus` vCPUs.
 pub fn gic_redist_start(vcpus: u8) -> u64 {
     GIC_DIST_START - gic_redist_size(vcpus)
@@ -81,6 +89,8 @@ mod tests {
         assert_eq!(device_slot(0).unwrap().base, 0x4000_3000);
         assert!(gic_redist_start(255) > 0x1000_0000);
         assert_eq!(gic_redist_start(1) + gic_redist_size(1), GIC_DIST_START);
+        assert_eq!(gic_its_start(255) + GIC_ITS_SIZE, gic_redist_start(255));
+        assert_eq!(gic_its_start(255) % 0x1_0000, 0);
     }
 
     #[test]

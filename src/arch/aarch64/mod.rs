@@ -175,6 +175,7 @@ impl Arch for Aarch64 {
             devices: setup.devices,
             rng_seed: rng_seed(),
             pmu: vcpu::pmu_available(setup.vm),
+            its: gic::has_its(setup.vm),
         })
         .map_err(|e| input(LoadError::Fdt(e)))?;
         if blob.len() as u64 > layout::FDT_MAX_SIZE {
@@ -282,6 +283,6 @@ impl Arch for Aarch64 {
     }
 
     fn restore_vm(vm: &VmFd, saved: &state::GicState) -> Result<(), ArchError> {
-        gic::with_gic(vm, |gic, vcpus| saved.restore(gic, vcpus))
+        gic::with_gic(vm, |gic| saved.restore(gic))
     }
 }

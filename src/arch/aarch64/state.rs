@@ -4,17 +4,23 @@
 //! (`KVM_GET_REG_LIST`: core, system, FP/SIMD, timer and firmware registers) read through
 //! ONE_REG, and its power state. The GIC is its distributor registers for the SPIs, and per vCPU
 //! its redistributor (SGI/PPI) registers and CPU-interface system registers, all through the
-//! device's attribute groups. Edge-triggered lines only (flick's devices use no level lines), and
-//! no ITS.
+//! device's attribute groups. Edge-triggered lines only (flick's devices use no level lines).
+//! With an ITS, also the redistributors' LPI table addresses, the pending LPIs (which KVM
+//! writes into the guest's pending tables), the ITS's own tables (device, collection and
+//! translation tables, which KVM writes into guest memory before the memory is saved) and its
+//! registers; restored in the order KVM's ITS documentation gives.
 
 use kvm_bindings::{
-    kvm_mp_state, kvm_vcpu_init, RegList, KVM_DEV_ARM_VGIC_GRP_CPU_SYSREGS,
-    KVM_DEV_ARM_VGIC_GRP_DIST_REGS, KVM_DEV_ARM_VGIC_GRP_REDIST_REGS, KVM_REG_SIZE_MASK,
+    kvm_mp_state, kvm_vcpu_init, RegList, KVM_DEV_ARM_ITS_RESTORE_TABLES,
+    KVM_DEV_ARM_ITS_SAVE_TABLES, KVM_DEV_ARM_VGIC_GRP_CPU_SYSREGS, KVM_DEV_ARM_VGIC_GRP_CTRL,
+    KVM_DEV_ARM_VGIC_GRP_DIST_REGS, KVM_DEV_ARM_VGIC_GRP_ITS_REGS,
+    KVM_DEV_ARM_VGIC_GRP_REDIST_REGS, KVM_DEV_ARM_VGIC_SAVE_PENDING_TABLES, KVM_REG_SIZE_MASK,
     KVM_REG_SIZE_SHIFT,
 };
 use kvm_ioctls::{DeviceFd, VcpuFd};
 use serde::{Deserialize, Serialize};
 
+use super::gic::Gic;
 use super::layout::{mpidr, GIC_NR_IRQS};
 use crate::arch::ArchError;
 
@@ -97,7 +103,23 @@ pub struct GicState {
     pub redist: Vec<Vec<(u32, u32)>>,
     /// Per vCPU: `(system register id, value)` of the CPU interface.
     pub icc: Vec<Vec<(u32, u64)>>,
+    /// The ITS's registers, if the VM had an ITS (its tables are in guest memory).
+    #[serde(default)]
+    pub its: Option<Vec<(u32, u64)>>,
 }
+
+/// ITS registers (offsets in its control frame), in write-back order: GITS_CBASER first, then
+/// the others but GITS_CTLR (GITS_IIDR, whose revision selects the table format, before the
+/// tables are loaded), GITS_CTLR last, after the tables.
+const ITS_CTLR: u32 = 0x0000;
+const ITS_REGS: [u32; 13] = [
+    0x0080, // GITS_CBASER
+    0x0004, // GITS_IIDR
+    0x0090, // GITS_CREADR
+    0x0088, // GITS_CWRITER
+    0x0100, // GITS_BASER0 ... GITS_BASER7
+    0x0108, 0x0110, 0x0118, 0x0120, 0x0128, 0x0130, 0x0138, ITS_CTLR,
+];
 
 /// Distributor registers for SPIs (the private interrupts live in the redistributors), in the
 /// order they are written back: configuration before enables and pending state, control last.
@@ -124,11 +146,16 @@ fn dist_offsets() -> Vec<u32> {
     offsets
 }
 
-/// Redistributor registers of one vCPU (its SGI frame at +64 KiB), in write-back order.
-fn redist_offsets() -> Vec<u32> {
+/// Redistributor registers of one vCPU (its SGI frame at +64 KiB), in write-back order; with
+/// LPIs (an ITS), the LPI table addresses too, before GICR_CTLR and its EnableLPIs bit.
+fn redist_offsets(lpis: bool) -> Vec<u32> {
     let mut offsets = vec![0x1_0080, 0x1_0d00, 0x1_0c00, 0x1_0c04]; // IGROUPR0, IGRPMODR0, ICFGR0/1
     offsets.extend((0..8).map(|n| 0x1_0400 + n * 4)); // IPRIORITYR0-7
     offsets.extend([0x1_0100, 0x1_0200, 0x1_0300]); // ISENABLER0, ISPENDR0, ISACTIVER0
+    if lpis {
+        // GICR_PROPBASER and GICR_PENDBASER, 64-bit registers in 32-bit halves.
+        offsets.extend([0x0070, 0x0074, 0x0078, 0x007c]);
+    }
     offsets.push(0x0000); // GICR_CTLR
     offsets
 }
@@ -188,9 +215,61 @@ fn set(gic: &DeviceFd, group: u32, a: u64, addr: u64, what: &str) -> Result<(), 
         .map_err(|e| ArchError::Kvm(format!("restore the GICv3's {what} ({a:#x})"), e))
 }
 
+/// A control-group command without an argument (table saves and loads).
+fn control(device: &DeviceFd, command: u32, what: &str) -> Result<(), ArchError> {
+    device
+        .set_device_attr(&attr(KVM_DEV_ARM_VGIC_GRP_CTRL, u64::from(command), 0))
+        .map_err(|e| ArchError::Kvm(format!("GICv3: {what}"), e))
+}
+
+/// Reads the ITS after writing its tables and the pending LPIs into guest memory.
+fn capture_its(gic: &DeviceFd, its: &DeviceFd) -> Result<Vec<(u32, u64)>, ArchError> {
+    control(
+        gic,
+        KVM_DEV_ARM_VGIC_SAVE_PENDING_TABLES,
+        "save the pending LPIs",
+    )?;
+    control(its, KVM_DEV_ARM_ITS_SAVE_TABLES, "save the ITS tables")?;
+    ITS_REGS
+        .iter()
+        .map(|&off| {
+            get64(its, KVM_DEV_ARM_VGIC_GRP_ITS_REGS, u64::from(off))
+                .map(|v| (off, v))
+                .map_err(|e| ArchError::Kvm(format!("read the ITS register {off:#x}"), e))
+        })
+        .collect()
+}
+
+/// Writes the ITS back: every register but GITS_CTLR, the tables from guest memory, GITS_CTLR.
+fn restore_its(its: &DeviceFd, regs: &[(u32, u64)]) -> Result<(), ArchError> {
+    let write = |(off, value): &(u32, u64)| {
+        let addr = std::ptr::from_ref(value) as u64;
+        set(
+            its,
+            KVM_DEV_ARM_VGIC_GRP_ITS_REGS,
+            u64::from(*off),
+            addr,
+            "ITS",
+        )
+    };
+    regs.iter()
+        .filter(|(off, _)| *off != ITS_CTLR)
+        .try_for_each(write)?;
+    control(its, KVM_DEV_ARM_ITS_RESTORE_TABLES, "load the ITS tables")?;
+    regs.iter()
+        .filter(|(off, _)| *off == ITS_CTLR)
+        .try_for_each(write)
+}
+
 impl GicState {
-    /// Reads the GIC of a paused VM with `vcpus` vCPUs.
-    pub fn capture(gic: &DeviceFd, vcpus: u8) -> Result<GicState, ArchError> {
+    /// Reads the GIC of a paused VM.
+    pub fn capture(vgic: &Gic) -> Result<GicState, ArchError> {
+        let (gic, vcpus, lpis) = (&vgic.gic, vgic.vcpus, vgic.its.is_some());
+        // First: the table saves write guest memory and the pending state they flush.
+        let its = match &vgic.its {
+            Some(its) => Some(capture_its(gic, its)?),
+            None => None,
+        };
         let fail =
             |what: &'static str| move |e| ArchError::Kvm(format!("read the GICv3's {what}"), e);
         let dist = dist_offsets()
@@ -203,7 +282,7 @@ impl GicState {
         for index in 0..vcpus {
             let cpu = mpidr(index) << 32;
             redist.push(
-                redist_offsets()
+                redist_offsets(lpis)
                     .into_iter()
                     .map(|off| {
                         get32(gic, KVM_DEV_ARM_VGIC_GRP_REDIST_REGS, cpu | u64::from(off))
@@ -223,13 +302,24 @@ impl GicState {
                     .collect(),
             );
         }
-        Ok(GicState { dist, redist, icc })
+        Ok(GicState {
+            dist,
+            redist,
+            icc,
+            its,
+        })
     }
 
     /// Writes the state into a new GIC whose vCPUs are initialised.
-    pub fn restore(&self, gic: &DeviceFd, vcpus: u8) -> Result<(), ArchError> {
+    pub fn restore(&self, vgic: &Gic) -> Result<(), ArchError> {
+        let (gic, vcpus) = (&vgic.gic, vgic.vcpus);
         if self.redist.len() != usize::from(vcpus) || self.icc.len() != usize::from(vcpus) {
             return Err(ArchError::SavedState("GICv3 state: vCPU count"));
+        }
+        if self.its.is_some() && vgic.its.is_none() {
+            return Err(ArchError::SavedState(
+                "GICv3 state: the snapshot has an ITS, and this host's KVM offers none",
+            ));
         }
         for (off, value) in &self.dist {
             let addr = std::ptr::from_ref(value) as u64;
@@ -266,7 +356,11 @@ impl GicState {
                 )?;
             }
         }
-        Ok(())
+        // The ITS after the redistributors.
+        match (&self.its, &vgic.its) {
+            (Some(regs), Some(its)) => restore_its(its, regs),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -285,6 +379,11 @@ mod tests {
         // of IROUTER, and CTLR.
         assert_eq!(dist.len(), 3 * 5 + 6 + 24 + 192 + 1);
         assert_eq!(*dist.last().unwrap(), 0);
+        // GICR_CTLR (EnableLPIs) after the LPI table addresses; GITS_CTLR last, CBASER first.
+        assert_eq!(redist_offsets(true).last(), Some(&0));
+        assert_eq!(redist_offsets(true).len(), redist_offsets(false).len() + 4);
+        assert_eq!(ITS_REGS.last(), Some(&ITS_CTLR));
+        assert_eq!(ITS_REGS[0], 0x0080);
         assert_eq!(sysreg(3, 0, 12, 12, 5), 0xc665);
         assert_eq!(reg_size(0x6030_0000_0010_0040), 8);
         assert_eq!(reg_size(0x6040_0000_0010_0054), 16);
