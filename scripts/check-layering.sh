@@ -25,6 +25,7 @@ forbid src/mmds 'crate::(api|vmm|kvm|arch|snapshot|devices|control)\b' "mmds imp
 forbid src/config.rs 'crate::' "config imports nothing of the crate"
 forbid src/metrics.rs 'crate::' "metrics imports nothing of the crate"
 forbid src/seccomp.rs 'crate::' "seccomp imports nothing of the crate"
+forbid src/memory.rs 'crate::' "memory imports nothing of the crate"
 forbid src/bin/flick-jailer '\bflick::' "the jailer imports nothing of flick's library (std, libc, thiserror only)"
 
 if ((bad)); then

@@ -156,11 +156,6 @@ impl MachineConfig {
                 "huge_pages 2M (hugetlbfs); use Transparent or None",
             ));
         }
-        if self.track_dirty_pages {
-            return Err(ConfigError::NotSupported(
-                "track_dirty_pages (dirty-page tracking and diff snapshots)",
-            ));
-        }
         match self.cpu_template.as_deref() {
             None | Some("None") => Ok(()),
             Some(other) => Err(ConfigError::CpuTemplate(other.to_string())),
@@ -512,13 +507,14 @@ pub struct SnapshotLoadConfig {
 }
 
 impl SnapshotLoadConfig {
+    /// Whether the restored VM tracks dirty pages (either spelling), so that diff snapshots
+    /// can be taken of it.
+    pub fn track_dirty(&self) -> bool {
+        self.enable_diff_snapshots || self.track_dirty_pages
+    }
+
     /// The memory file to map, from either spelling.
     pub fn mem_file(&self) -> Result<&str, ConfigError> {
-        if self.enable_diff_snapshots || self.track_dirty_pages {
-            return Err(ConfigError::NotSupported(
-                "enable_diff_snapshots and track_dirty_pages (dirty-page tracking)",
-            ));
-        }
         if self.clock_realtime {
             return Err(ConfigError::NotSupported(
                 "clock_realtime (the KVM clock resumes where the snapshot stopped it)",
@@ -704,7 +700,7 @@ mod tests {
         assert_eq!(with(r#", "huge_pages": "None""#), Ok(()));
         let refused = with(r#", "huge_pages": "2M""#).unwrap_err().to_string();
         assert!(refused.contains("not supported"), "{refused}");
-        assert!(with(r#", "track_dirty_pages": true"#).is_err());
+        assert_eq!(with(r#", "track_dirty_pages": true"#), Ok(()));
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! flick: a lightweight KVM virtual machine monitor with a Firecracker-compatible API.
 //!
 //! Layering (each module may import only those listed before it):
-//! `config` → `control` → `logger` → `metrics`, `hex`, `mmds` → `devices` → `arch` → `kvm` → `snapshot`
-//! → `vmm`. `api` stands beside them and imports only `config`, `control` and `metrics`; only
+//! `config` → `control` → `logger` → `metrics`, `hex`, `mmds`, `memory` → `devices` → `arch` → `kvm`
+//! → `snapshot` → `vmm`. `api` stands beside them and imports only `config`, `control` and `metrics`; only
 //! `main` uses it. `scripts/check-layering.sh` enforces the rules the test suite relies on.
 //! Threads: the VMM thread (event loop in `vmm`), one thread per vCPU (`kvm::vcpu`), and the API
 //! threads (`api`: the `flick_api` acceptor and one thread per open connection).
@@ -15,6 +15,7 @@ pub mod devices;
 pub mod hex;
 pub mod kvm;
 pub mod logger;
+pub mod memory;
 pub mod metrics;
 pub mod mmds;
 pub mod seccomp;

@@ -299,16 +299,10 @@ fn bad_snapshot_files_are_refused_and_left_untouched() {
 fn load_options_flick_does_not_implement_are_refused_at_once() {
     let dir = TempDir::new("snapopts");
     let (mut child, sock, _) = spawn_api(&dir, "vm");
-    for (extra, needle) in [
-        (
-            serde_json::json!({"clock_realtime": true}),
-            "clock_realtime",
-        ),
-        (
-            serde_json::json!({"enable_diff_snapshots": true}),
-            "dirty-page tracking",
-        ),
-    ] {
+    for (extra, needle) in [(
+        serde_json::json!({"clock_realtime": true}),
+        "clock_realtime",
+    )] {
         let mut load = serde_json::json!({"snapshot_path": dir.path("x"),
             "mem_backend": {"backend_type": "File", "backend_path": dir.path("y")}});
         for (k, v) in extra.as_object().unwrap() {
@@ -356,6 +350,199 @@ fn snapshot_of_a_running_vm_and_load_into_a_configured_vmm_are_refused() {
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("paused"), "{body}");
     assert!(!dir.path("s").exists() && !dir.path("m").exists());
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+/// Bytes of RAM in a memory file (its trailer left out) and the bytes the file system holds for
+/// it (its allocated blocks).
+fn ram_and_allocated(mem: &Path) -> (Vec<u8>, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let mut bytes = std::fs::read(mem).unwrap();
+    bytes.truncate(bytes.len() - 4096);
+    (bytes, std::fs::metadata(mem).unwrap().blocks() * 512)
+}
+
+fn rebase_snap(base: &Path, diff: &Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_flick-rebase-snap"))
+        .arg("--base-file")
+        .arg(base)
+        .arg("--diff-file")
+        .arg(diff)
+        .output()
+        .unwrap()
+}
+
+fn snapshot_now(sock: &Path, dir: &TempDir, name: &str, kind: &str) -> (PathBuf, PathBuf) {
+    let (state, mem) = (
+        dir.path(&format!("{name}.state")),
+        dir.path(&format!("{name}.mem")),
+    );
+    put(
+        sock,
+        "/snapshot/create",
+        &serde_json::json!({"snapshot_path": state, "mem_file_path": mem, "snapshot_type": kind}),
+    );
+    (state, mem)
+}
+
+/// With `track_dirty_pages`, a full snapshot, then two diffs: one after the guest counted on
+/// (its own writes: KVM's dirty log), one after it read a drive (the device's writes into guest
+/// memory: vm-memory's bitmap). Merged in order onto the full one with flick-rebase-snap, they
+/// give exactly the memory of a full snapshot taken at the same moment as the last diff; the
+/// first merge restores and the guest counts on from there.
+#[test]
+fn diff_snapshots_hold_the_written_pages_and_merge_into_full_ones() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("snapdiff");
+    let mut data = vec![0u8; 1 << 20];
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for b in &mut data {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x.to_le_bytes()[3];
+    }
+    let disk = dir.write("disk.img", &data);
+    let (mut child, sock, stdout) = spawn_api(&dir, "source");
+    let args = "tg.smp=0 tg.quiet=1 tg.count=8 tg.delay_ms=250 tg.blk=read tg.blk_late=1 \
+                tg.blk_count=64 tg.exit=halt";
+    put(
+        &sock,
+        "/boot-source",
+        &serde_json::json!({"kernel_image_path": test_guest(), "boot_args": args}),
+    );
+    put(
+        &sock,
+        "/machine-config",
+        &serde_json::json!({"vcpu_count": 1, "mem_size_mib": 64, "track_dirty_pages": true}),
+    );
+    put(
+        &sock,
+        "/drives/disk",
+        &serde_json::json!({"drive_id": "disk", "path_on_host": disk,
+                            "is_root_device": false, "is_read_only": true}),
+    );
+    put(
+        &sock,
+        "/actions",
+        &serde_json::json!({"action_type": "InstanceStart"}),
+    );
+    let pause = |sock: &Path, state: &str| {
+        let body = format!(r#"{{"state": "{state}"}}"#);
+        let (status, answer) = api_call(sock, "PATCH", "/vm", Some(&body));
+        assert_eq!(status, 204, "{answer}");
+    };
+    wait_for_text(&stdout, "count: 2\n");
+    pause(&sock, "Paused");
+    let (_, full_mem) = snapshot_now(&sock, &dir, "full", "Full");
+    pause(&sock, "Resumed");
+    wait_for_text(&stdout, "count: 4\n");
+    pause(&sock, "Paused");
+    let printed = std::fs::read_to_string(&stdout).unwrap();
+    let (diff1_state, diff1_mem) = snapshot_now(&sock, &dir, "diff1", "Diff");
+    pause(&sock, "Resumed");
+    let done = wait_for_text(&stdout, "testguest: done\n");
+    pause(&sock, "Paused");
+    let (_, diff2_mem) = snapshot_now(&sock, &dir, "diff2", "Diff");
+    let (_, now_mem) = snapshot_now(&sock, &dir, "now", "Full");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let crc = done
+        .lines()
+        .find(|l| l.starts_with("blk0: read sectors=0-63 crc="))
+        .unwrap_or_else(|| panic!("no blk0 read line: {done}"))
+        .to_string();
+
+    // Only written pages are in the diffs: far less than a full snapshot holds.
+    let (_, full_bytes) = ram_and_allocated(&full_mem);
+    let (_, diff1_bytes) = ram_and_allocated(&diff1_mem);
+    let (_, diff2_bytes) = ram_and_allocated(&diff2_mem);
+    let (now_ram, now_bytes) = ram_and_allocated(&now_mem);
+    eprintln!(
+        "allocated: full {full_bytes} B, diff after counting {diff1_bytes} B, diff after the \
+         drive read {diff2_bytes} B, full again {now_bytes} B"
+    );
+    assert!(
+        diff1_bytes > 0 && diff1_bytes * 4 < full_bytes,
+        "{diff1_bytes} vs {full_bytes}"
+    );
+    // The drive read alone wrote 32 KiB into guest memory.
+    assert!(
+        diff2_bytes >= 32 << 10 && diff2_bytes * 2 < now_bytes,
+        "{diff2_bytes}"
+    );
+
+    // A diff memory file alone does not restore, and is no base for another diff.
+    assert_restore_refused(&diff1_state, &diff1_mem, "memory file of a diff snapshot");
+    let refused = rebase_snap(&diff1_mem, &diff2_mem);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("is itself a diff snapshot"),
+        "{refused:?}"
+    );
+
+    // full + diff1 restores where diff1 was taken: the guest counts on from 5 and reads the
+    // same drive data.
+    let merged1 = dir.path("merged1.mem");
+    std::fs::copy(&full_mem, &merged1).unwrap();
+    let out = rebase_snap(&merged1, &diff1_mem);
+    assert!(out.status.success(), "{out:?}");
+    let (mut restored, restored_out) = restore(&dir, "restored", &diff1_state, &merged1);
+    let after = wait_for_text(&restored_out, "testguest: done\n");
+    restored.kill().unwrap();
+    restored.wait().unwrap();
+    assert!(printed.contains("count: 4\n"), "{printed}");
+    assert!(
+        after.contains("count: 5\n") && after.contains("count: 8\n"),
+        "{after}"
+    );
+    assert!(!after.contains("count: 4\n"), "counted 4 again: {after}");
+    assert!(after.contains(&crc), "{after} (expected {crc})");
+
+    // full + diff1 + diff2 is the memory of the full snapshot taken with diff2.
+    let out = rebase_snap(&merged1, &diff2_mem);
+    assert!(out.status.success(), "{out:?}");
+    let (merged_ram, _) = ram_and_allocated(&merged1);
+    assert_eq!(merged_ram.len(), now_ram.len());
+    let differing = merged_ram
+        .chunks(4096)
+        .zip(now_ram.chunks(4096))
+        .filter(|(a, b)| a != b)
+        .count();
+    assert_eq!(
+        differing, 0,
+        "pages differ between the merged and the full snapshot"
+    );
+}
+
+#[test]
+fn a_diff_snapshot_without_dirty_page_tracking_is_refused() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("snapnodiff");
+    let (mut child, sock, _) = spawn_api(&dir, "vm");
+    put(
+        &sock,
+        "/boot-source",
+        &serde_json::json!({"kernel_image_path": test_guest(), "boot_args": "tg.exit=halt tg.smp=0"}),
+    );
+    put(
+        &sock,
+        "/actions",
+        &serde_json::json!({"action_type": "InstanceStart"}),
+    );
+    let (status, answer) = api_call(&sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
+    assert_eq!(status, 204, "{answer}");
+    let body = serde_json::json!({"snapshot_path": dir.path("s"), "mem_file_path": dir.path("m"),
+                                  "snapshot_type": "Diff"});
+    let (status, answer) = api_call(&sock, "PUT", "/snapshot/create", Some(&body.to_string()));
+    assert_eq!(status, 400, "{answer}");
+    assert!(answer.contains("track_dirty_pages"), "{answer}");
+    assert!(!dir.path("m").exists() && !dir.path("s").exists());
     child.kill().unwrap();
     child.wait().unwrap();
 }

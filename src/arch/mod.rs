@@ -28,10 +28,10 @@ pub use unsupported::Unsupported as Current;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
+use crate::memory::GuestMemoryMmap;
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{BootSourceConfig, CpuProfile, MachineConfig};

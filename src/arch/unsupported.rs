@@ -1,8 +1,8 @@
 //! Build targets flick has no architecture module for yet: everything generic compiles, and
 //! creating a VM fails with a clear error. Replaced by a real module when one is added.
 
+use crate::memory::GuestMemoryMmap;
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
-use vm_memory::GuestMemoryMmap;
 
 use super::{Arch, ArchError, ArchExit, DeviceSlot, GuestSetup, HostKind, Legacy, MakeSerial};
 use crate::config::{CpuProfile, MachineConfig};

@@ -1,9 +1,10 @@
 //! The KVM VM: `/dev/kvm`, the VM fd, guest memory slots, irqfds and ioeventfds. What the
 //! interrupt controller is, is the architecture's business ([`crate::arch::Arch::setup_vm`]).
 
-use kvm_bindings::kvm_userspace_memory_region;
+use crate::memory::GuestMemoryMmap;
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::{Kvm, VmFd};
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 const KVM_API_VERSION: i32 = 12;
@@ -20,6 +21,8 @@ pub enum VmError {
     Setup(&'static str, #[source] kvm_ioctls::Error),
     #[error("cannot register guest memory with KVM")]
     Memory(#[source] kvm_ioctls::Error),
+    #[error("cannot read KVM's dirty-page log of memory slot {0}")]
+    DirtyLog(u32, #[source] kvm_ioctls::Error),
     #[error("guest memory has too many regions for KVM")]
     TooManySlots,
     #[error("KVM supports at most {max} vCPUs on this host, {requested} requested")]
@@ -64,8 +67,14 @@ impl Vm {
         Ok(())
     }
 
-    /// Registers every region of `mem` as a KVM memory slot.
-    pub fn register_memory(&self, mem: &GuestMemoryMmap) -> Result<(), VmError> {
+    /// Registers every region of `mem` as a KVM memory slot (slot n = region n); with
+    /// `track_dirty`, KVM logs the pages the guest writes (`KVM_MEM_LOG_DIRTY_PAGES`).
+    pub fn register_memory(&self, mem: &GuestMemoryMmap, track_dirty: bool) -> Result<(), VmError> {
+        let flags = if track_dirty {
+            KVM_MEM_LOG_DIRTY_PAGES
+        } else {
+            0
+        };
         for (slot, region) in mem.iter().enumerate() {
             let host = region.as_ptr() as u64;
             let region = kvm_userspace_memory_region {
@@ -73,11 +82,27 @@ impl Vm {
                 guest_phys_addr: region.start_addr().0,
                 memory_size: region.len(),
                 userspace_addr: host,
-                flags: 0,
+                flags,
             };
             // SAFETY: the region describes a live mapping owned by `mem`, which the caller keeps
             // alive (and never unmaps) for as long as the VM exists.
             unsafe { self.fd.set_user_memory_region(region) }.map_err(VmError::Memory)?;
+        }
+        Ok(())
+    }
+
+    /// Moves KVM's dirty-page log of every slot (pages the guest wrote since the last call)
+    /// into the regions' own bitmaps and clears KVM's; the memory must have been registered
+    /// with `track_dirty`.
+    pub fn collect_dirty_log(&self, mem: &GuestMemoryMmap) -> Result<(), VmError> {
+        for (slot, region) in mem.iter().enumerate() {
+            let slot = u32::try_from(slot).map_err(|_| VmError::TooManySlots)?;
+            let len = usize::try_from(region.len()).map_err(|_| VmError::TooManySlots)?;
+            let log = self
+                .fd
+                .get_dirty_log(slot, len)
+                .map_err(|e| VmError::DirtyLog(slot, e))?;
+            crate::memory::mark_pages(region, &log);
         }
         Ok(())
     }

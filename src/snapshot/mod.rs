@@ -4,7 +4,10 @@
 //! State file layout: magic `FLICKSNP` (8 bytes), format version (u32 LE), payload length (u64
 //! LE), CRC-32 of the payload (u32 LE), payload (JSON). Memory file: guest RAM regions back to
 //! back, then a 4 KiB trailer: magic `FLICKMEM`, format version, snapshot id (u64), RAM bytes
-//! (u64). Pure I/O and format checks; the VMM builds and applies the state.
+//! (u64), kind (u8: 0 full, 1 diff). A diff memory file has the same layout but holds only the
+//! pages written since the snapshot before it (holes elsewhere); merged onto that snapshot's
+//! memory file (`flick-rebase-snap`) it becomes a full one. Pure I/O and format checks; the VMM
+//! builds and applies the state.
 
 pub mod format;
 
@@ -44,6 +47,12 @@ pub enum SnapshotError {
     Payload(String, String),
     #[error("{0} is not a flick snapshot memory file")]
     NotAMemFile(String),
+    #[error(
+        "{0} is the memory file of a diff snapshot: merge it onto the memory file of the snapshot it follows first (flick-rebase-snap --base-file BASE --diff-file {0})"
+    )]
+    DiffMemFile(String),
+    #[error("{0} was being merged with a diff snapshot (flick-rebase-snap) and the merge did not finish")]
+    Merging(String),
     #[error("memory file {mem} does not belong to state file {state}")]
     Mismatch { mem: String, state: String },
     #[error("memory file {path} holds {found} bytes of RAM; the snapshot needs {expected}")]
@@ -165,25 +174,33 @@ pub fn read_state_file(path: &Path) -> Result<Vec<u8>, SnapshotError> {
     decode_state(&name, &bytes).map(<[u8]>::to_vec)
 }
 
+/// What a memory file's trailer says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemTrailer {
+    pub snapshot_id: u64,
+    pub ram_bytes: u64,
+    /// A diff snapshot's memory file (only the pages written since the snapshot before it).
+    pub diff: bool,
+}
+
+const TRAILER_KIND: usize = 28;
+/// The trailer's kind while flick-rebase-snap rewrites a memory file.
+const KIND_MERGING: u8 = 2;
+
 /// The memory file's trailer.
-pub fn mem_trailer(snapshot_id: u64, ram_bytes: u64) -> Vec<u8> {
+pub fn mem_trailer(trailer: MemTrailer) -> Vec<u8> {
     let mut page = vec![0u8; TRAILER_LEN];
     page[..8].copy_from_slice(MEM_MAGIC);
     page[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
-    page[12..20].copy_from_slice(&snapshot_id.to_le_bytes());
-    page[20..28].copy_from_slice(&ram_bytes.to_le_bytes());
+    page[12..20].copy_from_slice(&trailer.snapshot_id.to_le_bytes());
+    page[20..28].copy_from_slice(&trailer.ram_bytes.to_le_bytes());
+    page[TRAILER_KIND] = u8::from(trailer.diff);
     page
 }
 
-/// Checks that the memory file at `path` (opened as `file`) belongs to snapshot `snapshot_id`
-/// and holds `ram_bytes` of RAM.
-pub fn check_mem_file(
-    file: &File,
-    path: &str,
-    state: &str,
-    snapshot_id: u64,
-    ram_bytes: u64,
-) -> Result<(), SnapshotError> {
+/// Reads the trailer of the memory file at `path` (opened as `file`) and checks that the file
+/// holds the RAM it names.
+pub fn read_mem_trailer(file: &File, path: &str) -> Result<MemTrailer, SnapshotError> {
     use std::os::unix::fs::FileExt;
     let size = file
         .metadata()
@@ -195,22 +212,60 @@ pub fn check_mem_file(
     let mut page = vec![0u8; TRAILER_LEN];
     file.read_exact_at(&mut page, size - MEM_TRAILER_BYTES)
         .map_err(|e| SnapshotError::Read(path.into(), e))?;
-    if &page[..8] != MEM_MAGIC {
+    if &page[..8] != MEM_MAGIC || page[TRAILER_KIND] > KIND_MERGING {
         return Err(SnapshotError::NotAMemFile(path.into()));
     }
-    let id = u64::from_le_bytes(page[12..20].try_into().unwrap_or_default());
-    let recorded = u64::from_le_bytes(page[20..28].try_into().unwrap_or_default());
-    if id != snapshot_id {
+    if page[TRAILER_KIND] == KIND_MERGING {
+        return Err(SnapshotError::Merging(path.into()));
+    }
+    let trailer = MemTrailer {
+        snapshot_id: u64::from_le_bytes(page[12..20].try_into().unwrap_or_default()),
+        ram_bytes: u64::from_le_bytes(page[20..28].try_into().unwrap_or_default()),
+        diff: page[TRAILER_KIND] == 1,
+    };
+    let found = size - MEM_TRAILER_BYTES;
+    if found != trailer.ram_bytes {
+        return Err(SnapshotError::MemSize {
+            path: path.into(),
+            found,
+            expected: trailer.ram_bytes,
+        });
+    }
+    Ok(trailer)
+}
+
+/// Marks the memory file `file` (whose trailer `read_mem_trailer` has read) as being merged: no
+/// restore accepts it until its new trailer is written.
+pub fn mark_merging(file: &File, path: &str, ram_bytes: u64) -> Result<(), SnapshotError> {
+    use std::os::unix::fs::FileExt;
+    file.write_all_at(&[KIND_MERGING], ram_bytes + TRAILER_KIND as u64)
+        .and_then(|()| file.sync_data())
+        .map_err(|e| SnapshotError::Write(path.into(), e))
+}
+
+/// Checks that the memory file at `path` (opened as `file`) is a full one that belongs to
+/// snapshot `snapshot_id` and holds `ram_bytes` of RAM.
+pub fn check_mem_file(
+    file: &File,
+    path: &str,
+    state: &str,
+    snapshot_id: u64,
+    ram_bytes: u64,
+) -> Result<(), SnapshotError> {
+    let trailer = read_mem_trailer(file, path)?;
+    if trailer.snapshot_id != snapshot_id {
         return Err(SnapshotError::Mismatch {
             mem: path.into(),
             state: state.into(),
         });
     }
-    let found = size - MEM_TRAILER_BYTES;
-    if recorded != ram_bytes || found != ram_bytes {
+    if trailer.diff {
+        return Err(SnapshotError::DiffMemFile(path.into()));
+    }
+    if trailer.ram_bytes != ram_bytes {
         return Err(SnapshotError::MemSize {
             path: path.into(),
-            found,
+            found: trailer.ram_bytes,
             expected: ram_bytes,
         });
     }
@@ -305,9 +360,15 @@ mod tests {
     fn mem_trailer_identifies_its_snapshot() {
         let path = std::env::temp_dir().join(format!("flick-memtrailer-{}", std::process::id()));
         let mut bytes = vec![7u8; 8192];
-        bytes.extend_from_slice(&mem_trailer(42, 8192));
+        let mut trailer = MemTrailer {
+            snapshot_id: 42,
+            ram_bytes: 8192,
+            diff: false,
+        };
+        bytes.extend_from_slice(&mem_trailer(trailer));
         std::fs::write(&path, &bytes).unwrap();
         let file = File::open(&path).unwrap();
+        assert_eq!(read_mem_trailer(&file, "m").unwrap(), trailer);
         assert!(check_mem_file(&file, "m", "s", 42, 8192).is_ok());
         assert!(matches!(
             check_mem_file(&file, "m", "s", 43, 8192),
@@ -316,6 +377,27 @@ mod tests {
         assert!(matches!(
             check_mem_file(&file, "m", "s", 42, 4096),
             Err(SnapshotError::MemSize { .. })
+        ));
+        // A diff snapshot's memory file is refused until merged.
+        trailer.diff = true;
+        bytes.truncate(8192);
+        bytes.extend_from_slice(&mem_trailer(trailer));
+        std::fs::write(&path, &bytes).unwrap();
+        let file = File::open(&path).unwrap();
+        assert!(matches!(
+            check_mem_file(&file, "m", "s", 42, 8192),
+            Err(SnapshotError::DiffMemFile(_))
+        ));
+        // A merge that did not finish leaves a file no restore takes.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        mark_merging(&file, "m", 8192).unwrap();
+        assert!(matches!(
+            read_mem_trailer(&file, "m"),
+            Err(SnapshotError::Merging(_))
         ));
         let _ = std::fs::remove_file(path);
     }

@@ -6,7 +6,8 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{mpsc, Arc};
 use std::time::Instant;
 
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use crate::memory::GuestMemoryMmap;
+use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::registry::{Opened, Registry, RegistryError};
@@ -94,6 +95,8 @@ pub struct RunningVm {
     pub cpu_profile: CpuProfile,
     /// Every virtio device.
     pub devices: Registry,
+    /// KVM logs the guest's writes to memory (`track_dirty_pages`): diff snapshots are possible.
+    pub track_dirty: bool,
 }
 
 impl std::fmt::Debug for RunningVm {
@@ -153,12 +156,13 @@ pub fn kernel_cmdline(config: &VmConfig, extra: &[String]) -> String {
 pub(crate) fn create_vm(
     mem: &GuestMemoryMmap,
     vcpus: u8,
+    track_dirty: bool,
     phases: &mut Phases,
 ) -> Result<(Vm, Vec<kvm_ioctls::VcpuFd>), BuildError> {
     let vm = Vm::new()?;
     phases.mark("create VM");
     vm.check_vcpu_count(vcpus)?;
-    vm.register_memory(mem)?;
+    vm.register_memory(mem, track_dirty)?;
     phases.mark("register memory");
     Current::setup_vm(vm.fd())?;
     phases.mark("irqchip");
@@ -289,7 +293,12 @@ pub fn build(config: &VmConfig, ctx: BuildContext) -> Result<RunningVm, BuildErr
     }
 
     let mut phases = Phases::new();
-    let (vm, vcpu_fds) = create_vm(&mem, machine.vcpu_count, &mut phases)?;
+    let (vm, vcpu_fds) = create_vm(
+        &mem,
+        machine.vcpu_count,
+        machine.track_dirty_pages,
+        &mut phases,
+    )?;
     let mut mmio = Bus::new();
     let devices = Registry::attach(&vm, &mem, &mut mmio, opened)?;
     let slots: Vec<_> = (0..devices.entries.len())
@@ -353,5 +362,6 @@ pub fn build(config: &VmConfig, ctx: BuildContext) -> Result<RunningVm, BuildErr
         vcpus,
         cpu_profile: profile,
         devices,
+        track_dirty: machine.track_dirty_pages,
     })
 }

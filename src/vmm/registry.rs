@@ -6,7 +6,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use vm_memory::GuestMemoryMmap;
+use crate::memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::{Arch, Current};

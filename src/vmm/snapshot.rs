@@ -8,7 +8,10 @@ use std::path::Path;
 use std::time::Instant;
 
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+use vm_memory::{Bytes, FileOffset, GuestAddress};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::memory::{self, GuestMemoryMmap, GuestRegionMmap};
 
 use super::builder::{self, BuildContext, BuildError, Phases, RunningVm};
 use super::registry::{Opened, Registry, RegistryError};
@@ -20,7 +23,7 @@ use crate::devices::legacy::SerialDevice;
 use crate::devices::virtio::Overrides;
 use crate::kvm::vcpu::{VcpuCommand, VcpuError, VcpuResponse};
 use crate::snapshot::format::{saved_machine, VmSnapshot};
-use crate::snapshot::{self, SnapshotError};
+use crate::snapshot::{self, MemTrailer, SnapshotError};
 
 const PAGE: usize = 4096;
 const PAGE_I64: i64 = 4096;
@@ -30,8 +33,12 @@ const CHUNK: usize = 1 << 20;
 pub enum SnapshotOpError {
     #[error(transparent)]
     File(#[from] SnapshotError),
-    #[error("Diff snapshots are not supported by flick yet")]
-    DiffUnsupported,
+    #[error(
+        "a Diff snapshot needs dirty-page tracking: set track_dirty_pages in /machine-config before boot (or enable_diff_snapshots when loading a snapshot)"
+    )]
+    DiffNeedsTracking,
+    #[error("cannot collect the guest's written pages")]
+    DirtyLog(#[source] crate::kvm::vm::VmError),
     #[error(transparent)]
     BadParameters(#[from] crate::config::ConfigError),
     #[error("network_overrides: the snapshot has no interface \"{0}\"")]
@@ -63,6 +70,7 @@ impl SnapshotOpError {
             SnapshotOpError::Capture(_)
             | SnapshotOpError::CaptureVcpu(_)
             | SnapshotOpError::Encode(_)
+            | SnapshotOpError::DirtyLog(_)
             | SnapshotOpError::Restore(_) => true,
             SnapshotOpError::Devices(e) => e.is_internal(),
             SnapshotOpError::Build(e) => e.is_internal(),
@@ -72,25 +80,40 @@ impl SnapshotOpError {
 }
 
 /// Writes guest RAM to `file`, leaving all-zero pages as holes, then the trailer.
+/// Writes guest RAM into `file`, then the trailer. A full snapshot writes every page but the
+/// zero ones (holes, which read back as zeros); a diff snapshot only the pages the regions'
+/// bitmaps mark as written since the last snapshot, zero or not, at their place in the same
+/// layout, and leaves holes everywhere else.
 fn write_memory(
     mem: &GuestMemoryMmap,
     ram: &[(u64, u64)],
     file: &mut File,
-    id: u64,
+    trailer: MemTrailer,
 ) -> std::io::Result<()> {
     let mut buf = vec![0u8; CHUNK];
     let mut offset = 0u64;
     for &(start, size) in ram {
+        let region = mem
+            .find_region(GuestAddress(start))
+            .filter(|r| r.start_addr().0 == start && r.len() == size)
+            .ok_or_else(|| std::io::Error::other("guest RAM does not match its memory regions"))?;
+        file.seek(SeekFrom::Start(offset))?;
         let mut done = 0u64;
         while done < size {
             let n = usize::try_from((size - done).min(CHUNK as u64)).unwrap_or(CHUNK);
             mem.read_slice(&mut buf[..n], GuestAddress(start + done))
                 .map_err(|e| std::io::Error::other(e.to_string()))?;
-            for page in buf[..n].chunks(PAGE) {
-                if page.iter().all(|&b| b == 0) {
-                    file.seek(SeekFrom::Current(PAGE_I64))?;
+            for (i, page) in buf[..n].chunks(PAGE).enumerate() {
+                let at = usize::try_from(done).unwrap_or(usize::MAX) + i * PAGE;
+                let wanted = if trailer.diff {
+                    memory::page_dirty(region, at)
                 } else {
+                    page.iter().any(|&b| b != 0)
+                };
+                if wanted {
                     file.write_all(page)?;
+                } else {
+                    file.seek(SeekFrom::Current(PAGE_I64))?;
                 }
             }
             done += n as u64;
@@ -99,7 +122,10 @@ fn write_memory(
     }
     file.set_len(offset)?;
     file.seek(SeekFrom::Start(offset))?;
-    file.write_all(&snapshot::mem_trailer(id, offset))?;
+    file.write_all(&snapshot::mem_trailer(MemTrailer {
+        ram_bytes: offset,
+        ..trailer
+    }))?;
     file.sync_all()
 }
 
@@ -109,8 +135,9 @@ pub fn create(
     config: &crate::config::VmConfig,
     params: &SnapshotCreateConfig,
 ) -> Result<(), SnapshotOpError> {
-    if params.snapshot_type == SnapshotType::Diff {
-        return Err(SnapshotOpError::DiffUnsupported);
+    let diff = params.snapshot_type == SnapshotType::Diff;
+    if diff && !vm.track_dirty {
+        return Err(SnapshotOpError::DiffNeedsTracking);
     }
     let started = Instant::now();
     let context = Current::save_context(vm.vm.kvm()).map_err(SnapshotOpError::Capture)?;
@@ -142,19 +169,39 @@ pub fn create(
         devices: vm.devices.save(),
     };
     let payload = serde_json::to_vec(&snapshot).map_err(SnapshotOpError::Encode)?;
+    // The guest's writes since the last snapshot (KVM's log, which the state capture above has
+    // added to, as KVM writes guest memory for some of it) join the devices' writes in the
+    // regions' bitmaps. They stay there until the files are written, so a failed attempt loses
+    // none of them.
+    if vm.track_dirty {
+        vm.vm
+            .collect_dirty_log(&vm.mem)
+            .map_err(SnapshotOpError::DirtyLog)?;
+    }
 
     let mem_path = Path::new(&params.mem_file_path);
     let mem_tmp = mem_path.with_extension("partial");
     let mem_name = mem_path.display().to_string();
+    let trailer = MemTrailer {
+        snapshot_id: snapshot.snapshot_id,
+        ram_bytes: 0,
+        diff,
+    };
     let written = File::create(&mem_tmp)
-        .and_then(|mut f| write_memory(&vm.mem, &vm.ram, &mut f, snapshot.snapshot_id))
+        .and_then(|mut f| write_memory(&vm.mem, &vm.ram, &mut f, trailer))
         .and_then(|()| std::fs::rename(&mem_tmp, mem_path));
     if let Err(e) = written {
         let _ = std::fs::remove_file(&mem_tmp);
         return Err(SnapshotError::Write(mem_name, e).into());
     }
     snapshot::write_state_file(Path::new(&params.snapshot_path), &payload)?;
-    tracing::info!("snapshot created in {} us", started.elapsed().as_micros());
+    // Both files are written: the next diff snapshot starts from this one.
+    memory::reset_dirty(&vm.mem);
+    tracing::info!(
+        "{} snapshot created in {} us",
+        if diff { "diff" } else { "full" },
+        started.elapsed().as_micros()
+    );
     Ok(())
 }
 
@@ -254,7 +301,12 @@ pub fn load(
     let mut phases = Phases::new();
     let mem = map_memory(&mem_file, mem_path, &snap.ram)?;
     phases.mark("map memory file");
-    let (vm, vcpu_fds) = builder::create_vm(&mem, snap.machine.vcpu_count, &mut phases)?;
+    let (vm, vcpu_fds) = builder::create_vm(
+        &mem,
+        snap.machine.vcpu_count,
+        params.track_dirty(),
+        &mut phases,
+    )?;
     if !Current::RESTORE_VM_AFTER_VCPUS {
         Current::restore_vm(vm.fd(), &snap.vm).map_err(SnapshotOpError::Restore)?;
     }
@@ -305,6 +357,7 @@ pub fn load(
         vcpus,
         cpu_profile: snap.cpu_profile(),
         devices,
+        track_dirty: params.track_dirty(),
     };
     Ok((running, snap))
 }

@@ -4,10 +4,11 @@
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 
+use crate::memory::GuestMemoryMmap;
 use linux_loader::loader::bootparam::setup_header;
 use linux_loader::loader::elf::PvhBootCapability;
 use linux_loader::loader::{BzImage, Elf, KernelLoader};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::layout::{CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START};
 use super::regs::EntryMode;

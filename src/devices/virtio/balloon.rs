@@ -17,12 +17,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::memory::GuestMemoryMmap;
 use serde::{Deserialize, Serialize};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{
-    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::timerfd::TimerFd;
 
@@ -317,6 +316,13 @@ fn release(mem: &GuestMemoryMmap, addr: GuestAddress, pages: u64) -> std::io::Re
     }
     let host = region.get_host_address(offset).map_err(|_| bad())?;
     let len = usize::try_from(len).map_err(|_| bad())?;
+    // The pages change (to zeros, or back to the snapshot file's contents): the next diff
+    // snapshot must write them.
+    crate::memory::mark_range(
+        region,
+        usize::try_from(offset.raw_value()).map_err(|_| bad())?,
+        len,
+    );
     let flags = region.flags();
     if flags & libc::MAP_SHARED != 0 {
         // SAFETY: `host..host + len` lies inside one mapping that `mem` owns (checked above);
@@ -861,9 +867,10 @@ mod tests {
 
     #[test]
     fn released_pages_of_a_private_file_mapping_read_as_zero_not_as_the_file() {
+        use crate::memory::GuestRegionMmap;
         use std::io::Write as _;
         use vm_memory::mmap::MmapRegionBuilder;
-        use vm_memory::{FileOffset, GuestRegionMmap};
+        use vm_memory::FileOffset;
         let path = std::env::temp_dir().join(format!("flick-balloon-{}", std::process::id()));
         let mut file = std::fs::File::create(&path).unwrap();
         file.write_all(&[0x5a; 4 * 4096]).unwrap();

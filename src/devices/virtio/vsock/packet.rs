@@ -267,7 +267,7 @@ pub fn write_rx<M: Bytes<GuestAddress>>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::GuestMemoryMmap;
+    use crate::memory::GuestMemoryMmap;
 
     const F_WRITE: u16 = 2;
 
