@@ -80,6 +80,66 @@ impl SnapshotOpError {
 }
 
 /// Writes guest RAM to `file`, leaving all-zero pages as holes, then the trailer.
+/// Writes the non-zero pages of `size` bytes of RAM at `start` at the file's position, seeking
+/// over zero ones (holes, which read back as zeros).
+fn write_nonzero_pages(
+    mem: &GuestMemoryMmap,
+    start: u64,
+    size: u64,
+    file: &mut File,
+    buf: &mut [u8],
+) -> std::io::Result<()> {
+    let mut done = 0u64;
+    while done < size {
+        let n = usize::try_from((size - done).min(buf.len() as u64)).unwrap_or(buf.len());
+        mem.read_slice(&mut buf[..n], GuestAddress(start + done))
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        for page in buf[..n].chunks(PAGE) {
+            if page.iter().any(|&b| b != 0) {
+                file.write_all(page)?;
+            } else {
+                file.seek(SeekFrom::Current(PAGE_I64))?;
+            }
+        }
+        done += n as u64;
+    }
+    Ok(())
+}
+
+/// Writes the pages of `region` (`size` bytes of RAM at `start`) that its bitmap marks as
+/// written, in runs, at their place from file offset `offset`; reads nothing else.
+fn write_dirty_pages(
+    mem: &GuestMemoryMmap,
+    region: &GuestRegionMmap,
+    start: u64,
+    size: u64,
+    offset: u64,
+    file: &mut File,
+    buf: &mut [u8],
+) -> std::io::Result<()> {
+    let pages = usize::try_from(size).map_err(std::io::Error::other)? / PAGE;
+    let most = buf.len() / PAGE;
+    let mut page = 0;
+    while page < pages {
+        if !memory::page_dirty(region, page * PAGE) {
+            page += 1;
+            continue;
+        }
+        let mut run = 1;
+        while page + run < pages && run < most && memory::page_dirty(region, (page + run) * PAGE) {
+            run += 1;
+        }
+        let at = (page * PAGE) as u64;
+        let bytes = &mut buf[..run * PAGE];
+        mem.read_slice(bytes, GuestAddress(start + at))
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        file.seek(SeekFrom::Start(offset + at))?;
+        file.write_all(bytes)?;
+        page += run;
+    }
+    Ok(())
+}
+
 /// Writes guest RAM into `file`, then the trailer. A full snapshot writes every page but the
 /// zero ones (holes, which read back as zeros); a diff snapshot only the pages the regions'
 /// bitmaps mark as written since the last snapshot, zero or not, at their place in the same
@@ -98,25 +158,10 @@ fn write_memory(
             .filter(|r| r.start_addr().0 == start && r.len() == size)
             .ok_or_else(|| std::io::Error::other("guest RAM does not match its memory regions"))?;
         file.seek(SeekFrom::Start(offset))?;
-        let mut done = 0u64;
-        while done < size {
-            let n = usize::try_from((size - done).min(CHUNK as u64)).unwrap_or(CHUNK);
-            mem.read_slice(&mut buf[..n], GuestAddress(start + done))
-                .map_err(|e| std::io::Error::other(e.to_string()))?;
-            for (i, page) in buf[..n].chunks(PAGE).enumerate() {
-                let at = usize::try_from(done).unwrap_or(usize::MAX) + i * PAGE;
-                let wanted = if trailer.diff {
-                    memory::page_dirty(region, at)
-                } else {
-                    page.iter().any(|&b| b != 0)
-                };
-                if wanted {
-                    file.write_all(page)?;
-                } else {
-                    file.seek(SeekFrom::Current(PAGE_I64))?;
-                }
-            }
-            done += n as u64;
+        if trailer.diff {
+            write_dirty_pages(mem, region, start, size, offset, file, &mut buf)?;
+        } else {
+            write_nonzero_pages(mem, start, size, file, &mut buf)?;
         }
         offset += size;
     }
