@@ -187,7 +187,7 @@ say "cross-building flick for $TARGET (static)"
 FLICK_TARGET_DIR=${CARGO_TARGET_DIR:-$REPO/target}/aarch64-static
 (cd "$REPO" && CARGO_TARGET_DIR=$FLICK_TARGET_DIR \
 	CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static" \
-	timeout "$SETUP_TIMEOUT" cargo build -q --target "$TARGET" --bin flick >&2) ||
+	timeout "$SETUP_TIMEOUT" cargo build -q --target "$TARGET" --bin flick --bin flick-rebase-snap >&2) ||
 	setup_fail "cannot cross-build flick for $TARGET"
 FLICK=$FLICK_TARGET_DIR/$TARGET/debug/flick
 say "the project's arm64 guest kernel and root file system (scripts/guest-artifacts.sh --arch arm64; cached)"
@@ -219,12 +219,13 @@ root=$WORK/root
 mkdir -p "$root"/{bin,proc,sys,dev,tmp}
 cp "$BUSYBOX" "$root/bin/busybox"
 for applet in sh mount cat cut sleep grep sed awk timeout dd poweroff dmesg head tail sync rm kill printf \
-	ls wc insmod tunctl ip md5sum tr; do
+	ls wc insmod tunctl ip md5sum tr cp du; do
 	ln -s busybox "$root/bin/$applet"
 done
 cp "$LANE_SRC/init" "$root/init"
 cp -r "$L1_MODULES_DIR" "$root/modules"
 aarch64-linux-gnu-strip -o "$root/flick" "$FLICK"
+aarch64-linux-gnu-strip -o "$root/flick-rebase-snap" "$(dirname "$FLICK")/flick-rebase-snap"
 aarch64-linux-gnu-gcc -static -O2 -Wall -o "$root/api-client" "$LANE_SRC/api-client.c" ||
 	setup_fail "cannot build the API client"
 cp "$GUEST_OUT/testguest-arm64.bin" "$root/testguest-arm64.bin"
