@@ -80,25 +80,80 @@ impl SnapshotOpError {
 }
 
 /// Writes guest RAM to `file`, leaving all-zero pages as holes, then the trailer.
-/// Writes the non-zero pages of `size` bytes of RAM at `start` at the file's position, seeking
-/// over zero ones (holes, which read back as zeros).
+/// The process's page map (`/proc/self/pagemap`): which pages of a mapping have ever been
+/// given memory. Pages of an anonymous mapping that are neither present nor swapped out were
+/// never touched and read as zeros, so a full snapshot need not read them. `None` where the file
+/// cannot be opened (no `/proc`, as in some jails): then every page is read.
+struct PageMap(Option<File>);
+
+impl PageMap {
+    const PRESENT: u64 = 1 << 63;
+    const SWAPPED: u64 = 1 << 62;
+
+    fn open() -> PageMap {
+        PageMap(File::open("/proc/self/pagemap").ok())
+    }
+
+    /// For each of the `pages` pages from host address `host`: whether it may hold data (all
+    /// `true` without a page map or when it cannot be read).
+    fn touched(&self, host: u64, pages: usize, out: &mut Vec<bool>) {
+        use std::os::unix::fs::FileExt;
+        out.clear();
+        let mut entries = vec![0u8; pages * 8];
+        let read = self.0.as_ref().is_some_and(|f| {
+            f.read_exact_at(&mut entries, host / PAGE as u64 * 8)
+                .is_ok()
+        });
+        if !read {
+            out.resize(pages, true);
+            return;
+        }
+        out.extend(entries.chunks_exact(8).map(|e| {
+            let entry = u64::from_le_bytes(e.try_into().unwrap_or_default());
+            entry & (Self::PRESENT | Self::SWAPPED) != 0
+        }));
+    }
+}
+
+/// Writes the non-zero pages of `region` (`size` bytes of RAM at `start`) at the file's
+/// position, seeking over zero ones (holes, which read back as zeros). Pages of anonymous
+/// memory that were never touched are known to be zero without reading them.
 fn write_nonzero_pages(
     mem: &GuestMemoryMmap,
+    region: &GuestRegionMmap,
     start: u64,
     size: u64,
     file: &mut File,
     buf: &mut [u8],
 ) -> std::io::Result<()> {
+    let pagemap = if region.file_offset().is_none() {
+        PageMap::open()
+    } else {
+        PageMap(None)
+    };
+    let host = region.as_ptr() as u64;
+    let mut touched = Vec::new();
     let mut done = 0u64;
     while done < size {
         let n = usize::try_from((size - done).min(buf.len() as u64)).unwrap_or(buf.len());
-        mem.read_slice(&mut buf[..n], GuestAddress(start + done))
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
-        for page in buf[..n].chunks(PAGE) {
-            if page.iter().any(|&b| b != 0) {
+        pagemap.touched(host + done, n.div_ceil(PAGE), &mut touched);
+        if !touched.iter().any(|&t| t) {
+            file.seek(SeekFrom::Current(i64::try_from(n).unwrap_or(i64::MAX)))?;
+            done += n as u64;
+            continue;
+        }
+        // Page by page: reading an untouched page would fault it in.
+        for (i, &maybe) in touched.iter().enumerate() {
+            let len = PAGE.min(n - i * PAGE);
+            let page = &mut buf[..len];
+            if maybe {
+                mem.read_slice(page, GuestAddress(start + done + (i * PAGE) as u64))
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+            }
+            if maybe && page.iter().any(|&b| b != 0) {
                 file.write_all(page)?;
             } else {
-                file.seek(SeekFrom::Current(PAGE_I64))?;
+                file.seek(SeekFrom::Current(i64::try_from(len).unwrap_or(PAGE_I64)))?;
             }
         }
         done += n as u64;
@@ -161,7 +216,7 @@ fn write_memory(
         if trailer.diff {
             write_dirty_pages(mem, region, start, size, offset, file, &mut buf)?;
         } else {
-            write_nonzero_pages(mem, start, size, file, &mut buf)?;
+            write_nonzero_pages(mem, region, start, size, file, &mut buf)?;
         }
         offset += size;
     }
