@@ -5,9 +5,12 @@
 #
 # For each size, one flick (API socket, track_dirty_pages on) boots the test guest in halt mode
 # (tg.exit=halt: booted, then idle), is paused and takes a Full snapshot, is resumed for 100 ms,
-# paused again and takes a Diff snapshot; N times. Printed per size: the median and max of the
-# time flick reports for each kind ("full|diff snapshot created in N us", its log), and the
-# bytes each memory file holds on disk (allocated blocks: holes are not counted), median.
+# paused again and takes a Diff snapshot ("booted"). Then a second flick restores that full
+# snapshot (PUT /snapshot/load with enable_diff_snapshots, resumed), runs 100 ms and takes a Full
+# and a Diff snapshot the same way ("restored": its RAM is the memory file, mapped privately,
+# which a full snapshot reads in whole). N times. Printed per size and case: the median and max
+# of the time flick reports for each kind ("full|diff snapshot created in N us", its log), and
+# the bytes each memory file holds on disk (allocated blocks: holes are not counted), median.
 # Builds the static release flick (scripts/build-release.sh) unless --flick is given, and the
 # test guest. Needs curl. See docs/benchmarks.md.
 set -euo pipefail
@@ -49,35 +52,48 @@ allocated() { echo $(($(stat -c %b "$1") * $(stat -c %B "$1"))); }
 
 echo "flick: $flick"
 echo "host: $(nproc) CPUs, load average $(cut -d' ' -f1-3 /proc/loadavg)"
-printf '%-9s %-6s %22s %22s %16s\n' "RAM" "kind" "create, median (ms)" "create, max (ms)" "on disk (KiB)"
+printf '%-9s %-16s %22s %22s %16s\n' "RAM" "case" "create, median (ms)" "create, max (ms)" "on disk (KiB)"
+start_flick() {
+	rm -f "$work/api.sock" "$work/log"
+	"$flick" --api-sock "$work/api.sock" --log-path "$work/log" --level Info >/dev/null 2>&1 &
+	pid=$!
+	for _ in $(seq 100); do [[ -S $work/api.sock ]] && break; sleep 0.02; done
+}
+# full_then_diff PREFIX: pause, Full snapshot, resume 100 ms, pause, Diff snapshot, stop flick;
+# records times and sizes under PREFIX.
+full_then_diff() {
+	local p=$1
+	api PATCH /vm '{"state": "Paused"}'
+	api PUT /snapshot/create "{\"snapshot_type\": \"Full\", \"snapshot_path\": \"$work/$p-full.state\", \"mem_file_path\": \"$work/$p-full.mem\"}"
+	api PATCH /vm '{"state": "Resumed"}'
+	sleep 0.1
+	api PATCH /vm '{"state": "Paused"}'
+	api PUT /snapshot/create "{\"snapshot_type\": \"Diff\", \"snapshot_path\": \"$work/$p-diff.state\", \"mem_file_path\": \"$work/$p-diff.mem\"}"
+	kill "$pid" && wait "$pid" 2>/dev/null || true
+	pid=
+	sed -n 's/.*full snapshot created in \([0-9]*\) us.*/\1/p' "$work/log" >>"$work/$p-full.t"
+	sed -n 's/.*diff snapshot created in \([0-9]*\) us.*/\1/p' "$work/log" >>"$work/$p-diff.t"
+	allocated "$work/$p-full.mem" >>"$work/$p-full.b"
+	allocated "$work/$p-diff.mem" >>"$work/$p-diff.b"
+}
 for mib in $sizes; do
-	: >"$work/full.t" && : >"$work/diff.t" && : >"$work/full.b" && : >"$work/diff.b"
+	rm -f "$work"/*.t "$work"/*.b
 	for ((i = 0; i < runs; i++)); do
-		rm -f "$work/api.sock" "$work/log"
-		"$flick" --api-sock "$work/api.sock" --log-path "$work/log" --level Info >/dev/null 2>&1 &
-		pid=$!
-		for _ in $(seq 100); do [[ -S $work/api.sock ]] && break; sleep 0.02; done
+		start_flick
 		api PUT /boot-source "{\"kernel_image_path\": \"$guest\", \"boot_args\": \"tg.exit=halt tg.smp=0 tg.quiet=1\"}"
 		api PUT /machine-config "{\"vcpu_count\": 1, \"mem_size_mib\": $mib, \"track_dirty_pages\": true}"
 		api PUT /actions '{"action_type": "InstanceStart"}'
 		sleep 0.3
-		api PATCH /vm '{"state": "Paused"}'
-		api PUT /snapshot/create "{\"snapshot_type\": \"Full\", \"snapshot_path\": \"$work/full.state\", \"mem_file_path\": \"$work/full.mem\"}"
-		api PATCH /vm '{"state": "Resumed"}'
+		full_then_diff booted
+		start_flick
+		api PUT /snapshot/load "{\"snapshot_path\": \"$work/booted-full.state\", \"mem_backend\": {\"backend_type\": \"File\", \"backend_path\": \"$work/booted-full.mem\"}, \"enable_diff_snapshots\": true, \"resume_vm\": true}"
 		sleep 0.1
-		api PATCH /vm '{"state": "Paused"}'
-		api PUT /snapshot/create "{\"snapshot_type\": \"Diff\", \"snapshot_path\": \"$work/diff.state\", \"mem_file_path\": \"$work/diff.mem\"}"
-		kill "$pid" && wait "$pid" 2>/dev/null || true
-		pid=
-		sed -n 's/.*full snapshot created in \([0-9]*\) us.*/\1/p' "$work/log" >>"$work/full.t"
-		sed -n 's/.*diff snapshot created in \([0-9]*\) us.*/\1/p' "$work/log" >>"$work/diff.t"
-		allocated "$work/full.mem" >>"$work/full.b"
-		allocated "$work/diff.mem" >>"$work/diff.b"
+		full_then_diff restored
 	done
-	for kind in full diff; do
-		printf '%-9s %-6s %22.2f %22.2f %16d\n' "$mib MiB" "$kind" \
-			"$(median <"$work/$kind.t" | awk '{ print $1 / 1000 }')" \
-			"$(maxof <"$work/$kind.t" | awk '{ print $1 / 1000 }')" \
-			"$(($(median <"$work/$kind.b") / 1024))"
+	for p in booted-full booted-diff restored-full restored-diff; do
+		printf '%-9s %-16s %22.2f %22.2f %16d\n' "$mib MiB" "$p" \
+			"$(median <"$work/$p.t" | awk '{ print $1 / 1000 }')" \
+			"$(maxof <"$work/$p.t" | awk '{ print $1 / 1000 }')" \
+			"$(($(median <"$work/$p.b") / 1024))"
 	done
 done

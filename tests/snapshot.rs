@@ -546,3 +546,56 @@ fn a_diff_snapshot_without_dirty_page_tracking_is_refused() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// A restored VM snapshotted again (a full snapshot: its RAM is the first memory file, mapped
+/// privately, of which it touched only some pages) restores once more and counts on.
+#[test]
+fn a_snapshot_of_a_restored_vm_restores_again() {
+    if !kvm_available() {
+        return;
+    }
+    let snap = take_snapshot("tg.count=100000 tg.exit=halt", None);
+    let (mut child, sock, stdout) = spawn_api(&snap.dir, "second");
+    put(
+        &sock,
+        "/snapshot/load",
+        &serde_json::json!({"snapshot_path": snap.state,
+            "mem_backend": {"backend_type": "File", "backend_path": snap.mem},
+            "resume_vm": true}),
+    );
+    let next = snap.last_count + 3;
+    wait_for_text(&stdout, &format!("count: {next}\n"));
+    let (status, answer) = api_call(&sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
+    assert_eq!(status, 204, "{answer}");
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let printed = std::fs::read_to_string(&stdout).unwrap();
+    let complete = printed.rfind('\n').map_or(0, |i| i + 1);
+    let last = last_count(&printed[..complete]);
+    let (state, mem) = snapshot_now(&sock, &snap.dir, "again", "Full");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // Every page that held data in the first snapshot still does (the restored guest counting
+    // zeroes no page), including those it never touched after the restore: boot structures,
+    // the command line.
+    let (first_ram, _) = ram_and_allocated(&snap.mem);
+    let (again_ram, _) = ram_and_allocated(&mem);
+    let lost = first_ram
+        .chunks(4096)
+        .zip(again_ram.chunks(4096))
+        .filter(|(a, b)| a.iter().any(|&x| x != 0) && b.iter().all(|&x| x == 0))
+        .count();
+    assert_eq!(
+        lost, 0,
+        "pages with data in the first snapshot are zero in the second"
+    );
+    let (mut third, out) = restore(&snap.dir, "third", &state, &mem);
+    let text = wait_for_text(&out, &format!("count: {}\n", last + 2));
+    third.kill().unwrap();
+    third.wait().unwrap();
+    let text = format!("{}{text}", &printed[complete..]);
+    let first = text
+        .lines()
+        .find_map(|l| l.strip_prefix("count: "))
+        .unwrap_or_default();
+    assert_eq!(first, (last + 1).to_string(), "{text}");
+}

@@ -82,7 +82,8 @@ impl SnapshotOpError {
 /// Writes guest RAM to `file`, leaving all-zero pages as holes, then the trailer.
 /// The process's page map (`/proc/self/pagemap`): which pages of a mapping have ever been
 /// given memory. Pages of an anonymous mapping that are neither present nor swapped out were
-/// never touched and read as zeros, so a full snapshot need not read them. `None` where the file
+/// never touched and read as zeros, so a full snapshot need not read them; in a private file
+/// mapping such pages read as the file. `None` where the file
 /// cannot be opened (no `/proc`, as in some jails): then every page is read.
 struct PageMap(Option<File>);
 
@@ -115,9 +116,52 @@ impl PageMap {
     }
 }
 
+/// Marks in `out` the pages of `file` from `offset` that may hold data (are not in a hole):
+/// one entry per page, `out.len()` pages. Marks every page if the file cannot tell.
+fn mark_file_data(file: &File, offset: u64, out: &mut [bool]) {
+    use std::os::fd::AsRawFd;
+    let seek = |at: u64, whence: libc::c_int| -> Option<Option<u64>> {
+        let at = i64::try_from(at).ok()?;
+        // SAFETY: lseek on an open descriptor of the mapping's file; the mapping does not use
+        // the file offset.
+        let found = unsafe { libc::lseek(file.as_raw_fd(), at, whence) };
+        match u64::try_from(found) {
+            Ok(found) => Some(Some(found)),
+            // ENXIO: no data at or after `at`.
+            Err(_) if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) => {
+                Some(None)
+            }
+            Err(_) => None,
+        }
+    };
+    let end = offset + (out.len() * PAGE) as u64;
+    let mut at = offset;
+    while at < end {
+        let Some(found) = seek(at, libc::SEEK_DATA) else {
+            out.iter_mut().for_each(|t| *t = true);
+            return;
+        };
+        let Some(data) = found.filter(|&d| d < end) else {
+            return;
+        };
+        let hole = seek(data, libc::SEEK_HOLE)
+            .flatten()
+            .unwrap_or(end)
+            .min(end);
+        let pages = out.len();
+        let first = usize::try_from((data - offset) / PAGE as u64).unwrap_or(0);
+        let last = usize::try_from((hole - offset).div_ceil(PAGE as u64)).unwrap_or(pages);
+        out[first.min(pages)..last.min(pages)]
+            .iter_mut()
+            .for_each(|t| *t = true);
+        at = hole.max(data + 1);
+    }
+}
+
 /// Writes the non-zero pages of `region` (`size` bytes of RAM at `start`) at the file's
-/// position, seeking over zero ones (holes, which read back as zeros). Pages of anonymous
-/// memory that were never touched are known to be zero without reading them.
+/// position, seeking over zero ones (holes, which read back as zeros). Pages that were never
+/// touched, of anonymous memory or over a hole of the memory file a restored VM maps, are known
+/// to be zero without reading them.
 fn write_nonzero_pages(
     mem: &GuestMemoryMmap,
     region: &GuestRegionMmap,
@@ -126,17 +170,22 @@ fn write_nonzero_pages(
     file: &mut File,
     buf: &mut [u8],
 ) -> std::io::Result<()> {
-    let pagemap = if region.file_offset().is_none() {
-        PageMap::open()
-    } else {
-        PageMap(None)
-    };
+    let pagemap = PageMap::open();
     let host = region.as_ptr() as u64;
     let mut touched = Vec::new();
     let mut done = 0u64;
     while done < size {
         let n = usize::try_from((size - done).min(buf.len() as u64)).unwrap_or(buf.len());
         pagemap.touched(host + done, n.div_ceil(PAGE), &mut touched);
+        // A private file mapping (a restored snapshot): a page the process never mapped reads
+        // as the file, so it may hold data where the file does.
+        if let Some(backing) = region.file_offset() {
+            let mut data = vec![false; touched.len()];
+            mark_file_data(backing.file(), backing.start() + done, &mut data);
+            for (t, d) in touched.iter_mut().zip(data) {
+                *t |= d;
+            }
+        }
         if !touched.iter().any(|&t| t) {
             file.seek(SeekFrom::Current(i64::try_from(n).unwrap_or(i64::MAX)))?;
             done += n as u64;
