@@ -48,6 +48,26 @@ fn last_count(text: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// `PATCH /vm` to `state` (Paused or Resumed).
+fn set_state(sock: &Path, state: &str) {
+    let body = format!(r#"{{"state": "{state}"}}"#);
+    let (status, answer) = api_call(sock, "PATCH", "/vm", Some(&body));
+    assert_eq!(status, 204, "{answer}");
+}
+
+/// Pauses a counting guest: the last `count:` line printed in full, and what it printed after
+/// its last newline.
+fn pause_counting(sock: &Path, stdout: &Path) -> (u64, String) {
+    set_state(sock, "Paused");
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let printed = std::fs::read_to_string(stdout).unwrap();
+    let complete = printed.rfind('\n').map_or(0, |i| i + 1);
+    (
+        last_count(&printed[..complete]),
+        printed[complete..].to_string(),
+    )
+}
+
 fn take_snapshot(guest_args: &str, drive: Option<&Path>) -> Taken {
     let dir = TempDir::new("snap");
     let (mut child, sock, stdout) = spawn_api(&dir, "source");
@@ -77,13 +97,7 @@ fn take_snapshot(guest_args: &str, drive: Option<&Path>) -> Taken {
         &serde_json::json!({"action_type": "InstanceStart"}),
     );
     wait_for_text(&stdout, "count: 5\n");
-    let (status, answer) = api_call(&sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
-    assert_eq!(status, 204, "{answer}");
-    std::thread::sleep(std::time::Duration::from_millis(20));
-    let before = std::fs::read_to_string(&stdout).unwrap();
-    let complete = before.rfind('\n').map_or(0, |i| i + 1);
-    let last = last_count(&before[..complete]);
-    let partial_line = before[complete..].to_string();
+    let (last, partial_line) = pause_counting(&sock, &stdout);
     let state = dir.path("vm.state");
     let mem = dir.path("vm.mem");
     put(
@@ -430,22 +444,17 @@ fn diff_snapshots_hold_the_written_pages_and_merge_into_full_ones() {
         "/actions",
         &serde_json::json!({"action_type": "InstanceStart"}),
     );
-    let pause = |sock: &Path, state: &str| {
-        let body = format!(r#"{{"state": "{state}"}}"#);
-        let (status, answer) = api_call(sock, "PATCH", "/vm", Some(&body));
-        assert_eq!(status, 204, "{answer}");
-    };
     wait_for_text(&stdout, "count: 2\n");
-    pause(&sock, "Paused");
+    set_state(&sock, "Paused");
     let (_, full_mem) = snapshot_now(&sock, &dir, "full", "Full");
-    pause(&sock, "Resumed");
+    set_state(&sock, "Resumed");
     wait_for_text(&stdout, "count: 4\n");
-    pause(&sock, "Paused");
+    set_state(&sock, "Paused");
     let printed = std::fs::read_to_string(&stdout).unwrap();
     let (diff1_state, diff1_mem) = snapshot_now(&sock, &dir, "diff1", "Diff");
-    pause(&sock, "Resumed");
+    set_state(&sock, "Resumed");
     let done = wait_for_text(&stdout, "testguest: done\n");
-    pause(&sock, "Paused");
+    set_state(&sock, "Paused");
     let (_, diff2_mem) = snapshot_now(&sock, &dir, "diff2", "Diff");
     let (_, now_mem) = snapshot_now(&sock, &dir, "now", "Full");
     child.kill().unwrap();
@@ -535,8 +544,7 @@ fn a_diff_snapshot_without_dirty_page_tracking_is_refused() {
         "/actions",
         &serde_json::json!({"action_type": "InstanceStart"}),
     );
-    let (status, answer) = api_call(&sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
-    assert_eq!(status, 204, "{answer}");
+    set_state(&sock, "Paused");
     let body = serde_json::json!({"snapshot_path": dir.path("s"), "mem_file_path": dir.path("m"),
                                   "snapshot_type": "Diff"});
     let (status, answer) = api_call(&sock, "PUT", "/snapshot/create", Some(&body.to_string()));
@@ -565,12 +573,7 @@ fn a_snapshot_of_a_restored_vm_restores_again() {
     );
     let next = snap.last_count + 3;
     wait_for_text(&stdout, &format!("count: {next}\n"));
-    let (status, answer) = api_call(&sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
-    assert_eq!(status, 204, "{answer}");
-    std::thread::sleep(std::time::Duration::from_millis(20));
-    let printed = std::fs::read_to_string(&stdout).unwrap();
-    let complete = printed.rfind('\n').map_or(0, |i| i + 1);
-    let last = last_count(&printed[..complete]);
+    let (last, partial_line) = pause_counting(&sock, &stdout);
     let (state, mem) = snapshot_now(&sock, &snap.dir, "again", "Full");
     child.kill().unwrap();
     child.wait().unwrap();
@@ -592,7 +595,7 @@ fn a_snapshot_of_a_restored_vm_restores_again() {
     let text = wait_for_text(&out, &format!("count: {}\n", last + 2));
     third.kill().unwrap();
     third.wait().unwrap();
-    let text = format!("{}{text}", &printed[complete..]);
+    let text = format!("{partial_line}{text}");
     let first = text
         .lines()
         .find_map(|l| l.strip_prefix("count: "))

@@ -214,31 +214,6 @@ static void __attribute__((noreturn)) finish(void)
 		__asm__ volatile("wfi");
 }
 
-static void count(void)
-{
-	for (u64 i = 1; i <= opts.count; i++) {
-		if (i > 1 && opts.delay_ms)
-			delay_ms(opts.delay_ms);
-		tg_printf("count: %lu\n", i);
-	}
-}
-
-/* Echo serial input until a 'q' at the start of a line (so "q" and "quit" both end it). */
-static void echo(void)
-{
-	int line_start = 1;
-
-	tg_printf("echo: ready\n");
-	for (;;) {
-		u8 c = serial_getc();
-		serial_putc((char)c);
-		if (line_start && c == 'q')
-			break;
-		line_start = c == '\n' || c == '\r';
-	}
-	tg_printf("\necho: done\n");
-}
-
 /* The device tree's virtio-mmio nodes stand in for x86's virtio_mmio.device= entries. */
 static void virtio_slots_from_fdt(void)
 {
@@ -293,13 +268,13 @@ void tg_main(const u8 *fdt)
 	if (opts.balloon)
 		tg_printf("balloon: not in the arm64 test guest\n");
 
-	count();
+	tg_count(&opts);
 	if (opts.blk != BLK_OFF && opts.blk_late)
 		virtio_blk_run(&opts);
 	if (opts.net != NET_OFF && opts.net_late)
 		virtio_net_run(&opts);
 	if (opts.echo)
-		echo();
+		tg_echo();
 	if (opts.kbd)
 		tg_printf("kbd: none on arm64\n");
 	finish();

@@ -65,31 +65,6 @@ static void print_memmap(void)
 	tg_info("mem: usable=%lu KiB\n", usable / 1024);
 }
 
-static void count(void)
-{
-	for (u64 i = 1; i <= opts.count; i++) {
-		if (i > 1 && opts.delay_ms)
-			delay_ms(opts.delay_ms);
-		tg_printf("count: %lu\n", i);
-	}
-}
-
-/* Echo serial input until a 'q' at the start of a line (so "q" and "quit" both end it). */
-static void echo(void)
-{
-	int line_start = 1;
-
-	tg_printf("echo: ready\n");
-	for (;;) {
-		u8 c = serial_getc();
-		serial_putc((char)c);
-		if (line_start && c == 'q')
-			break;
-		line_start = c == '\n' || c == '\r';
-	}
-	tg_printf("\necho: done\n");
-}
-
 /*
  * Poll the i8042 for Ctrl, Alt, Delete make codes (scancode set 2: 14, 11, e0 71), as a VMM's
  * SendCtrlAltDel queues them; bounded to 10 s.
@@ -176,13 +151,13 @@ void tg_main(u32 protocol, u64 info)
 	if (opts.balloon)
 		virtio_balloon_run(&opts, usable_bytes());
 
-	count();
+	tg_count(&opts);
 	if (opts.blk != BLK_OFF && opts.blk_late)
 		virtio_blk_run(&opts);
 	if (opts.net != NET_OFF && opts.net_late)
 		virtio_net_run(&opts);
 	if (opts.echo)
-		echo();
+		tg_echo();
 	if (opts.kbd)
 		wait_ctrl_alt_del();
 	finish();

@@ -190,6 +190,10 @@ void mptable_print(const struct mp_info *mp);
 void smp_boot(struct bootinfo *bi, const struct mp_info *mp, const struct tg_opts *o);
 #endif
 
+/* ---- modes.c ---- */
+void tg_count(const struct tg_opts *o);
+void tg_echo(void);
+
 /* ---- virtio_mmio.c, virtio_blk.c, virtio_net.c ---- */
 void virtio_probe_all(const struct tg_opts *o);
 void virtio_blk_run(const struct tg_opts *o);

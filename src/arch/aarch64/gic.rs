@@ -63,23 +63,24 @@ pub fn with_gic<T>(
     }
 }
 
-/// Whether KVM can create an ITS for this VM (a test creation, which makes no device).
-fn its_available(vm: &VmFd) -> bool {
-    let mut test = kvm_create_device {
+/// A `KVM_CREATE_DEVICE` request for an ITS.
+fn its_request(flags: u32) -> kvm_create_device {
+    kvm_create_device {
         type_: kvm_device_type_KVM_DEV_TYPE_ARM_VGIC_ITS,
         fd: 0,
-        flags: KVM_CREATE_DEVICE_TEST,
-    };
-    vm.create_device(&mut test).is_ok()
+        flags,
+    }
+}
+
+/// Whether KVM can create an ITS for this VM (a test creation, which makes no device).
+fn its_available(vm: &VmFd) -> bool {
+    vm.create_device(&mut its_request(KVM_CREATE_DEVICE_TEST))
+        .is_ok()
 }
 
 /// Creates the ITS at its place below the redistributors and initialises it.
 fn create_its(vm: &VmFd, vcpus: u8) -> Result<DeviceFd, ArchError> {
-    let mut device = kvm_create_device {
-        type_: kvm_device_type_KVM_DEV_TYPE_ARM_VGIC_ITS,
-        fd: 0,
-        flags: 0,
-    };
+    let mut device = its_request(0);
     let its = vm
         .create_device(&mut device)
         .map_err(crate::arch::kvm_error("create the in-kernel GICv3 ITS"))?;
