@@ -252,27 +252,9 @@ void tg_main(const u8 *fdt)
 	tg_info("cpus: %u\n", bi.ncpus);
 	psci_smp_boot(&bi, &opts);
 
-	if (opts.virtio || opts.blk != BLK_OFF || opts.net != NET_OFF || opts.rng ||
-	    opts.vsock != VSOCK_OFF || opts.balloon)
-		virtio_probe_all(&opts);
-	if (opts.blk != BLK_OFF && !opts.blk_late)
-		virtio_blk_run(&opts);
-	if (opts.net != NET_OFF && !opts.net_late)
-		virtio_net_run(&opts);
-	if (opts.rng)
-		virtio_rng_run(&opts);
-	/* The vsock and balloon drivers are not part of the arm64 build (the balloon's assumes RAM
-	 * from address 0). */
-	if (opts.vsock != VSOCK_OFF)
-		tg_printf("vsock: not in the arm64 test guest\n");
-	if (opts.balloon)
-		tg_printf("balloon: not in the arm64 test guest\n");
-
+	tg_devices(&opts, bi.mem_size);
 	tg_count(&opts);
-	if (opts.blk != BLK_OFF && opts.blk_late)
-		virtio_blk_run(&opts);
-	if (opts.net != NET_OFF && opts.net_late)
-		virtio_net_run(&opts);
+	tg_devices_late(&opts);
 	if (opts.echo)
 		tg_echo();
 	if (opts.kbd)

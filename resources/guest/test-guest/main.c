@@ -137,25 +137,9 @@ void tg_main(u32 protocol, u64 info)
 	mptable_print(&mp);
 	smp_boot(&bi, &mp, &opts);
 
-	if (opts.virtio || opts.blk != BLK_OFF || opts.net != NET_OFF || opts.rng ||
-	    opts.vsock != VSOCK_OFF || opts.balloon)
-		virtio_probe_all(&opts);
-	if (opts.blk != BLK_OFF && !opts.blk_late)
-		virtio_blk_run(&opts);
-	if (opts.net != NET_OFF && !opts.net_late)
-		virtio_net_run(&opts);
-	if (opts.rng)
-		virtio_rng_run(&opts);
-	if (opts.vsock != VSOCK_OFF)
-		virtio_vsock_run(&opts);
-	if (opts.balloon)
-		virtio_balloon_run(&opts, usable_bytes());
-
+	tg_devices(&opts, usable_bytes());
 	tg_count(&opts);
-	if (opts.blk != BLK_OFF && opts.blk_late)
-		virtio_blk_run(&opts);
-	if (opts.net != NET_OFF && opts.net_late)
-		virtio_net_run(&opts);
+	tg_devices_late(&opts);
 	if (opts.echo)
 		tg_echo();
 	if (opts.kbd)

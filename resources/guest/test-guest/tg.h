@@ -191,6 +191,9 @@ void smp_boot(struct bootinfo *bi, const struct mp_info *mp, const struct tg_opt
 #endif
 
 /* ---- modes.c ---- */
+/* usable: bytes of usable RAM (the balloon's). */
+void tg_devices(const struct tg_opts *o, u64 usable);
+void tg_devices_late(const struct tg_opts *o);
 void tg_count(const struct tg_opts *o);
 void tg_echo(void);
 
