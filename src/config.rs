@@ -49,8 +49,6 @@ pub enum ConfigError {
     GuestCid(u32),
     #[error("invalid uds_path \"{0}\": must be 1 to {MAX_UDS_PATH} bytes")]
     UdsPath(String),
-    #[error("mem_backend Uffd is not supported by flick yet")]
-    UffdBackend,
     #[error("give either mem_backend or mem_file_path, not both")]
     TwoMemBackends,
     #[error("missing mem_backend")]
@@ -506,6 +504,15 @@ pub struct SnapshotLoadConfig {
     pub vsock_override: Option<VsockOverride>,
 }
 
+/// Where a snapshot load takes guest memory from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemSource<'a> {
+    /// The memory file, mapped privately.
+    File(&'a str),
+    /// A page server listening on this unix socket (Firecracker's UFFD protocol).
+    Uffd(&'a str),
+}
+
 impl SnapshotLoadConfig {
     /// Whether the restored VM tracks dirty pages (either spelling), so that diff snapshots
     /// can be taken of it.
@@ -513,17 +520,20 @@ impl SnapshotLoadConfig {
         self.enable_diff_snapshots || self.track_dirty_pages
     }
 
-    /// The memory file to map, from either spelling.
-    pub fn mem_file(&self) -> Result<&str, ConfigError> {
+    /// Where guest memory comes from: the memory file to map (either spelling), or the unix
+    /// socket of a UFFD page server.
+    pub fn mem_source(&self) -> Result<MemSource<'_>, ConfigError> {
         if self.clock_realtime {
             return Err(ConfigError::NotSupported(
                 "clock_realtime (the KVM clock resumes where the snapshot stopped it)",
             ));
         }
         match (&self.mem_backend, &self.mem_file_path) {
-            (Some(b), None) if b.backend_type == MemBackendType::File => Ok(&b.backend_path),
-            (Some(_), None) => Err(ConfigError::UffdBackend),
-            (None, Some(path)) => Ok(path),
+            (Some(b), None) if b.backend_type == MemBackendType::File => {
+                Ok(MemSource::File(&b.backend_path))
+            }
+            (Some(b), None) => Ok(MemSource::Uffd(&b.backend_path)),
+            (None, Some(path)) => Ok(MemSource::File(path)),
             (Some(_), Some(_)) => Err(ConfigError::TwoMemBackends),
             (None, None) => Err(ConfigError::NoMemBackend),
         }

@@ -602,3 +602,72 @@ fn a_snapshot_of_a_restored_vm_restores_again() {
         .unwrap_or_default();
     assert_eq!(first, (last + 1).to_string(), "{text}");
 }
+
+#[path = "../examples/uffd_handler.rs"]
+mod uffd_handler;
+
+/// `mem_backend: Uffd`: the example page server (examples/uffd_handler.rs) receives the
+/// userfaultfd and the regions, serves every page from the memory file, and the guest counts on;
+/// the server sees the connection close when flick ends.
+#[test]
+fn a_snapshot_loads_through_the_example_uffd_page_server() {
+    if !kvm_available() {
+        return;
+    }
+    let snap = take_snapshot("tg.count=100000 tg.exit=halt", None);
+    let socket = snap.dir.path("pages.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let mem = std::fs::File::open(&snap.mem).unwrap();
+    let server = std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        let (uffd, regions) = uffd_handler::receive(&stream).unwrap();
+        let pages = uffd_handler::serve(&stream, &uffd, &regions, &mem).unwrap();
+        (regions, pages)
+    });
+    let (mut child, sock, stdout) = spawn_api(&snap.dir, "restored");
+    put(
+        &sock,
+        "/snapshot/load",
+        &serde_json::json!({"snapshot_path": snap.state,
+            "mem_backend": {"backend_type": "Uffd", "backend_path": socket},
+            "resume_vm": true}),
+    );
+    let next = snap.last_count + 1;
+    let text = wait_for_text(&stdout, &format!("count: {}\n", next + 2));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let (regions, pages) = server.join().unwrap();
+    let text = format!("{}{text}", snap.partial_line);
+    let first = text
+        .lines()
+        .find_map(|l| l.strip_prefix("count: "))
+        .unwrap_or_default();
+    assert_eq!(first, next.to_string(), "restored output: {text}");
+    // 64 MiB of guest RAM in one region at file offset 0; the guest touched a few pages.
+    assert_eq!(regions.len(), 1);
+    assert_eq!(
+        (regions[0].size, regions[0].offset, regions[0].page_size),
+        (64 << 20, 0, 4096)
+    );
+    assert!(pages > 0 && pages < 4096, "{pages} pages served");
+}
+
+#[test]
+fn a_uffd_load_without_a_page_server_is_refused() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("uffdnone");
+    let (mut child, sock, _) = spawn_api(&dir, "vm");
+    let snap = take_snapshot("tg.count=100000 tg.exit=halt", None);
+    let load = serde_json::json!({"snapshot_path": snap.state,
+        "mem_backend": {"backend_type": "Uffd", "backend_path": dir.path("nobody.sock")}});
+    let (status, body) = api_call(&sock, "PUT", "/snapshot/load", Some(&load.to_string()));
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body.contains("cannot connect to the UFFD page server"),
+        "{body}"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

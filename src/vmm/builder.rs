@@ -97,6 +97,8 @@ pub struct RunningVm {
     pub devices: Registry,
     /// KVM logs the guest's writes to memory (`track_dirty_pages`): diff snapshots are possible.
     pub track_dirty: bool,
+    /// A UFFD page server provides guest memory (a snapshot loaded with the `Uffd` backend).
+    pub uffd: Option<super::uffd::UffdBackend>,
 }
 
 impl std::fmt::Debug for RunningVm {
@@ -363,5 +365,6 @@ pub fn build(config: &VmConfig, ctx: BuildContext) -> Result<RunningVm, BuildErr
         cpu_profile: profile,
         devices,
         track_dirty: machine.track_dirty_pages,
+        uffd: None,
     })
 }

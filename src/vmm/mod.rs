@@ -13,6 +13,7 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod registry;
 pub mod snapshot;
+pub mod uffd;
 
 use std::sync::Arc;
 use std::time::Instant;

@@ -15,8 +15,9 @@ use crate::memory::{self, GuestMemoryMmap, GuestRegionMmap};
 
 use super::builder::{self, BuildContext, BuildError, Phases, RunningVm};
 use super::registry::{Opened, Registry, RegistryError};
+use super::uffd::{self, UffdError};
 use crate::arch::{Arch, ArchError, Current};
-use crate::config::{SnapshotCreateConfig, SnapshotLoadConfig, SnapshotType};
+use crate::config::{MemSource, SnapshotCreateConfig, SnapshotLoadConfig, SnapshotType};
 use crate::devices::boot_timer::BootTimer;
 use crate::devices::bus::{lock, Bus};
 use crate::devices::legacy::SerialDevice;
@@ -61,6 +62,8 @@ pub enum SnapshotOpError {
     Build(#[from] BuildError),
     #[error("cannot map the memory file {0}")]
     Map(String, #[source] std::io::Error),
+    #[error(transparent)]
+    Uffd(#[from] UffdError),
 }
 
 impl SnapshotOpError {
@@ -159,9 +162,9 @@ fn mark_file_data(file: &File, offset: u64, out: &mut [bool]) {
 }
 
 /// Writes the non-zero pages of `region` (`size` bytes of RAM at `start`) at the file's
-/// position, seeking over zero ones (holes, which read back as zeros). Pages that were never
-/// touched, of anonymous memory or over a hole of the memory file a restored VM maps, are known
-/// to be zero without reading them.
+/// position, seeking over zero ones (holes, which read back as zeros). With `use_pagemap`, pages
+/// that were never touched, of anonymous memory or over a hole of the memory file a restored VM
+/// maps, are known to be zero without reading them.
 fn write_nonzero_pages(
     mem: &GuestMemoryMmap,
     region: &GuestRegionMmap,
@@ -169,8 +172,13 @@ fn write_nonzero_pages(
     size: u64,
     file: &mut File,
     buf: &mut [u8],
+    use_pagemap: bool,
 ) -> std::io::Result<()> {
-    let pagemap = PageMap::open();
+    let pagemap = if use_pagemap {
+        PageMap::open()
+    } else {
+        PageMap(None)
+    };
     let host = region.as_ptr() as u64;
     let mut touched = Vec::new();
     let mut done = 0u64;
@@ -253,6 +261,7 @@ fn write_memory(
     ram: &[(u64, u64)],
     file: &mut File,
     trailer: MemTrailer,
+    pagemap: bool,
 ) -> std::io::Result<()> {
     let mut buf = vec![0u8; CHUNK];
     let mut offset = 0u64;
@@ -265,7 +274,7 @@ fn write_memory(
         if trailer.diff {
             write_dirty_pages(mem, region, start, size, offset, file, &mut buf)?;
         } else {
-            write_nonzero_pages(mem, region, start, size, file, &mut buf)?;
+            write_nonzero_pages(mem, region, start, size, file, &mut buf, pagemap)?;
         }
         offset += size;
     }
@@ -337,7 +346,9 @@ pub fn create(
         diff,
     };
     let written = File::create(&mem_tmp)
-        .and_then(|mut f| write_memory(&vm.mem, &vm.ram, &mut f, trailer))
+        // Under a UFFD page server, a page the process never mapped is one the server has not
+        // provided yet, not a zero page: every page is read.
+        .and_then(|mut f| write_memory(&vm.mem, &vm.ram, &mut f, trailer, vm.uffd.is_none()))
         .and_then(|()| std::fs::rename(&mem_tmp, mem_path));
     if let Err(e) = written {
         let _ = std::fs::remove_file(&mem_tmp);
@@ -390,7 +401,7 @@ pub fn load(
     params: &SnapshotLoadConfig,
     ctx: BuildContext,
 ) -> Result<(RunningVm, VmSnapshot), SnapshotOpError> {
-    let mem_path = params.mem_file()?;
+    let source = params.mem_source()?;
     let state_name = params.snapshot_path.clone();
     let payload = snapshot::read_state_file(Path::new(&params.snapshot_path))?;
     let snap: VmSnapshot = serde_json::from_slice(&payload)
@@ -414,14 +425,22 @@ pub fn load(
         )
         .into());
     }
-    let mem_file = File::open(mem_path).map_err(|e| SnapshotError::Read(mem_path.into(), e))?;
-    snapshot::check_mem_file(
-        &mem_file,
-        mem_path,
-        &state_name,
-        snap.snapshot_id,
-        snap.ram_bytes().unwrap_or(u64::MAX),
-    )?;
+    // The memory file is checked against the state file here; a UFFD page server holds its own
+    // and is trusted to serve the right one.
+    let mem_file = match source {
+        MemSource::File(path) => {
+            let file = File::open(path).map_err(|e| SnapshotError::Read(path.into(), e))?;
+            snapshot::check_mem_file(
+                &file,
+                path,
+                &state_name,
+                snap.snapshot_id,
+                snap.ram_bytes().unwrap_or(u64::MAX),
+            )?;
+            Some((file, path))
+        }
+        MemSource::Uffd(_) => None,
+    };
     builder::check_memory(snap.machine.mem_size_mib)?;
     let taps: Vec<(String, String)> = params
         .network_overrides
@@ -448,8 +467,15 @@ pub fn load(
     let opened = Opened::from_saved(&snap.devices, overrides).map_err(SnapshotOpError::Devices)?;
 
     let mut phases = Phases::new();
-    let mem = map_memory(&mem_file, mem_path, &snap.ram)?;
-    phases.mark("map memory file");
+    let (mem, uffd) = match (mem_file, source) {
+        (Some((file, path)), _) => (map_memory(&file, path, &snap.ram)?, None),
+        (None, MemSource::Uffd(socket)) => {
+            let (mem, backend) = uffd::guest_memory(&snap.ram, socket)?;
+            (mem, Some(backend))
+        }
+        (None, MemSource::File(_)) => unreachable!("a memory file is opened above"),
+    };
+    phases.mark("map memory");
     let (vm, vcpu_fds) = builder::create_vm(
         &mem,
         snap.machine.vcpu_count,
@@ -507,6 +533,7 @@ pub fn load(
         cpu_profile: snap.cpu_profile(),
         devices,
         track_dirty: params.track_dirty(),
+        uffd,
     };
     Ok((running, snap))
 }
