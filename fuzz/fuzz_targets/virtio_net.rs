@@ -17,7 +17,7 @@ use common::{guest_memory, FakeBackend, Input};
 use flick::devices::virtio::{Activation, VirtioDevice, VIRTIO_F_VERSION_1};
 use libfuzzer_sys::fuzz_target;
 use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
+use flick::memory::GuestMemoryMmap;
 
 /// Offload features a driver may ack (CSUM, GUEST_CSUM, GUEST_TSO4/6, GUEST_UFO).
 const OFFLOADS: u64 = 1 | 1 << 1 | 1 << 7 | 1 << 8 | 1 << 10;

@@ -13,7 +13,8 @@ use flick::devices::virtio::block::{Backing, Block, SavedDrive, SECTOR_SIZE};
 use flick::devices::virtio::net::{Net, NetBackend, SavedNet};
 use flick::devices::virtio::Interrupt;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use flick::memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Guest RAM: two regions with a hole between them, so buffers can straddle a region's end or
