@@ -434,7 +434,26 @@ fn type_and_finish(mut child: Child, console: &Path, command: &str) -> String {
 
 /// Boots Linux (`flick.init=serve`) in `ns` with MMDS `version` on eth0 and `--metadata`, types
 /// `command` once init waits for it, and returns the console once flick has exited (code 0).
+fn on_pvm() -> bool {
+    Path::new("/sys/module/kvm_pvm").exists()
+}
+
 fn linux_serve(ns: &NetNs, tag: &str, version: &str, command: &str) -> Option<String> {
+    let text = linux_serve_once(ns, tag, version, command)?;
+    // On a PVM host, guest user space inherits the host's known fault: a process now and then
+    // segfaults (its TLS read with FS base 0, issue 13), which here loses the metadata fetch it
+    // ran. One more run then, reported as that known issue; a second segfault fails the test.
+    if on_pvm() && text.contains("Segmentation fault") {
+        known_issue(
+            "a guest process segfaulted on this PVM host (the PVM user-space fault of issue 13); \
+             the Linux run was repeated once",
+        );
+        return linux_serve_once(ns, &format!("{tag}-again"), version, command);
+    }
+    Some(text)
+}
+
+fn linux_serve_once(ns: &NetNs, tag: &str, version: &str, command: &str) -> Option<String> {
     let config = linux_config(ns, version)?;
     let dir = TempDir::new(tag);
     let meta = dir.write("meta.json", METADATA.as_bytes());
@@ -559,36 +578,43 @@ fn linux_restored_from_a_snapshot_answers_mmds() {
     let _ = source.kill();
     let _ = source.wait();
 
-    let sock = dir.path("restored.sock");
-    let (restored, console) = spawn_flick(
-        &ns,
-        &dir,
-        "restored",
-        &["--api-sock", sock.to_str().unwrap()],
-    );
-    wait_for_socket(&sock);
-    call(
-        &sock,
-        "PUT",
-        "/snapshot/load",
-        serde_json::json!({"snapshot_path": state,
+    let restore_and_fetch = |name: &str| {
+        let sock = dir.path(&format!("{name}.sock"));
+        let (restored, console) =
+            spawn_flick(&ns, &dir, name, &["--api-sock", sock.to_str().unwrap()]);
+        wait_for_socket(&sock);
+        call(
+            &sock,
+            "PUT",
+            "/snapshot/load",
+            serde_json::json!({"snapshot_path": state,
                            "mem_backend": {"backend_type": "File", "backend_path": mem},
                            "resume_vm": true}),
-    );
-    let (_, vm_config) = api_call(&sock, "GET", "/vm/config", None);
-    let vm_config: serde_json::Value = serde_json::from_str(&vm_config).unwrap();
-    assert_eq!(vm_config["mmds-config"]["version"], "V2", "{vm_config}");
-    assert_eq!(
-        vm_config["mmds-config"]["network_interfaces"],
-        serde_json::json!(["eth0"])
-    );
-    let (_, document) = api_call(&sock, "GET", "/mmds", None);
-    assert_eq!(document, "{}", "the document is not saved in snapshots");
-    let metadata: serde_json::Value = serde_json::from_str(METADATA).unwrap();
-    call(&sock, "PUT", "/mmds", metadata);
+        );
+        let (_, vm_config) = api_call(&sock, "GET", "/vm/config", None);
+        let vm_config: serde_json::Value = serde_json::from_str(&vm_config).unwrap();
+        assert_eq!(vm_config["mmds-config"]["version"], "V2", "{vm_config}");
+        assert_eq!(
+            vm_config["mmds-config"]["network_interfaces"],
+            serde_json::json!(["eth0"])
+        );
+        let (_, document) = api_call(&sock, "GET", "/mmds", None);
+        assert_eq!(document, "{}", "the document is not saved in snapshots");
+        let metadata: serde_json::Value = serde_json::from_str(METADATA).unwrap();
+        call(&sock, "PUT", "/mmds", metadata);
 
-    // The guest's eth0 is still down (init waits before setting it up): set it up and fetch.
-    let text = type_and_finish(restored, &console, &v2_command(&ns));
+        // The guest's eth0 is still down (init waits before setting it up): set it up and fetch.
+        type_and_finish(restored, &console, &v2_command(&ns))
+    };
+    let mut text = restore_and_fetch("restored");
+    // As in linux_serve: one more restore after the PVM host's known user-space segfault.
+    if on_pvm() && text.contains("Segmentation fault") {
+        known_issue(
+            "a guest process segfaulted on this PVM host (the PVM user-space fault of issue 13); \
+             the restore was repeated once",
+        );
+        text = restore_and_fetch("restored-again");
+    }
     eprintln!("Linux MMDS snapshot run took {:?}", start.elapsed());
     assert!(text.contains("TOKEN_LEN=64"), "{text}");
     assert!(text.contains("AMI=ami-flick"), "{text}");
