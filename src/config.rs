@@ -325,7 +325,8 @@ pub fn parse_mac(text: &str) -> Result<[u8; 6], ConfigError> {
     let mut parts = text.split(':');
     for byte in mac.iter_mut() {
         let part = parts.next().ok_or_else(bad)?;
-        if part.len() != 2 {
+        // Two hex digits exactly: from_str_radix alone would also take a sign ("+2").
+        if part.len() != 2 || !part.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(bad());
         }
         *byte = u8::from_str_radix(part, 16).map_err(|_| bad())?;
@@ -820,6 +821,9 @@ mod tests {
         assert!(parse_mac("06:00:ac:10:00:02:03").is_err());
         assert!(parse_mac("06:00:ac:10:00:zz").is_err());
         assert!(parse_mac("6:00:ac:10:00:02").is_err());
+        // A sign is no hex digit (found by the config_file fuzz target).
+        assert!(parse_mac("06:00:AC:10:00:+2").is_err());
+        assert!(parse_mac("06:00:AC:10:00:-2").is_err());
     }
 
     #[test]
