@@ -8,7 +8,6 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::fd::AsRawFd;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -48,33 +47,6 @@ enum RebaseError {
     Io(String, #[source] std::io::Error),
 }
 
-/// The next data extent of `file` at or after `from`, before `end`: `(start, end)`.
-fn next_extent(file: &File, from: u64, end: u64) -> std::io::Result<Option<(u64, u64)>> {
-    let seek = |offset: u64, whence: libc::c_int| -> std::io::Result<Option<u64>> {
-        let offset = i64::try_from(offset).map_err(std::io::Error::other)?;
-        // SAFETY: lseek on an open descriptor; only its offset changes.
-        let at = unsafe { libc::lseek(file.as_raw_fd(), offset, whence) };
-        if let Ok(at) = u64::try_from(at) {
-            return Ok(Some(at));
-        }
-        match std::io::Error::last_os_error() {
-            e if e.raw_os_error() == Some(libc::ENXIO) => Ok(None),
-            e => Err(e),
-        }
-    };
-    if from >= end {
-        return Ok(None);
-    }
-    let Some(start) = seek(from, libc::SEEK_DATA)? else {
-        return Ok(None);
-    };
-    if start >= end {
-        return Ok(None);
-    }
-    let stop = seek(start, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
-    Ok(Some((start, stop)))
-}
-
 fn rebase(args: &Args) -> Result<u64, RebaseError> {
     let io = |name: &str| {
         let name = name.to_string();
@@ -110,7 +82,9 @@ fn rebase(args: &Args) -> Result<u64, RebaseError> {
     let mut copied = 0u64;
     let mut at = 0u64;
     let mut reader = &diff;
-    while let Some((start, end)) = next_extent(&diff, at, ram).map_err(io(&args.diff_file))? {
+    while let Some((start, end)) =
+        snapshot::next_data_extent(&diff, at, ram).map_err(io(&args.diff_file))?
+    {
         reader
             .seek(SeekFrom::Start(start))
             .map_err(io(&args.diff_file))?;

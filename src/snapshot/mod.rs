@@ -272,6 +272,34 @@ pub fn check_mem_file(
     Ok(())
 }
 
+/// The next data extent of `file` (not a hole) at or after `from`, cut at `end`: `(start, end)`;
+/// `None` when there is no data left before `end`.
+pub fn next_data_extent(file: &File, from: u64, end: u64) -> std::io::Result<Option<(u64, u64)>> {
+    let seek = |offset: u64, whence: libc::c_int| -> std::io::Result<Option<u64>> {
+        let offset = i64::try_from(offset).map_err(std::io::Error::other)?;
+        // SAFETY: lseek on an open descriptor; only its offset changes.
+        let at = unsafe { libc::lseek(std::os::fd::AsRawFd::as_raw_fd(file), offset, whence) };
+        if let Ok(at) = u64::try_from(at) {
+            return Ok(Some(at));
+        }
+        match std::io::Error::last_os_error() {
+            e if e.raw_os_error() == Some(libc::ENXIO) => Ok(None),
+            e => Err(e),
+        }
+    };
+    if from >= end {
+        return Ok(None);
+    }
+    let Some(start) = seek(from, libc::SEEK_DATA)? else {
+        return Ok(None);
+    };
+    if start >= end {
+        return Ok(None);
+    }
+    let stop = seek(start, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
+    Ok(Some((start, stop)))
+}
+
 /// A fresh snapshot id: time and process mixed through a 64-bit hash step.
 pub fn new_snapshot_id() -> u64 {
     let nanos = std::time::SystemTime::now()

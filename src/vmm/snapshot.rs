@@ -122,42 +122,25 @@ impl PageMap {
 /// Marks in `out` the pages of `file` from `offset` that may hold data (are not in a hole):
 /// one entry per page, `out.len()` pages. Marks every page if the file cannot tell.
 fn mark_file_data(file: &File, offset: u64, out: &mut [bool]) {
-    use std::os::fd::AsRawFd;
-    let seek = |at: u64, whence: libc::c_int| -> Option<Option<u64>> {
-        let at = i64::try_from(at).ok()?;
-        // SAFETY: lseek on an open descriptor of the mapping's file; the mapping does not use
-        // the file offset.
-        let found = unsafe { libc::lseek(file.as_raw_fd(), at, whence) };
-        match u64::try_from(found) {
-            Ok(found) => Some(Some(found)),
-            // ENXIO: no data at or after `at`.
-            Err(_) if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) => {
-                Some(None)
-            }
-            Err(_) => None,
-        }
-    };
-    let end = offset + (out.len() * PAGE) as u64;
+    let pages = out.len();
+    let end = offset + (pages * PAGE) as u64;
     let mut at = offset;
-    while at < end {
-        let Some(found) = seek(at, libc::SEEK_DATA) else {
-            out.iter_mut().for_each(|t| *t = true);
-            return;
-        };
-        let Some(data) = found.filter(|&d| d < end) else {
-            return;
-        };
-        let hole = seek(data, libc::SEEK_HOLE)
-            .flatten()
-            .unwrap_or(end)
-            .min(end);
-        let pages = out.len();
-        let first = usize::try_from((data - offset) / PAGE as u64).unwrap_or(0);
-        let last = usize::try_from((hole - offset).div_ceil(PAGE as u64)).unwrap_or(pages);
-        out[first.min(pages)..last.min(pages)]
-            .iter_mut()
-            .for_each(|t| *t = true);
-        at = hole.max(data + 1);
+    loop {
+        match snapshot::next_data_extent(file, at, end) {
+            Ok(Some((data, hole))) => {
+                let first = usize::try_from((data - offset) / PAGE as u64).unwrap_or(0);
+                let last = usize::try_from((hole - offset).div_ceil(PAGE as u64)).unwrap_or(pages);
+                out[first.min(pages)..last.min(pages)]
+                    .iter_mut()
+                    .for_each(|t| *t = true);
+                at = hole.max(data + 1);
+            }
+            Ok(None) => return,
+            Err(_) => {
+                out.iter_mut().for_each(|t| *t = true);
+                return;
+            }
+        }
     }
 }
 
