@@ -107,7 +107,9 @@ pub const DEFAULT_VARIANTS: &[&str] = &[
 
 pub fn known_variants(vmms: &[(String, String)]) -> Vec<String> {
     let mut v: Vec<String> = DEFAULT_VARIANTS.iter().map(|s| s.to_string()).collect();
-    v.extend(vmms.iter().map(|(n, _)| n.clone()));
+    for (n, _) in vmms {
+        v.extend([n.clone(), format!("{n}-api-ready"), format!("{n}-restore")]);
+    }
     v.extend(LINUX_VARIANTS.iter().map(|s| s.to_string()));
     v
 }
@@ -540,47 +542,15 @@ fn plan(
             })
         }
         "flick-api-ready" => {
-            r.description = "flick started in API mode (`--api-sock`, nothing configured): spawn → first successful `GET /` over the unix socket, then killed".into();
             r.end_label = "API ready".into();
             r.is_vmm = true;
-            let help = help_text(&opts.flick);
-            if !help.contains("--api-sock") {
-                return Err("this flick build has no --api-sock".into());
-            }
-            let flick = opts.flick.clone();
-            let sock = work.join("api.sock");
-            let s = sock.display().to_string();
-            Ok(Plan {
-                spec: Box::new(move |_| Spec {
-                    argv: argv(&[&flick, "--api-sock", &s]),
-                    timeout,
-                    // Nothing is configured, so no mapping is guest memory.
-                    guest_mem_kib: Some(u64::MAX),
-                    api_sock: Some(sock.clone()),
-                    api_requests: vec![ApiRequest {
-                        method: "GET",
-                        path: "/".into(),
-                        body: None,
-                        expect: None,
-                        timed: true,
-                    }],
-                    ..Default::default()
-                }),
-                after_failure: None,
-                runs,
-                warmup,
-            })
+            plan_api_ready("flick", &opts.flick, work, runs, warmup, r)
         }
         "flick-restore" => {
-            r.description = format!("a new flick process (`--api-sock`) restores the test guest from a full snapshot (`PUT /snapshot/load`, `resume_vm: true`): spawn → its 2xx answer; `GET /` must then say Running, and spawn → first output is the restored guest's first serial line. The snapshot is taken once, of a guest paused while counting (`{RESTORE_ARGS}`, 1 vCPU, {GUEST_MEM_MIB} MiB)");
             r.end_label = "restored".into();
             r.is_vmm = true;
-            let help = help_text(&opts.flick);
-            if !help.to_ascii_lowercase().contains("snapshot") || !help.contains("--api-sock") {
-                return Err("snapshot restore not implemented in this flick build".into());
-            }
             need_testguest()?;
-            plan_restore(opts, work, &testguest, runs, warmup)
+            plan_restore("flick", &opts.flick, work, &testguest, runs, warmup, r)
         }
         "qemu-microvm" => {
             r.description = format!("QEMU `-M microvm` boots the PVH test guest (`testguest-pvh.elf`, `{TESTGUEST_ARGS}`, 1 vCPU, {GUEST_MEM_MIB} MiB); it ends on the guest's reset (`-no-reboot`)");
@@ -646,7 +616,21 @@ fn plan(
             plan_linux_restore_echo(opts, work, r)
         }
         vmm => {
-            let Some((_, path)) = opts.vmms.iter().find(|(n, _)| n == vmm) else {
+            // `--vmm NAME=PATH` gives NAME (the boot), NAME-api-ready and NAME-restore: the
+            // same measurements as flick's, with that binary.
+            let find = |n: &str| opts.vmms.iter().find(|(v, _)| v == n).map(|(_, p)| p);
+            if let Some(path) = vmm.strip_suffix("-api-ready").and_then(find) {
+                r.end_label = "API ready".into();
+                r.is_vmm = true;
+                return plan_api_ready(vmm, path, work, runs, warmup, r);
+            }
+            if let Some(path) = vmm.strip_suffix("-restore").and_then(find) {
+                r.end_label = "restored".into();
+                r.is_vmm = true;
+                need_testguest()?;
+                return plan_restore(vmm, path, work, &testguest, runs, warmup, r);
+            }
+            let Some(path) = find(vmm) else {
                 return Err(format!("unknown variant {vmm}"));
             };
             r.description = format!("`{path}` (a Firecracker-compatible VMM) boots the test guest with the same config as flick-testguest, timed from its `Guest-boot-time` log line");
@@ -989,23 +973,69 @@ fn restore_burst(work: &Path, restore: &[String], command: &[u8]) -> String {
 
 /// Snapshot restore through Firecracker's API: boot the test guest in halt mode with the API
 /// up, pause it, snapshot it once; then each run is a new process loading that snapshot.
+/// A VMM serving its API with nothing configured: spawn → first successful `GET /`.
+fn plan_api_ready(
+    name: &str,
+    bin: &str,
+    work: &Path,
+    runs: usize,
+    warmup: usize,
+    r: &mut VariantResult,
+) -> Result<Plan, String> {
+    r.description = format!("`{bin}` started in API mode (`--api-sock`, nothing configured): spawn → first successful `GET /` over the unix socket, then killed");
+    if !help_text(bin).contains("--api-sock") {
+        return Err(format!("{bin} has no --api-sock"));
+    }
+    let bin = bin.to_string();
+    let sock = work.join(format!("{name}.sock"));
+    let s = sock.display().to_string();
+    Ok(Plan {
+        spec: Box::new(move |_| Spec {
+            argv: argv(&[&bin, "--api-sock", &s]),
+            timeout: Duration::from_secs(30),
+            // Nothing is configured, so no mapping is guest memory.
+            guest_mem_kib: Some(u64::MAX),
+            api_sock: Some(sock.clone()),
+            api_requests: vec![ApiRequest {
+                method: "GET",
+                path: "/".into(),
+                body: None,
+                expect: None,
+                timed: true,
+            }],
+            ..Default::default()
+        }),
+        after_failure: None,
+        runs,
+        warmup,
+    })
+}
+
+/// A new VMM process restores the test guest from a full snapshot the same VMM took.
 fn plan_restore(
-    opts: &Opts,
+    name: &str,
+    bin: &str,
     work: &Path,
     testguest: &Path,
     runs: usize,
     warmup: usize,
+    r: &mut VariantResult,
 ) -> Result<Plan, String> {
-    let cfg = work.join("vm-halt.json");
+    r.description = format!("a new `{bin}` process (`--api-sock`) restores the test guest from a full snapshot taken by the same binary (`PUT /snapshot/load`, `resume_vm: true`): spawn → its 2xx answer; `GET /` must then say Running, and spawn → first output is the restored guest's first serial line. The snapshot is taken once, of a guest paused while counting (`{RESTORE_ARGS}`, 1 vCPU, {GUEST_MEM_MIB} MiB)");
+    let help = help_text(bin);
+    if !help.contains("--api-sock") {
+        return Err(format!("{bin} has no --api-sock"));
+    }
+    let cfg = work.join(format!("{name}-halt.json"));
     // The guest keeps counting (a line every ms), so a restored guest shows it runs by printing.
     write_vm_config(&cfg, testguest, None, RESTORE_ARGS, GUEST_MEM_MIB);
-    let sock = work.join("snap-src.sock");
-    let log = work.join("snap-src.log");
-    let snap = work.join("vm.snap");
-    let mem = work.join("vm.mem");
+    let sock = work.join(format!("{name}-src.sock"));
+    let log = work.join(format!("{name}-src.log"));
+    let snap = work.join(format!("{name}.snap"));
+    let mem = work.join(format!("{name}.mem"));
     std::fs::write(&log, b"").map_err(|e| e.to_string())?;
     let _ = std::fs::remove_file(&sock);
-    let mut child = Command::new(&opts.flick)
+    let mut child = Command::new(bin)
         .arg("--api-sock")
         .arg(&sock)
         .arg("--config-file")
@@ -1016,7 +1046,7 @@ fn plan_restore(
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| format!("cannot start flick: {e}"))?;
+        .map_err(|e| format!("cannot start {bin}: {e}"))?;
     let result = (|| -> Result<(), String> {
         let t0 = Instant::now();
         loop {
@@ -1025,7 +1055,7 @@ fn plan_restore(
                 break;
             }
             if let Ok(Some(st)) = child.try_wait() {
-                return Err(format!("flick exited ({st}) before the guest booted"));
+                return Err(format!("{bin} exited ({st}) before the guest booted"));
             }
             if t0.elapsed() > Duration::from_secs(10) {
                 return Err("the guest did not boot within 10 s".into());
@@ -1040,8 +1070,8 @@ fn plan_restore(
     let _ = child.wait();
     let _ = std::fs::remove_file(&sock);
     result.map_err(|e| format!("creating the snapshot failed: {e}"))?;
-    let flick = opts.flick.clone();
-    let rsock = work.join("restore.sock");
+    let bin = bin.to_string();
+    let rsock = work.join(format!("{name}.sock"));
     let body = json!({
         "snapshot_path": snap,
         "mem_backend": {"backend_type": "File", "backend_path": mem},
@@ -1051,7 +1081,7 @@ fn plan_restore(
     let s = rsock.display().to_string();
     Ok(Plan {
         spec: Box::new(move |_| Spec {
-            argv: argv(&[&flick, "--api-sock", &s]),
+            argv: argv(&[&bin, "--api-sock", &s]),
             timeout: Duration::from_secs(30),
             guest_mem_kib: Some(GUEST_MEM_MIB * 1024),
             api_sock: Some(rsock.clone()),
@@ -1108,7 +1138,11 @@ mod tests {
             linux_runs: 1,
             warmup: 1,
             vmms: vec![("flick2".into(), flick.display().to_string())],
-            only: Some(vec!["flick2".into()]),
+            only: Some(vec![
+                "flick2".into(),
+                "flick2-api-ready".into(),
+                "flick2-restore".into(),
+            ]),
             with_linux: false,
             repo,
             flick: flick.display().to_string(),
@@ -1119,10 +1153,22 @@ mod tests {
             settle: Duration::from_secs(0),
         };
         let r = run_all(&opts);
-        assert_eq!(r.len(), 1);
-        assert!(r[0].skipped.is_none(), "{:?}", r[0].skipped);
-        assert_eq!(r[0].runs.len(), 2);
+        assert_eq!(r.len(), 3);
+        for v in &r {
+            assert!(v.skipped.is_none(), "{}: {:?}", v.name, v.skipped);
+            assert_eq!(v.runs.len(), 2, "{}", v.name);
+            assert!(v.failures.is_empty(), "{}: {:?}", v.name, v.failures);
+        }
         assert!(r[0].runs.iter().all(|o| o.boot_timer_ms.is_some()));
         assert!(r[0].command.contains("--log-path"));
+        // The API variants ran that binary and timed their request.
+        for v in &r[1..] {
+            assert!(
+                v.command.contains(&flick.display().to_string()),
+                "{}",
+                v.command
+            );
+            assert!(v.runs.iter().all(|o| o.ok), "{}", v.name);
+        }
     }
 }

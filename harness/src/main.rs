@@ -34,6 +34,9 @@ waiting for the command) run only with --with-linux or when --only names them. -
 memory sampling of VMM runs (to see what the sampler itself costs). Before each variant
 the harness waits until the host is at least 85% idle over 0.5 s, for at most --settle S
 seconds (default 20); the idle share it started with is recorded.
+Each --vmm NAME=PATH (a Firecracker-compatible VMM, e.g. firecracker) adds three variants run
+like flick's: NAME (boots the test guest, like flick-testguest), NAME-api-ready (like
+flick-api-ready) and NAME-restore (like flick-restore, from a snapshot NAME itself took).
 ";
 
 fn die(msg: &str) -> ! {
