@@ -102,9 +102,18 @@ fn compare_main(argv: Vec<String>) -> i32 {
                 let (n, p) = v
                     .split_once('=')
                     .unwrap_or_else(|| die("--vmm takes NAME=PATH"));
-                if n.is_empty() || compare::known_variants(&[]).iter().any(|k| k == n) {
+                // NAME, NAME-api-ready and NAME-restore must all be new names.
+                let builtin = compare::known_variants(&[]);
+                let clash = [
+                    n.to_string(),
+                    format!("{n}-api-ready"),
+                    format!("{n}-restore"),
+                ]
+                .iter()
+                .any(|m| builtin.contains(m));
+                if n.is_empty() || clash {
                     die(&format!(
-                        "--vmm: {n:?} is empty or the name of a built-in variant"
+                        "--vmm: {n:?} is empty or it or its -api-ready/-restore variant is a built-in variant's name"
                     ));
                 }
                 vmms.push((n.to_string(), p.to_string()));
