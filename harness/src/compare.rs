@@ -541,14 +541,8 @@ fn plan(
                 warmup,
             })
         }
-        "flick-api-ready" => {
-            r.end_label = "API ready".into();
-            r.is_vmm = true;
-            plan_api_ready("flick", &opts.flick, work, runs, warmup, r)
-        }
+        "flick-api-ready" => plan_api_ready("flick", &opts.flick, work, runs, warmup, r),
         "flick-restore" => {
-            r.end_label = "restored".into();
-            r.is_vmm = true;
             need_testguest()?;
             plan_restore("flick", &opts.flick, work, &testguest, runs, warmup, r)
         }
@@ -620,13 +614,9 @@ fn plan(
             // same measurements as flick's, with that binary.
             let find = |n: &str| opts.vmms.iter().find(|(v, _)| v == n).map(|(_, p)| p);
             if let Some(path) = vmm.strip_suffix("-api-ready").and_then(find) {
-                r.end_label = "API ready".into();
-                r.is_vmm = true;
                 return plan_api_ready(vmm, path, work, runs, warmup, r);
             }
             if let Some(path) = vmm.strip_suffix("-restore").and_then(find) {
-                r.end_label = "restored".into();
-                r.is_vmm = true;
                 need_testguest()?;
                 return plan_restore(vmm, path, work, &testguest, runs, warmup, r);
             }
@@ -971,8 +961,6 @@ fn restore_burst(work: &Path, restore: &[String], command: &[u8]) -> String {
     )
 }
 
-/// Snapshot restore through Firecracker's API: boot the test guest in halt mode with the API
-/// up, pause it, snapshot it once; then each run is a new process loading that snapshot.
 /// A VMM serving its API with nothing configured: spawn → first successful `GET /`.
 fn plan_api_ready(
     name: &str,
@@ -982,7 +970,9 @@ fn plan_api_ready(
     warmup: usize,
     r: &mut VariantResult,
 ) -> Result<Plan, String> {
-    r.description = format!("`{bin}` started in API mode (`--api-sock`, nothing configured): spawn → first successful `GET /` over the unix socket, then killed");
+    r.description = format!("`{bin}` started in API mode (`--api-sock`, nothing configured): spawn → first successful `GET /` over the unix socket, then killed (a first output, where shown, is the VMM's own log line on stdout)");
+    r.end_label = "API ready".into();
+    r.is_vmm = true;
     if !help_text(bin).contains("--api-sock") {
         return Err(format!("{bin} has no --api-sock"));
     }
@@ -1011,7 +1001,9 @@ fn plan_api_ready(
     })
 }
 
-/// A new VMM process restores the test guest from a full snapshot the same VMM took.
+/// Snapshot restore through Firecracker's API: boot the test guest in halt mode with the API
+/// up, pause it, snapshot it once (with the same binary); then each run is a new process
+/// loading that snapshot.
 fn plan_restore(
     name: &str,
     bin: &str,
@@ -1021,9 +1013,10 @@ fn plan_restore(
     warmup: usize,
     r: &mut VariantResult,
 ) -> Result<Plan, String> {
-    r.description = format!("a new `{bin}` process (`--api-sock`) restores the test guest from a full snapshot taken by the same binary (`PUT /snapshot/load`, `resume_vm: true`): spawn → its 2xx answer; `GET /` must then say Running, and spawn → first output is the restored guest's first serial line. The snapshot is taken once, of a guest paused while counting (`{RESTORE_ARGS}`, 1 vCPU, {GUEST_MEM_MIB} MiB)");
-    let help = help_text(bin);
-    if !help.contains("--api-sock") {
+    r.description = format!("a new `{bin}` process (`--api-sock`) restores the test guest from a full snapshot taken by the same binary (`PUT /snapshot/load`, `resume_vm: true`): spawn → its 2xx answer; `GET /` must then say Running, and spawn → first output is the first byte on its stdout: the restored guest's first serial line for flick (which logs to stderr), its own log line for a VMM that logs to stdout (Firecracker without `--log-path`). The snapshot is taken once, of a guest paused while counting (`{RESTORE_ARGS}`, 1 vCPU, {GUEST_MEM_MIB} MiB)");
+    r.end_label = "restored".into();
+    r.is_vmm = true;
+    if !help_text(bin).contains("--api-sock") {
         return Err(format!("{bin} has no --api-sock"));
     }
     let cfg = work.join(format!("{name}-halt.json"));
