@@ -19,6 +19,20 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Each part of the suite is announced by `part`, which also times it; the summary lists the times.
+parts_start=$SECONDS
+part_name=
+part_start=$SECONDS
+part_times=()
+part() {
+    if [[ -n "$part_name" ]]; then
+        part_times+=("$(printf '%5d s  %s' $((SECONDS - part_start)) "$part_name")")
+    fi
+    part_name=$1
+    part_start=$SECONDS
+    [[ -z "$part_name" ]] || echo "== $part_name" >&2
+}
+
 need=()
 for tool in make:make gcc:gcc ld:binutils curl:curl setpriv:util-linux unshare:util-linux \
             python3:python3 \
@@ -46,7 +60,7 @@ if [[ ! -e /dev/kvm ]]; then
     echo "test.sh: /dev/kvm is missing; KVM tests will be skipped" >&2
 fi
 
-echo "== guest artifacts (Linux kernel + rootfs; built once, then cached)" >&2
+part "guest artifacts (Linux kernel + rootfs; built once, then cached)"
 artifacts=$(scripts/guest-artifacts.sh)
 eval "$artifacts"
 export FLICK_KERNEL_VMLINUX FLICK_KERNEL_BZIMAGE FLICK_ROOTFS_EXT4 FLICK_INITRAMFS
@@ -54,22 +68,22 @@ export FLICK_KERNEL_VMLINUX FLICK_KERNEL_BZIMAGE FLICK_ROOTFS_EXT4 FLICK_INITRAM
 log_dir=$(mktemp -d)
 trap 'rm -rf "$log_dir"' EXIT
 
-echo "== cargo fmt --check (flick, tests/fixtures, harness)" >&2
+part "cargo fmt --check (flick, tests/fixtures, harness)"
 cargo fmt --all --check
 cargo fmt --manifest-path harness/Cargo.toml --check
-echo "== cargo clippy (flick, tests/fixtures, harness)" >&2
+part "cargo clippy (flick, tests/fixtures, harness)"
 cargo clippy --all-targets --quiet -- -D warnings
 cargo clippy --manifest-path harness/Cargo.toml --all-targets --quiet -- -D warnings
 
-echo "== layering (scripts/check-layering.sh)" >&2
+part "layering (scripts/check-layering.sh)"
 scripts/check-layering.sh
 
-echo "== generic code builds for aarch64 (cargo check --lib --target aarch64-unknown-linux-gnu)" >&2
+part "generic code builds for aarch64 (cargo check --lib --target aarch64-unknown-linux-gnu)"
 aarch64_skipped=
 if rustup target list --installed 2>/dev/null | grep -qx aarch64-unknown-linux-gnu ||
     rustup target add aarch64-unknown-linux-gnu >&2; then
     cargo check --lib --quiet --target aarch64-unknown-linux-gnu
-    echo "== aarch64 unit tests of the architecture module and devices (qemu-user)" >&2
+    part "aarch64 unit tests of the architecture module and devices (qemu-user)"
     for tool in qemu-aarch64-static:qemu-user-static aarch64-linux-gnu-gcc:gcc-aarch64-linux-gnu; do
         command -v "${tool%%:*}" >/dev/null 2>&1 ||
             apt-get install -y -qq --no-install-recommends "${tool##*:}" >&2 || true
@@ -91,13 +105,13 @@ else
     echo "$aarch64_skipped" >&2
 fi
 
-echo "== cargo test" >&2
+part "cargo test"
 shift_args=()
 if [[ "${1:-}" == "--" ]]; then shift; shift_args=("$@"); fi
 status=0
 cargo test --all-targets "${shift_args[@]}" 2>&1 | tee "$log_dir/flick.log" || status=$?
 
-echo "== cargo test (harness)" >&2
+part "cargo test (harness)"
 target_dir=$(cd "${CARGO_TARGET_DIR:-target}" && pwd)
 FLICK_BIN="$target_dir/debug/flick" cargo test --manifest-path harness/Cargo.toml 2>&1 \
     | tee "$log_dir/harness.log" || status=$?
@@ -108,7 +122,7 @@ if [[ ! -c /dev/null ]]; then
     status=1
 fi
 
-echo "== fuzz smoke (scripts/fuzz.sh smoke; docs/fuzzing.md)" >&2
+part "fuzz smoke (scripts/fuzz.sh smoke; docs/fuzzing.md)"
 fuzz_skipped=
 fuzz_rc=0
 scripts/fuzz.sh smoke || fuzz_rc=$?
@@ -118,7 +132,7 @@ case $fuzz_rc in
     *) status=1 ;;
 esac
 
-echo "== nested lane: integration tests inside an L1 Linux on KVM-AMD (scripts/nested-lane.sh)" >&2
+part "nested lane: integration tests inside an L1 Linux on KVM-AMD (scripts/nested-lane.sh)"
 lane_skipped=
 if [[ -z "${CI:-}" && "${FLICK_NESTED_LANE:-1}" == 0 ]]; then
     lane_skipped="FLICK_NESTED_LANE=0"
@@ -149,7 +163,7 @@ if [[ -n "$lane_skipped" ]]; then
     echo "==================================================================" >&2
 fi
 
-echo "== aarch64 lane: flick on arm64 KVM inside QEMU TCG with EL2 (scripts/aarch64-lane.sh)" >&2
+part "aarch64 lane: flick on arm64 KVM inside QEMU TCG with EL2 (scripts/aarch64-lane.sh)"
 arm_lane_skipped=
 if [[ -z "${CI:-}" && "${FLICK_AARCH64_LANE:-1}" == 0 ]]; then
     arm_lane_skipped="FLICK_AARCH64_LANE=0"
@@ -179,6 +193,10 @@ if [[ -n "$arm_lane_skipped" ]]; then
     echo "== SKIPPED: aarch64 lane (arm64 KVM under QEMU TCG): $arm_lane_skipped" >&2
     echo "==================================================================" >&2
 fi
+
+part ""
+echo "test.sh: time per part (whole suite $((SECONDS - parts_start)) s):" >&2
+printf '  %s\n' "${part_times[@]}" >&2
 
 skipped=$(grep -ho '\[SKIP\] .*' "$log_dir/flick.log" "$log_dir/harness.log" || true)
 for extra in "$aarch64_skipped" "${lane_skipped:+[SKIP] nested lane: $lane_skipped}" \
